@@ -1,0 +1,32 @@
+"""neuralode: neural ordinary differential equations in PyTorch.
+
+The public API (everything else is private)::
+
+    ys = neuralode.odeint(func, y0, t, rtol=1e-7, atol=1e-9, method="dopri5", options=None)
+    ys = neuralode.odeint_adjoint(func, y0, t, ...)
+    t_event, ys = neuralode.odeint_event(func, y0, t0, event_fn=...)
+    sol = neuralode.solve(func, y0, t, method="tsit5", gradient="adjoint")
+"""
+
+from ._api import Solution, odeint, odeint_adjoint, odeint_dense, odeint_event, solve
+from ._errors import MaxStepsError, NonFiniteStateError, SolverError, Status, StepSizeUnderflowError
+from ._problem import METHODS
+from .gradients.common import SolveStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "odeint",
+    "odeint_adjoint",
+    "odeint_event",
+    "odeint_dense",
+    "solve",
+    "Solution",
+    "SolveStats",
+    "METHODS",
+    "Status",
+    "SolverError",
+    "StepSizeUnderflowError",
+    "MaxStepsError",
+    "NonFiniteStateError",
+]

@@ -1,0 +1,366 @@
+"""The public entry points: ``solve`` and the torchdiffeq-compatible ``odeint`` family."""
+
+from __future__ import annotations
+
+import bisect
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ._errors import SolverError, Status, exception_for
+from ._problem import Problem, prepare, run
+from .gradients.adjoint import adjoint_solve
+from .gradients.checkpoint import checkpoint_solve
+from .gradients.common import SolveStats, time_gradient_wrapper
+
+__all__ = ["solve", "Solution", "odeint", "odeint_adjoint", "odeint_event", "odeint_dense"]
+
+GRADIENT_MODES = ("backprop", "adjoint", "checkpoint")
+
+
+class Solution:
+    """The result of :func:`solve`.
+
+    Attributes:
+        ts: the requested times that were reached (all of them unless the solve failed and
+            ``on_failure="return"`` was given).
+        ys: the solution at ``ts``, shape ``(len(ts), *y0.shape)`` (a tuple for tuple states).
+        stats: :class:`~neuralode.gradients.common.SolveStats` (``nfe``, ``n_steps``, ``n_rejected``, and
+            ``nfe_backward`` once a backward pass has run).
+        status: :class:`~neuralode.Status`; ``message`` says what went wrong, ``t_fail`` where.
+        event_t: the event time when ``event_fn`` was given.
+    """
+
+    def __init__(self, ts, ys, stats, status, message, t_fail, segments, prob, event_t=None) -> None:
+        self.ts, self.ys, self.stats = ts, ys, stats
+        self.status, self.message, self.t_fail = status, message, t_fail
+        self.event_t = event_t
+        self._segments = segments
+        self._prob = prob
+
+    @property
+    def success(self) -> bool:
+        return self.status == Status.SUCCESS
+
+    def interpolate(self, t_new) -> Any:
+        """The dense output at any times inside the solved interval (shape ``(len(t_new), *y0.shape)``).
+
+        Uses each step's continuous extension (or cubic Hermite), so it costs no evaluations of ``func``.
+        """
+        if self._segments is None:
+            raise RuntimeError("this solution keeps no dense output: call solve(..., dense=True)")
+        if not self._segments:
+            raise RuntimeError("no step was taken (a single requested time): nothing to interpolate")
+        t_list = torch.as_tensor(t_new, dtype=torch.float64).detach().cpu().reshape(-1).tolist()
+        segs = self._segments
+        direction = 1.0 if segs[-1].t1 >= segs[0].t0 else -1.0
+        lo, hi = sorted((segs[0].t0, segs[-1].t1))
+        starts = [direction * s.t0 for s in segs]
+        rows = []
+        for tq in t_list:
+            if not (lo <= tq <= hi):
+                raise ValueError(f"`t_new` holds {tq}, outside the solved interval [{lo}, {hi}]")
+            k = max(0, min(len(segs) - 1, bisect.bisect_right(starts, direction * tq) - 1))
+            rows.append(segs[k]([tq])[0])
+        return self._prob.unflatten(torch.stack(rows))
+
+
+def _params_of(func: Callable, params: Sequence[torch.Tensor] | None, what: str) -> tuple[torch.Tensor, ...]:
+    if params is not None:
+        params = tuple(params)
+        for i, p in enumerate(params):
+            if not torch.is_tensor(p):
+                raise TypeError(f"`{what}[{i}]` must be a tensor, got {type(p).__name__}")
+        return params
+    if isinstance(func, torch.nn.Module):
+        return tuple(p for p in func.parameters() if p.requires_grad)
+    raise TypeError(
+        f"`func` must be an nn.Module or `{what}` must be given: gradients of this mode reach only the "
+        f"tensors it is told about. Wrap func in an nn.Module, or pass {what}=(...) (or {what}=() if func "
+        "has no parameters)."
+    )
+
+
+def solve(
+    func: Callable,
+    y0: Any,
+    t: Any,
+    *,
+    method: str | None = None,
+    rtol: Any = 1e-7,
+    atol: Any = 1e-9,
+    options: dict | None = None,
+    gradient: str = "backprop",
+    params: Sequence[torch.Tensor] | None = None,
+    adjoint_rtol: Any = None,
+    adjoint_atol: Any = None,
+    adjoint_method: str | None = None,
+    adjoint_options: dict | None = None,
+    on_failure: str = "raise",
+    dense: bool = True,
+    event_fn: Callable | None = None,
+) -> Solution:
+    """Solve ``dy/dt = func(t, y)``, ``y(t[0]) = y0`` at the times ``t``.
+
+    Arguments:
+        func: ``func(t, y) -> dy/dt`` (``t`` a 0-d tensor of the state's dtype); ``y`` a tensor of any shape
+            or a tuple of tensors.
+        y0: the initial state.
+        t: 1-D strictly monotonic times; decreasing integrates backwards. ``ys[0]`` is ``y0``.
+        method: see ``neuralode.METHODS`` (default ``"dopri5"``).
+        rtol, atol: tolerances (floats or tensors broadcastable to the state, per-component).
+        options: method options, torchdiffeq's names (``first_step``, ``step_size``, ``max_num_steps``, ...).
+        gradient: ``"backprop"`` (autograd through the solver), ``"adjoint"`` (Algorithm 1 of Chen et
+            al. 2018; O(1) memory in the number of steps) or ``"checkpoint"`` (the exact discrete gradient
+            recomputed one step at a time).
+        params: tensors to differentiate for ``adjoint``/``checkpoint`` (default: ``func.parameters()``).
+        adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options: the adjoint's backward solve (default:
+            the forward's); ``adjoint_options=dict(norm="seminorm")`` uses the seminorm.
+        on_failure: ``"raise"`` (default) or ``"return"``: give back the solution up to the failure with
+            ``status``, ``message`` and ``t_fail`` set.
+        dense: keep each step's interpolant so that ``Solution.interpolate`` works.
+        event_fn: stop at the first zero crossing of ``event_fn(t, y)``; ``Solution.event_t`` holds it.
+
+    Returns:
+        a :class:`Solution`.
+
+    Example:
+        >>> sol = solve(lambda t, y: -y, torch.tensor([1.0]), torch.linspace(0, 1, 5))
+        >>> sol.ys.shape, sol.stats.nfe > 0
+        (torch.Size([5, 1]), True)
+    """
+    if gradient not in GRADIENT_MODES:
+        raise ValueError(f"`gradient` must be one of {GRADIENT_MODES}, got {gradient!r}")
+    if on_failure not in ("raise", "return"):
+        raise ValueError(f"`on_failure` must be 'raise' or 'return', got {on_failure!r}")
+    prob = prepare(func, y0, t, rtol, atol, method, options, event_fn)
+    if prob.method == "scipy_solver" and gradient != "backprop":
+        raise ValueError("method='scipy_solver' is forward only: it cannot be used with gradient="
+                         f"{gradient!r}; use a neuralode method for gradients")
+    stats = SolveStats()
+    if event_fn is not None:
+        return _solve_event(prob, stats, gradient, params, dict(adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol,
+                                                                adjoint_method=adjoint_method,
+                                                                adjoint_options=adjoint_options), on_failure, dense)
+    return _solve(prob, stats, gradient, params, adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options,
+                  on_failure, dense)
+
+
+def _solve(prob: Problem, stats: SolveStats, gradient: str, params, adjoint_rtol, adjoint_atol, adjoint_method,
+           adjoint_options, on_failure: str, dense: bool) -> Solution:
+    t = prob.t
+    box: dict = {"dense": dense}
+    needs_t_grad = t.requires_grad and torch.is_grad_enabled()
+    extra_rhs = prob.rhs()
+
+    def f_at(i: int, y: torch.Tensor) -> torch.Tensor:
+        return extra_rhs.at(prob.t_out[i], y)
+
+    if gradient == "backprop":
+        def core(y0: torch.Tensor) -> torch.Tensor:
+            rhs = prob.rhs()
+            res = run(prob, rhs, y0=y0, keep_segments=dense, use_event=False)
+            box["result"], box["nfe"] = res, rhs.nfe
+            if res.ys.requires_grad:
+                res.ys.register_hook(_count_backprop(stats, rhs))
+            return res.ys
+    elif gradient == "checkpoint":
+        ps = _params_of(prob.func, params, "params")
+
+        def core(y0: torch.Tensor) -> torch.Tensor:
+            return checkpoint_solve(prob, y0, ps, stats, box)
+    else:
+        ps = _params_of(prob.func, params, "params")
+        cfg = _adjoint_cfg(prob, adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options)
+        cfg["dense"] = dense
+        box = cfg
+
+        def core(y0: torch.Tensor) -> torch.Tensor:
+            return adjoint_solve(prob, y0, t, ps, stats, cfg)
+
+    if needs_t_grad and gradient != "adjoint":
+        ys = time_gradient_wrapper(t, prob.y0, f_at, core)
+    else:
+        ys = core(prob.y0)
+    res = box["result"]
+    stats.nfe += box["nfe"] + extra_rhs.nfe
+    stats.n_steps += res.n_steps
+    stats.n_rejected += res.n_rejected
+    m = ys.shape[0]
+    if res.status != Status.SUCCESS and on_failure == "raise":
+        raise exception_for(res.status, res.message, res.t_fail)
+    return Solution(t[:m], prob.unflatten(ys), stats, res.status, res.message, res.t_fail, res.segments, prob)
+
+
+def _count_backprop(stats: SolveStats, rhs) -> Callable:
+    def hook(grad: torch.Tensor) -> None:
+        stats.nfe_backward += rhs.nfe
+    return hook
+
+
+def _adjoint_cfg(prob: Problem, rtol, atol, method, options) -> dict:
+    from ._problem import _check_tol, valid_options
+
+    method = prob.method if method is None else method
+    if options is None:
+        options = {k: v for k, v in prob.options.items() if k != "norm"} if method == prob.method else {}
+    options = dict(options)
+    norm = options.pop("norm", None)
+    unknown = set(options) - valid_options(method)
+    if unknown:
+        raise ValueError(f"unknown adjoint_options {sorted(unknown)} for adjoint_method {method!r}; valid: "
+                         f"{sorted(valid_options(method))}")
+    shapes, shape = prob.shapes, prob.shape
+    rtol = prob.rtol if rtol is None else _check_tol("adjoint_rtol", rtol, prob.y0, shapes, shape)
+    atol = prob.atol if atol is None else _check_tol("adjoint_atol", atol, prob.y0, shapes, shape)
+    return {"rtol": rtol, "atol": atol, "method": method, "options": options, "norm": norm}
+
+
+class _EventTime(torch.autograd.Function):
+    """Gradient of the event time by the implicit function theorem.
+
+    With g(t*, y(t*)) = 0: dt*/dθ = -(∂g/∂y · ∂y/∂θ) / (∂g/∂t + ∂g/∂y · f(t*, y*)). The state returned at
+    the event moves with t*, so its total sensitivity is folded in too.
+    """
+
+    @staticmethod
+    def forward(ctx, prob: Problem, comp: int, sign: float, t_event: torch.Tensor, y_event: torch.Tensor):
+        ctx.prob, ctx.comp, ctx.sign = prob, comp, sign
+        ctx.save_for_backward(t_event, y_event)
+        return t_event.clone(), y_event.clone()
+
+    @staticmethod
+    def backward(ctx, grad_t: torch.Tensor, grad_y: torch.Tensor):
+        prob = ctx.prob
+        t_event, y_event = ctx.saved_tensors
+        with torch.enable_grad():
+            tt = t_event.detach().to(y_event.dtype).requires_grad_(True)
+            yy = y_event.detach().requires_grad_(True)
+            g = prob.event_fn(tt, prob.unflatten(yy)).reshape(-1)[ctx.comp] * ctx.sign
+            dg_dt, dg_dy = torch.autograd.grad(g, (tt, yy), allow_unused=True)
+        dg_dt = torch.zeros((), dtype=yy.dtype) if dg_dt is None else dg_dt
+        dg_dy = torch.zeros_like(yy) if dg_dy is None else dg_dy
+        with torch.no_grad():
+            f = prob.rhs().at(float(t_event), y_event)
+            denom = dg_dt + torch.dot(dg_dy, f)
+            if grad_y is None:
+                grad_y = torch.zeros_like(y_event)
+            psi = (0 if grad_t is None else grad_t.to(yy.dtype)) + torch.dot(grad_y, f)
+            gy = grad_y - psi * dg_dy / denom
+        return None, None, None, None, gy
+
+
+def _solve_event(prob: Problem, stats: SolveStats, gradient: str, params, adjoint_kw: dict, on_failure: str,
+                 dense: bool) -> Solution:
+    t_out = prob.t_out
+    direction = 1.0 if len(t_out) < 2 or t_out[1] >= t_out[0] else -1.0
+    rhs = prob.rhs()
+    with torch.no_grad():
+        res = run(prob, rhs, t_out=[t_out[0]], event_t_end=direction * math.inf)
+    stats.nfe += rhs.nfe
+    if res.event_t is None:
+        if res.status != Status.SUCCESS:
+            raise exception_for(res.status, "while looking for the event: " + res.message, res.t_fail)
+        raise SolverError(f"no event found: {res.message or 'event_fn never changed sign'}", res.t_fail)
+    t_ev = float(res.event_t)
+    # the solution up to the event with the requested gradient mode; the event time then gets its gradient
+    t_pair = torch.tensor([t_out[0], t_ev], dtype=prob.t.dtype, device=prob.t.device)
+    if prob.t.requires_grad:
+        t_pair = torch.stack([prob.t[0], t_pair[1]])
+    if t_ev == t_out[0]:
+        raise SolverError(f"the event happens at the initial time t0={t_ev}", t_ev)
+    sub = Problem(prob.func, prob.y0, t_pair, [t_out[0], t_ev], prob.method, prob.options, prob.rtol, prob.atol,
+                  prob.shapes, prob.shape, prob.norm, None)
+    sol = _solve(sub, stats, gradient, params, adjoint_kw["adjoint_rtol"], adjoint_kw["adjoint_atol"],
+                 adjoint_kw["adjoint_method"], adjoint_kw["adjoint_options"], on_failure, dense)
+    ys = prob.flatten(sol.ys) if prob.is_tuple else sol.ys.reshape(2, -1)
+    with torch.no_grad():
+        g = prob.event_fn(torch.tensor(t_ev, dtype=prob.y0.dtype, device=prob.y0.device),
+                          prob.unflatten(ys[-1])).reshape(-1)
+        g0 = prob.event_fn(torch.tensor(t_out[0], dtype=prob.y0.dtype, device=prob.y0.device),
+                           prob.unflatten(prob.y0)).reshape(-1)
+        sign0 = torch.sign(g0)
+        comp = int(torch.argmin(g * sign0))
+    t_event = torch.tensor(t_ev, dtype=prob.t.dtype, device=prob.t.device)
+    t_event, y_event = _EventTime.apply(prob, comp, float(sign0[comp]), t_event, ys[-1])
+    ys = torch.cat([ys[:-1], y_event[None]])
+    return Solution(sol.ts, prob.unflatten(ys) if prob.is_tuple else ys.view(2, *prob.shape), stats, Status.SUCCESS,
+                    "", None, sol._segments, prob, event_t=t_event)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# torchdiffeq-compatible interface
+
+
+def odeint(func: Callable, y0: Any, t: Any, *, rtol: Any = 1e-7, atol: Any = 1e-9, method: str | None = None,
+           options: dict | None = None, event_fn: Callable | None = None):
+    """Integrate ``dy/dt = func(t, y)`` and return the solution at ``t`` (torchdiffeq's ``odeint``).
+
+    Gradients flow by backprop through the solver. With ``event_fn`` returns ``(event_t, ys)`` where ``ys``
+    holds the state at ``t[0]`` and at the event.
+    """
+    if event_fn is not None:
+        sol = solve(func, y0, t, method=method, rtol=rtol, atol=atol, options=options, dense=False,
+                    event_fn=event_fn)
+        return sol.event_t, sol.ys
+    prob = prepare(func, y0, t, rtol, atol, method, options)
+    if prob.t.requires_grad and torch.is_grad_enabled():
+        return solve(func, y0, t, method=method, rtol=rtol, atol=atol, options=options, dense=False).ys
+    rhs = prob.rhs()
+    res = run(prob, rhs, use_event=False)
+    if res.status != Status.SUCCESS:
+        raise exception_for(res.status, res.message, res.t_fail)
+    return prob.unflatten(res.ys)
+
+
+def odeint_adjoint(func: Callable, y0: Any, t: Any, *, rtol: Any = 1e-7, atol: Any = 1e-9,
+                   method: str | None = None, options: dict | None = None, event_fn: Callable | None = None,
+                   adjoint_rtol: Any = None, adjoint_atol: Any = None, adjoint_method: str | None = None,
+                   adjoint_options: dict | None = None, adjoint_params: Sequence[torch.Tensor] | None = None):
+    """``odeint`` with gradients by the adjoint sensitivity method (torchdiffeq's ``odeint_adjoint``).
+
+    ``func`` must be an ``nn.Module`` or ``adjoint_params`` given (``()`` when func has no parameters).
+    """
+    params = _params_of(func, adjoint_params, "adjoint_params")
+    sol = solve(func, y0, t, method=method, rtol=rtol, atol=atol, options=options, gradient="adjoint",
+                params=params, adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol, adjoint_method=adjoint_method,
+                adjoint_options=adjoint_options, dense=False, event_fn=event_fn)
+    if event_fn is not None:
+        return sol.event_t, sol.ys
+    return sol.ys
+
+
+def odeint_event(func: Callable, y0: Any, t0: Any, *, event_fn: Callable, reverse_time: bool = False,
+                 odeint_interface: Callable = odeint, **kwargs):
+    """Integrate from ``t0`` until ``event_fn(t, y)`` crosses zero (torchdiffeq's ``odeint_event``).
+
+    Returns ``(event_t, ys)`` with ``ys`` the states at ``t0`` and at the event; ``event_t`` is differentiable
+    (implicit function theorem) and so is the state. ``odeint_interface`` may be ``odeint_adjoint``.
+    """
+    t0 = torch.as_tensor(t0, dtype=torch.float64) if not torch.is_tensor(t0) else t0
+    t0 = t0.reshape(-1)[:1]
+    t = torch.cat([t0, t0.detach() + (-1.0 if reverse_time else 1.0)])
+    return odeint_interface(func, y0, t, event_fn=event_fn, **kwargs)
+
+
+def odeint_dense(func: Callable, y0: Any, t0: Any, t1: Any, *, rtol: Any = 1e-7, atol: Any = 1e-9,
+                 method: str | None = None, options: dict | None = None) -> Callable:
+    """Solve on ``[t0, t1]`` and return a function ``t -> y(t)`` evaluating the dense output anywhere there."""
+    t0 = torch.as_tensor(t0, dtype=torch.float64).reshape(())
+    t1 = torch.as_tensor(t1, dtype=torch.float64).reshape(())
+    sol = solve(func, y0, torch.stack([t0, t1]), method=method, rtol=rtol, atol=atol, options=options, dense=True)
+
+    def dense_output(t_eval):
+        scalar = not torch.is_tensor(t_eval) or t_eval.ndim == 0
+        out = sol.interpolate(torch.as_tensor(t_eval).reshape(-1))
+        return out[0] if scalar else out
+    return dense_output
+
+
+def methods() -> tuple[str, ...]:
+    from ._problem import METHODS
+    return METHODS
+
+
+

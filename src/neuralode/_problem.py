@@ -1,0 +1,343 @@
+"""Input checking and normalisation at the public boundary.
+
+Everything the user passes is checked once here, with messages that name the argument, and turned into
+one :class:`Problem`: a flat state, float times, a method and its validated options. The solver core then
+sees one tensor and never re-checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .solvers.adams import integrate_adams
+from .solvers.control import StepController
+from .solvers.integrate import (RHS, EventGrid, EventLocator, IntegrationResult, block_rms_max, integrate_adaptive,
+                                integrate_fixed)
+from .solvers.runge_kutta import RungeKutta
+from .solvers.scipy_wrapper import integrate_scipy
+from .solvers.tableaus import TABLEAUS
+
+__all__ = ["Problem", "prepare", "run", "METHODS"]
+
+ADAPTIVE_METHODS = ("dopri5", "tsit5", "bosh3", "fehlberg2", "adaptive_heun", "dopri8")
+FIXED_RK_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4")
+ADAMS_METHODS = ("explicit_adams", "implicit_adams", "fixed_adams")
+METHODS = ADAPTIVE_METHODS + FIXED_RK_METHODS + ADAMS_METHODS + ("scipy_solver",)
+
+_COMMON_OPTIONS = {"dtype"}
+_ADAPTIVE_OPTIONS = _COMMON_OPTIONS | {
+    "first_step", "safety", "ifactor", "dfactor", "pcoeff", "icoeff", "min_step", "max_step",
+    "max_num_steps", "step_t", "jump_t", "norm", "event_tol",
+}
+_FIXED_OPTIONS = _COMMON_OPTIONS | {"step_size", "grid_constructor", "interp", "perturb", "event_tol"}
+_ADAMS_OPTIONS = _FIXED_OPTIONS | {"max_order", "max_iters"}
+_SCIPY_OPTIONS = _COMMON_OPTIONS | {"solver", "min_step", "max_step", "first_step"}
+
+#: default cap on attempted steps of an adaptive solve (torchdiffeq's is 2**31 - 1, which can hang)
+DEFAULT_MAX_NUM_STEPS = 100_000
+
+
+def valid_options(method: str) -> set[str]:
+    if method in ADAPTIVE_METHODS:
+        return _ADAPTIVE_OPTIONS
+    if method in FIXED_RK_METHODS:
+        return _FIXED_OPTIONS
+    if method in ADAMS_METHODS:
+        return _ADAMS_OPTIONS
+    return _SCIPY_OPTIONS
+
+
+@dataclasses.dataclass
+class Problem:
+    """A normalised initial value problem."""
+
+    func: Callable
+    y0: torch.Tensor  # flat
+    t: torch.Tensor  # as given (1-D)
+    t_out: list[float]
+    method: str
+    options: dict
+    rtol: float | torch.Tensor
+    atol: float | torch.Tensor
+    shapes: list[torch.Size] | None  # tuple state: shapes of the entries; None for a single tensor
+    shape: torch.Size  # single-tensor state shape
+    norm: Callable | None = None  # on the flat scaled error, returns a 0-d tensor; None: RMS
+    event_fn: Callable | None = None
+
+    @property
+    def is_tuple(self) -> bool:
+        return self.shapes is not None
+
+    def unflatten(self, y: torch.Tensor):
+        """Flat state (``(..., N)``) to the user's layout."""
+        lead = y.shape[:-1]
+        if self.shapes is None:
+            return y.view(*lead, *self.shape)
+        out, i = [], 0
+        for s in self.shapes:
+            n = math.prod(s)
+            out.append(y[..., i: i + n].view(*lead, *s))
+            i += n
+        return tuple(out)
+
+    def flatten(self, y) -> torch.Tensor:
+        if isinstance(y, tuple):
+            return torch.cat([yi.reshape(-1) for yi in y])
+        return y.reshape(-1)
+
+    def rhs(self, func: Callable | None = None) -> RHS:
+        return RHS(self.func if func is None else func, self.shape if self.shapes is None else
+                   torch.Size([self.y0.numel()]), self.y0.dtype, self.y0.device,
+                   unflatten=self.unflatten if self.shapes is not None else None)
+
+
+def _check_t(t: Any) -> torch.Tensor:
+    if not torch.is_tensor(t):
+        try:
+            t = torch.as_tensor(t, dtype=torch.float64)
+        except Exception as exc:  # noqa: BLE001
+            raise TypeError(f"`t` must be a 1-D tensor of times, got {type(t).__name__}") from exc
+    if t.ndim != 1:
+        raise ValueError(f"`t` must be 1-D (a sequence of times), got shape {tuple(t.shape)}")
+    if not torch.is_floating_point(t):
+        raise TypeError(f"`t` must be a floating point tensor, got dtype {t.dtype}; use e.g. t.double()")
+    if len(t) == 0:
+        raise ValueError("`t` is empty: give at least the initial time")
+    check_times(t.detach().to("cpu", torch.float64).tolist(), "t")
+    return t
+
+
+def check_times(ts: Sequence[float], name: str) -> None:
+    """Finite and strictly monotonic, or a ValueError naming the first offending entry."""
+    for i, x in enumerate(ts):
+        if not math.isfinite(x):
+            raise ValueError(f"`{name}` must be finite; {name}[{i}] = {x}")
+    if len(ts) > 1:
+        sign = 1.0 if ts[1] > ts[0] else -1.0
+        for i in range(1, len(ts)):
+            if (ts[i] - ts[i - 1]) * sign <= 0:
+                raise ValueError(
+                    f"`{name}` must be strictly increasing or strictly decreasing; "
+                    f"{name}[{i}] = {ts[i]:.17g} follows {name}[{i - 1}] = {ts[i - 1]:.17g}"
+                )
+
+
+def _check_y0(y0: Any) -> tuple[torch.Tensor, list | None, torch.Size]:
+    if isinstance(y0, (tuple, list)):
+        if len(y0) == 0:
+            raise ValueError("`y0` is an empty tuple")
+        for i, yi in enumerate(y0):
+            if not torch.is_tensor(yi):
+                raise TypeError(f"`y0[{i}]` must be a tensor, got {type(yi).__name__}")
+            if not torch.is_floating_point(yi):
+                raise TypeError(f"`y0[{i}]` must be floating point, got {yi.dtype}")
+            if yi.dtype != y0[0].dtype:
+                raise TypeError(f"all entries of the tuple `y0` must share a dtype: y0[0] is {y0[0].dtype}, "
+                                f"y0[{i}] is {yi.dtype}")
+            if yi.device != y0[0].device:
+                raise ValueError(f"all entries of the tuple `y0` must be on one device: y0[0] is on "
+                                 f"{y0[0].device}, y0[{i}] on {yi.device}")
+        shapes = [yi.shape for yi in y0]
+        flat = torch.cat([yi.reshape(-1) for yi in y0])
+        return flat, shapes, torch.Size([flat.numel()])
+    if not torch.is_tensor(y0):
+        raise TypeError(f"`y0` must be a tensor or a tuple of tensors, got {type(y0).__name__}")
+    if not torch.is_floating_point(y0):
+        raise TypeError(f"`y0` must be a floating point tensor, got dtype {y0.dtype}; use e.g. y0.float()")
+    return y0.reshape(-1), None, y0.shape
+
+
+def _check_tol(name: str, tol: Any, y0: torch.Tensor, shapes, shape) -> float | torch.Tensor:
+    if isinstance(tol, (tuple, list)) and shapes is not None:
+        if len(tol) != len(shapes):
+            raise ValueError(f"`{name}` has {len(tol)} entries but the tuple `y0` has {len(shapes)}")
+        parts = [torch.as_tensor(x, dtype=y0.dtype, device=y0.device).expand(s).reshape(-1)
+                 for x, s in zip(tol, shapes)]
+        tol = torch.cat(parts)
+    if torch.is_tensor(tol):
+        tol = tol.detach().to(device=y0.device, dtype=y0.dtype)
+        if tol.numel() == 1:
+            tol = float(tol)
+        else:
+            target = shape if shapes is None else torch.Size([y0.numel()])
+            try:
+                tol = tol.expand(target).reshape(-1).contiguous()
+            except RuntimeError as exc:
+                raise ValueError(f"`{name}` of shape {tuple(tol.shape)} does not broadcast to the state's "
+                                 f"shape {tuple(target)}") from exc
+            if bool((tol < 0).any()) or not bool(torch.isfinite(tol).all()):
+                raise ValueError(f"`{name}` must be finite and non-negative")
+            return tol
+    try:
+        tol = float(tol)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"`{name}` must be a float or a tensor, got {type(tol).__name__}") from exc
+    if not (tol >= 0 and math.isfinite(tol)):
+        raise ValueError(f"`{name}` must be finite and non-negative, got {tol}")
+    return tol
+
+
+def prepare(func: Callable, y0: Any, t: Any, rtol: Any, atol: Any, method: str | None,
+            options: dict | None, event_fn: Callable | None = None) -> Problem:
+    if not callable(func):
+        raise TypeError(f"`func` must be callable as func(t, y), got {type(func).__name__}")
+    flat, shapes, shape = _check_y0(y0)
+    t = _check_t(t)
+    if event_fn is None and len(t) < 1:
+        raise ValueError("`t` must hold at least one time")
+    method = "dopri5" if method is None else method
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
+    options = dict(options or {})
+    unknown = set(options) - valid_options(method)
+    if unknown:
+        raise ValueError(f"unknown option(s) {sorted(unknown)} for method {method!r}; valid options: "
+                         f"{sorted(valid_options(method))}")
+    if "dtype" in options and options["dtype"] not in (torch.float32, torch.float64):
+        raise ValueError(f"option `dtype` (the dtype of times) must be torch.float32 or torch.float64, "
+                         f"got {options['dtype']!r}")
+    rtol_ = _check_tol("rtol", rtol, flat, shapes, shape)
+    atol_ = _check_tol("atol", atol, flat, shapes, shape)
+    if isinstance(rtol_, float) and isinstance(atol_, float) and rtol_ == 0 and atol_ == 0 \
+            and method in ADAPTIVE_METHODS:
+        raise ValueError("`rtol` and `atol` are both zero: no step could ever be accepted")
+    t_out = t.detach().to("cpu", options.get("dtype", torch.float64)).double().tolist()
+    prob = Problem(func, flat, t, t_out, method, options, rtol_, atol_, shapes, shape, event_fn=event_fn)
+    prob.norm = _make_norm(options.get("norm"), prob)
+    return prob
+
+
+def _make_norm(norm: Any, prob: Problem) -> Callable | None:
+    if norm is None:
+        if prob.shapes is None or len(prob.shapes) == 1:
+            return None
+        # torchdiffeq's default for tuples: the largest of the entries' RMS norms
+        return block_rms_max([math.prod(s) for s in prob.shapes], prob.y0.device)
+    if isinstance(norm, str):
+        raise ValueError(f"option `norm` must be a callable here, got the string {norm!r} "
+                         "('seminorm' is an adjoint option: adjoint_options=dict(norm='seminorm'))")
+    if not callable(norm):
+        raise TypeError(f"option `norm` must be callable on the (scaled) error, got {type(norm).__name__}")
+
+    def user(x: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(norm(prob.unflatten(x)))
+    return user
+
+
+def make_grid(prob: Problem, t_out: Sequence[float], opts: dict) -> list[float]:
+    step_size, ctor = opts.get("step_size"), opts.get("grid_constructor")
+    if step_size is not None and ctor is not None:
+        raise ValueError("options `step_size` and `grid_constructor` are mutually exclusive; give one of them")
+    t0, t1 = t_out[0], t_out[-1]
+    if step_size is not None:
+        h = float(step_size)
+        if not (h > 0 and math.isfinite(h)):
+            raise ValueError(f"option `step_size` must be a positive number, got {step_size!r}")
+        d = 1.0 if t1 >= t0 else -1.0
+        n = max(1, math.ceil(abs(t1 - t0) / h - 1e-12))
+        grid = [t0 + d * h * i for i in range(n)] + [t1]
+        return grid
+    if ctor is not None and t_out is prob.t_out:
+        g = ctor(prob.func, prob.unflatten(prob.y0), prob.t)
+        g = _check_t(g).detach().double().tolist()
+        if g[0] != t0 or g[-1] != t1:
+            raise ValueError(f"`grid_constructor` must return a grid from t[0]={t0} to t[-1]={t1}; "
+                             f"got one from {g[0]} to {g[-1]}")
+        return g
+    return list(t_out)
+
+
+def run(prob: Problem, rhs: RHS, *, keep_segments: bool = False, callbacks: Any = None,
+        event_t_end: float | None = None, y0: torch.Tensor | None = None,
+        t_out: Sequence[float] | None = None, norm: Callable | None = None,
+        rtol: Any = None, atol: Any = None, method: str | None = None, options: dict | None = None,
+        trace: list | None = None, use_event: bool = True) -> IntegrationResult:
+    """Run the solver loop for ``prob`` (pieces may be overridden, as the adjoint's backward solve does)."""
+    y0 = prob.y0 if y0 is None else y0
+    t_out = prob.t_out if t_out is None else t_out
+    method = prob.method if method is None else method
+    opts = prob.options if options is None else options
+    rtol = prob.rtol if rtol is None else rtol
+    atol = prob.atol if atol is None else atol
+    norm = prob.norm if norm is None else norm
+    callbacks = prob.func if callbacks is None else callbacks
+    event = None
+    if prob.event_fn is not None and use_event:
+        event = EventLocator(prob.event_fn, rhs, t_out[0], y0, tol=float(opts.get("event_tol", 0.0)))
+    if method == "scipy_solver":
+        return integrate_scipy(rhs, y0, t_out, rtol=rtol, atol=atol, solver=opts.get("solver", "LSODA"),
+                               min_step=float(opts.get("min_step", 0.0)),
+                               max_step=float(opts.get("max_step", math.inf)), first_step=opts.get("first_step"))
+    if method in ADAPTIVE_METHODS:
+        ctrl = StepController(
+            TABLEAUS[method].order,
+            safety=opts.get("safety", 0.9), ifactor=opts.get("ifactor", 10.0), dfactor=opts.get("dfactor", 0.2),
+            pcoeff=opts.get("pcoeff", 0.0), icoeff=opts.get("icoeff", 1.0),
+            min_step=float(opts.get("min_step", 0.0)), max_step=float(opts.get("max_step", math.inf)),
+        )
+        rk = stepper(method, rhs.n, rhs.dtype, rhs.device, "dense")
+        max_steps = int(opts.get("max_num_steps", DEFAULT_MAX_NUM_STEPS))
+        if max_steps < 1:
+            raise ValueError(f"option `max_num_steps` must be a positive integer, got {max_steps}")
+        res = integrate_adaptive(
+            rhs, y0, t_out, rk, ctrl, rtol=rtol, atol=atol, norm=norm, first_step=opts.get("first_step"),
+            step_t=_times(opts.get("step_t")), jump_t=_times(opts.get("jump_t")), max_num_steps=max_steps,
+            callbacks=callbacks, keep_segments=keep_segments, event=event, t_end=event_t_end, trace=trace,
+        )
+        res.method = rk
+        return res
+    interp = opts.get("interp", "linear")
+    if interp not in ("linear", "cubic"):
+        raise ValueError(f"option `interp` must be 'linear' or 'cubic', got {interp!r}")
+    if event_t_end is None:
+        grid = make_grid(prob, t_out, opts)
+    else:
+        grid = _event_grid(prob, t_out[0], event_t_end)
+    if method in FIXED_RK_METHODS:
+        rk = stepper(method, rhs.n, rhs.dtype, rhs.device, interp)
+        res = integrate_fixed(rhs, y0, t_out, rk, grid, perturb=bool(opts.get("perturb", False)),
+                              callbacks=callbacks, keep_segments=keep_segments, event=event, trace=trace)
+        res.method = rk
+        return res
+    if trace is not None:
+        raise NotImplementedError(
+            f"gradient='checkpoint' supports the Runge–Kutta methods, not the multistep {method!r}; "
+            "use gradient='backprop' or 'adjoint' with it")
+    return integrate_adams(
+        rhs, y0, t_out, grid, implicit=method != "explicit_adams", max_order=int(opts.get("max_order", 4)),
+        max_iters=int(opts.get("max_iters", 4)), rtol=rtol, atol=atol, interp=interp,
+        perturb=bool(opts.get("perturb", False)), callbacks=callbacks, keep_segments=keep_segments, event=event,
+    )
+
+
+_STEPPERS: dict = {}
+
+
+def stepper(method: str, n: int, dtype: torch.dtype, device: torch.device, interp: str) -> RungeKutta:
+    """A bound stepper, cached: its coefficient tensors are made once per (method, size, dtype, device)."""
+    key = (method, n, dtype, device, interp)
+    rk = _STEPPERS.get(key)
+    if rk is None:
+        if len(_STEPPERS) > 256:
+            _STEPPERS.clear()
+        rk = _STEPPERS[key] = RungeKutta(TABLEAUS[method], n, dtype, device, interp=interp)
+    return rk
+
+
+def _event_grid(prob: Problem, t0: float, t_end: float) -> EventGrid:
+    h = prob.options.get("step_size")
+    if h is None:
+        raise ValueError("events with a fixed-grid method need options['step_size']")
+    return EventGrid(t0, float(h), 1.0 if t_end >= t0 else -1.0, DEFAULT_MAX_NUM_STEPS)
+
+
+def _times(x: Any) -> list[float]:
+    if x is None:
+        return []
+    if torch.is_tensor(x):
+        return x.detach().double().reshape(-1).tolist()
+    return [float(v) for v in x]

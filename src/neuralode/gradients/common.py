@@ -1,0 +1,60 @@
+"""Pieces shared by the gradient modes: statistics and gradients with respect to the times."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+
+__all__ = ["SolveStats", "time_gradient_wrapper", "raise_on_failure"]
+
+
+@dataclasses.dataclass
+class SolveStats:
+    """Cost of a solve. ``nfe_backward`` is filled in by the backward pass.
+
+    Attributes:
+        nfe: evaluations of ``func`` in the forward solve (the initial-step heuristic included).
+        n_steps: accepted steps.
+        n_rejected: rejected steps.
+        nfe_backward: evaluations of ``func`` (each with a vector–Jacobian product) in the backward pass;
+            for ``backprop`` it is the number of recorded evaluations autograd differentiates through.
+        n_steps_backward, n_rejected_backward: the adjoint's backward solve (zero for other modes).
+    """
+
+    nfe: int = 0
+    n_steps: int = 0
+    n_rejected: int = 0
+    nfe_backward: int = 0
+    n_steps_backward: int = 0
+    n_rejected_backward: int = 0
+
+    def __getitem__(self, key: str) -> int:
+        return getattr(self, key)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def time_gradient_wrapper(t: torch.Tensor, y0: torch.Tensor, f: Callable[[int, torch.Tensor], torch.Tensor],
+                          solve: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Give ``solve`` gradients with respect to every entry of ``t``.
+
+    For the exact flow, ∂y(tᵢ)/∂tᵢ = f(tᵢ, y(tᵢ)) and ∂y(tᵢ)/∂t₀ = -Φ(tᵢ, t₀) f(t₀, y₀). Both are produced by
+    autograd from a solve started at ``y0 - δ₀ f(t₀, y₀)`` whose outputs are corrected by ``+ δᵢ f(tᵢ, yᵢ)``,
+    where ``δ = t - t.detach()`` is zero in value and one in derivative. The values are untouched.
+    """
+    delta = (t - t.detach()).to(y0.dtype)
+    f0 = f(0, y0).detach()
+    ys = solve(y0 - delta[0] * f0)
+    m = ys.shape[0]
+    fs = torch.stack([f0] + [f(i, ys[i].detach()).detach() for i in range(1, m)])
+    return ys + delta[:m, None] * fs
+
+
+def raise_on_failure(res, where: str = "") -> None:
+    from .._errors import Status, exception_for
+
+    if res.status not in (Status.SUCCESS, Status.EVENT):
+        raise exception_for(res.status, where + res.message, res.t_fail)

@@ -1,0 +1,122 @@
+"""Error norms, the initial step heuristic and the step-size controller.
+
+The step computes an error estimate; only this module decides what to do with it.
+
+Error per step (Hairer, Nørsett & Wanner I, eq. II.4.11)::
+
+    ratio = ‖ err / (atol + rtol · max(|y0|, |y1|)) ‖ ≤ 1  ⇒ accept
+
+with ‖·‖ the RMS norm by default. The next step is ``dt · factor`` with (a PI controller in the form of
+diffrax's ``PIDController``; ``pcoeff = 0, icoeff = 1`` is torchdiffeq's integral controller, the default)::
+
+    factor = safety · ratio_n^(-(pcoeff + icoeff)/k) · ratio_{n-1}^(pcoeff/k),   k = method order,
+
+clipped to ``[dfactor, ifactor]`` after a rejection and to ``[1, ifactor]`` after an acceptance (an accepted
+step never shrinks the next one, as in torchdiffeq).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+__all__ = ["StepController", "rms_norm", "initial_step"]
+
+SAFETY = 0.9
+IFACTOR = 10.0
+DFACTOR = 0.2
+#: ratio floor used when an error estimate is exactly zero (avoids 0 ** negative)
+_MIN_RATIO = 1e-10
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    """Root mean square of all entries."""
+    return torch.linalg.vector_norm(x) / math.sqrt(max(x.numel(), 1))
+
+
+class StepController:
+    """Accept/reject decisions and step-size proposals.
+
+    Works on Python floats here; the formula uses only arithmetic and ``min``/``max`` so that a tensor
+    version (per-sample step sizes, a compiled step) is the same expression.
+    """
+
+    def __init__(
+        self,
+        order: int,
+        *,
+        safety: float = SAFETY,
+        ifactor: float = IFACTOR,
+        dfactor: float = DFACTOR,
+        pcoeff: float = 0.0,
+        icoeff: float = 1.0,
+        min_step: float = 0.0,
+        max_step: float = math.inf,
+    ) -> None:
+        for name, value in (("safety", safety), ("ifactor", ifactor), ("dfactor", dfactor)):
+            if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+                raise ValueError(f"option `{name}` must be a positive finite number, got {value!r}")
+        if dfactor > 1 or ifactor < 1:
+            raise ValueError(f"options need dfactor <= 1 <= ifactor, got dfactor={dfactor}, ifactor={ifactor}")
+        if not 0 <= min_step <= max_step:
+            raise ValueError(f"options need 0 <= min_step <= max_step, got min_step={min_step}, max_step={max_step}")
+        self.k = float(order)
+        self.safety, self.ifactor, self.dfactor = float(safety), float(ifactor), float(dfactor)
+        self.beta1 = (pcoeff + icoeff) / self.k
+        self.beta2 = pcoeff / self.k
+        self.min_step, self.max_step = float(min_step), float(max_step)
+        self.prev_ratio = 1.0
+
+    def reset(self) -> None:
+        self.prev_ratio = 1.0
+
+    def next_step(self, dt: float, ratio: float, accepted: bool) -> float:
+        """Size of the next attempted step (same sign as ``dt``), given this step's error ratio."""
+        r = max(ratio, _MIN_RATIO)
+        if accepted:
+            if ratio == 0.0:
+                factor = self.ifactor
+            else:
+                factor = self.safety * r ** (-self.beta1) * self.prev_ratio ** self.beta2
+                factor = min(self.ifactor, max(1.0, factor))
+            self.prev_ratio = r
+        else:
+            factor = min(1.0, max(self.dfactor, self.safety * r ** (-1.0 / self.k)))
+        new = abs(dt) * factor
+        new = min(new, self.max_step)
+        return math.copysign(new, dt)
+
+
+def initial_step(
+    func: Callable[[float, torch.Tensor], torch.Tensor],
+    t0: float,
+    y0: torch.Tensor,
+    f0: torch.Tensor,
+    direction: float,
+    order: int,
+    rtol,
+    atol,
+    norm: Callable[[torch.Tensor], float],
+) -> tuple[float, int]:
+    """Hairer's starting step (HNW I, §II.4 "Starting step size"); costs one evaluation of ``func``.
+
+    Returns:
+        (step size with the sign of ``direction``, number of function evaluations used)
+    """
+    scale = y0.abs().mul(rtol).add(atol)
+    d0 = norm(y0 / scale)
+    d1 = norm(f0 / scale)
+    h0 = 1e-6 if (d0 < 1e-5 or d1 < 1e-5) else 0.01 * d0 / d1
+    y1 = y0 + (direction * h0) * f0
+    f1 = func(t0 + direction * h0, y1)
+    d2 = norm((f1 - f0) / scale) / h0
+    if max(d1, d2) <= 1e-15:
+        h1 = max(1e-6, h0 * 1e-3)
+    else:
+        h1 = (0.01 / max(d1, d2)) ** (1.0 / (order + 1))
+    h = min(100 * h0, h1)
+    if not math.isfinite(h) or h <= 0:
+        h = 1e-6
+    return direction * h, 1
