@@ -55,13 +55,13 @@ class _CheckpointSolve(torch.autograd.Function):
             with torch.enable_grad():
                 y = y0.detach().requires_grad_(True)
                 buf = method.new_buffer()
-                buf.rows[0].copy_(rhs.at(t0, y, perturb=int(direction) if perturb_first else 0))
+                buf.set(0, rhs.at(t0, y, perturb=int(direction) if perturb_first else 0))
                 y1, _ = method.step(rhs, t0, t1 - t0, y, buf, perturb_last=perturb_last)
                 targets, grads = [y1], [a]
                 inner = [k for k in outs if t_out[k] != t1]
                 if inner:
                     if method.interp_needs_f1 and not method.fsal:
-                        buf.rows[method.f1_index].copy_(rhs.at(t1, y1))
+                        buf.set(method.f1_index, rhs.at(t1, y1))
                     ys_in = Segment(t0, t1, y, y1, buf.K, method)([t_out[k] for k in inner])
                     targets.append(ys_in)
                     grads.append(grad_ys[inner])

@@ -79,7 +79,7 @@ def integrate_adams(
             cb_step(rhs.time(t), rhs.unflatten(y), rhs.time(h))
         if len(hist_f) < max_order:
             buf = starter.new_buffer()
-            buf.rows[0].copy_(hist_f[0])
+            buf.set(0, hist_f[0])
             y1, _ = starter.step(rhs, t, h, y, buf, perturb_last=perturb)
         else:
             y1 = y + h * _combine(hist_f, _weights(weights_cache, tuple(hist_t), t, h))

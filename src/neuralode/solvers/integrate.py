@@ -309,10 +309,12 @@ def integrate_adaptive(
     buf = method.new_buffer() if fresh else method.acquire()
     spare = None if fresh else method.acquire()
     f0 = rhs.at(t, y)
-    buf.rows[0].copy_(f0)
+    buf.set(0, f0)
     if first_step is None:
-        scale_norm = (lambda x: float(ratio_of(x)) * norm_scale)
-        dt, extra = initial_step(rhs.at, t, y, f0, direction, method.tableau.order, rtol, atol, scale_norm)
+        def scale_norm(x: torch.Tensor) -> float:
+            return float(ratio_of(x)) * norm_scale
+        with torch.no_grad():
+            dt, _ = initial_step(rhs.at, t, y, f0, direction, method.tableau.order, rtol, atol, scale_norm)
     else:
         dt = direction * abs(float(first_step))
     dt = math.copysign(min(abs(dt), ctrl.max_step), direction)
@@ -360,7 +362,7 @@ def integrate_adaptive(
             f_next = None
             if not fsal and (wants and method.interp_needs_f1):
                 f_next = rhs.at(t1, y1)
-                buf.rows[S].copy_(f_next)
+                buf.set(S, f_next)
             done = out.add(Segment(t, t1, y, y1, buf.K, method))
             if cb_accept is not None:
                 cb_accept(rhs.time(t), rhs.unflatten(y), rhs.time(dt_try))
@@ -376,12 +378,12 @@ def integrate_adaptive(
             if perturbed_start:
                 f_next = rhs.at(t1, y1, perturb=int(direction))
             elif fsal:
-                f_next = buf.rows[S - 1]
+                f_next = buf.K[S - 1] if buf.grad else buf.rows[S - 1]
             elif f_next is None:
                 f_next = rhs.at(t1, y1)
             nb = method.new_buffer() if fresh else spare
             spare = None if fresh else buf
-            nb.rows[0].copy_(f_next)
+            nb.set(0, f_next)
             buf, y, t = nb, y1, t1
         else:
             n_rej += 1
@@ -432,7 +434,7 @@ def integrate_fixed(
         dt = t1 - t
         if perturb or f_next is None:
             f_next = rhs.at(t, y, perturb=int(direction) if perturb else 0)
-        buf.rows[0].copy_(f_next)
+        buf.set(0, f_next)
         if cb_step is not None:
             cb_step(rhs.time(t), rhs.unflatten(y), rhs.time(dt))
         y1, _ = method.step(rhs, t, dt, y, buf, perturb_last=perturb)
@@ -444,9 +446,9 @@ def integrate_fixed(
         if wants and method.interp_needs_f1:
             f_next = rhs.at(t1, y1, perturb=-int(direction) if perturb else 0)
             if method.fsal:
-                buf.rows[S - 1].copy_(f_next)
+                buf.set(S - 1, f_next)
             else:
-                buf.rows[S].copy_(f_next)
+                buf.set(S, f_next)
             if perturb:
                 f_next = None
         if out.add(Segment(t, t1, y, y1, buf.K, method)):

@@ -24,12 +24,20 @@ RHS = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 class StageBuffer:
     """Rows of stage derivatives plus precomputed views (transposed prefixes) used by ``addmv``."""
 
-    __slots__ = ("K", "prefix_t", "rows")
+    __slots__ = ("K", "prefix_t", "rows", "grad")
 
     def __init__(self, rows: int, n: int, dtype: torch.dtype, device: torch.device) -> None:
         self.K = torch.empty(rows, n, dtype=dtype, device=device)
         self.prefix_t = [self.K[:i].t() for i in range(rows + 1)]
         self.rows = self.K.unbind(0)
+        # under autograd, rows are written through fresh views (K[i] = f) so that the graph records them
+        self.grad = torch.is_grad_enabled()
+
+    def set(self, i: int, value: torch.Tensor) -> None:
+        if self.grad:
+            self.K[i] = value
+        else:
+            self.rows[i].copy_(value)
 
 
 class RungeKutta:
@@ -93,11 +101,14 @@ class RungeKutta:
             ts = torch.where(torch.tensor(self.c_is_one[1:], device=self.device),
                              torch.nextafter(ts, torch.full_like(ts, t)), ts)
         ts = ts.unbind(0)
-        rows, pre = buf.rows, buf.prefix_t
+        rows, pre, grad = buf.rows, buf.prefix_t, buf.grad
         yi = y
         for i in range(1, S):
             yi = torch.addmv(y, pre[i], self.a[i], alpha=dt)
-            rows[i].copy_(rhs(ts[i - 1], yi))
+            if grad:
+                buf.K[i] = rhs(ts[i - 1], yi)
+            else:
+                rows[i].copy_(rhs(ts[i - 1], yi))
         if self.fsal:
             y1 = yi
         else:
