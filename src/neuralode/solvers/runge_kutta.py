@@ -98,7 +98,7 @@ class RungeKutta:
         c = self.c
         ts = torch.tensor([t + ci * dt for ci in c[1:]], dtype=self.dtype, device=self.device)
         if perturb_last:  # evaluate stages on the end point just before it (a discontinuity follows)
-            ts = torch.where(torch.tensor(self.c_is_one[1:], device=self.device),
+            ts = torch.where(torch.tensor(self.c_is_one[1:], dtype=torch.bool, device=self.device),
                              torch.nextafter(ts, torch.full_like(ts, t)), ts)
         ts = ts.unbind(0)
         rows, pre, grad = buf.rows, buf.prefix_t, buf.grad
