@@ -95,7 +95,7 @@ class Problem:
                    unflatten=self.unflatten if self.shapes is not None else None)
 
 
-def _check_t(t: Any) -> torch.Tensor:
+def _check_t(t: Any) -> tuple[torch.Tensor, list[float]]:
     if not torch.is_tensor(t):
         try:
             t = torch.as_tensor(t, dtype=torch.float64)
@@ -107,8 +107,9 @@ def _check_t(t: Any) -> torch.Tensor:
         raise TypeError(f"`t` must be a floating point tensor, got dtype {t.dtype}; use e.g. t.double()")
     if len(t) == 0:
         raise ValueError("`t` is empty: give at least the initial time")
-    check_times(t.detach().to("cpu", torch.float64).tolist(), "t")
-    return t
+    ts = t.detach().to("cpu", torch.float64).tolist()
+    check_times(ts, "t")
+    return t, ts
 
 
 def check_times(ts: Sequence[float], name: str) -> None:
@@ -186,9 +187,7 @@ def prepare(func: Callable, y0: Any, t: Any, rtol: Any, atol: Any, method: str |
     if not callable(func):
         raise TypeError(f"`func` must be callable as func(t, y), got {type(func).__name__}")
     flat, shapes, shape = _check_y0(y0)
-    t = _check_t(t)
-    if event_fn is None and len(t) < 1:
-        raise ValueError("`t` must hold at least one time")
+    t, t_list = _check_t(t)
     method = "dopri5" if method is None else method
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
@@ -205,7 +204,8 @@ def prepare(func: Callable, y0: Any, t: Any, rtol: Any, atol: Any, method: str |
     if isinstance(rtol_, float) and isinstance(atol_, float) and rtol_ == 0 and atol_ == 0 \
             and method in ADAPTIVE_METHODS:
         raise ValueError("`rtol` and `atol` are both zero: no step could ever be accepted")
-    t_out = t.detach().to("cpu", options.get("dtype", torch.float64)).double().tolist()
+    t_out = t_list if options.get("dtype", torch.float64) == torch.float64 else \
+        torch.tensor(t_list, dtype=options["dtype"]).double().tolist()
     prob = Problem(func, flat, t, t_out, method, options, rtol_, atol_, shapes, shape, event_fn=event_fn)
     prob.norm = _make_norm(options.get("norm"), prob)
     return prob
@@ -243,7 +243,7 @@ def make_grid(prob: Problem, t_out: Sequence[float], opts: dict) -> list[float]:
         return grid
     if ctor is not None and t_out is prob.t_out:
         g = ctor(prob.func, prob.unflatten(prob.y0), prob.t)
-        g = _check_t(g).detach().double().tolist()
+        g = _check_t(g)[1]
         if g[0] != t0 or g[-1] != t1:
             raise ValueError(f"`grid_constructor` must return a grid from t[0]={t0} to t[-1]={t1}; "
                              f"got one from {g[0]} to {g[-1]}")

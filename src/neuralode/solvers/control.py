@@ -107,7 +107,7 @@ def initial_step(
     """
     scale = y0.abs().mul(rtol).add(atol)
     d0 = norm(y0 / scale)
-    d1 = norm(f0 / scale)
+    d1 = norm(f0 / scale)  # (the norm may be a user's callable: kept as two calls)
     h0 = 1e-6 if (d0 < 1e-5 or d1 < 1e-5) else 0.01 * d0 / d1
     y1 = y0 + (direction * h0) * f0
     f1 = func(t0 + direction * h0, y1)

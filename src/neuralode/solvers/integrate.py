@@ -28,7 +28,7 @@ class RHS:
     The first call checks ``func``'s output (shape, dtype, device) and raises a clear error.
     """
 
-    __slots__ = ("func", "shape", "n", "dtype", "device", "nfe", "_checked", "unflatten")
+    __slots__ = ("func", "shape", "n", "dtype", "device", "nfe", "_checked", "unflatten", "buffer_shape")
 
     def __init__(self, func: Callable, shape: torch.Size, dtype: torch.dtype, device: torch.device,
                  unflatten: Callable[[torch.Tensor], Any] | None = None) -> None:
@@ -39,6 +39,16 @@ class RHS:
         self.nfe = 0
         self._checked = False
         self.unflatten = unflatten if unflatten is not None else (lambda y: y.view(shape))
+        #: the state's shape for stage buffers viewed in it (None for tuple states: they go through flat)
+        self.buffer_shape = shape if unflatten is None else None
+
+    def shaped(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Evaluate on a state already in its own shape; the output is returned unflattened."""
+        self.nfe += 1
+        out = self.func(t, y)
+        if not self._checked:
+            out = self._check(out)
+        return out
 
     def __call__(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.nfe += 1
@@ -52,6 +62,9 @@ class RHS:
 
     def _check(self, out):
         self._checked = True
+        if (torch.is_tensor(out) and self.buffer_shape is not None and out.shape == self.shape
+                and out.dtype == self.dtype and out.device == self.device):
+            return out
         shaped = self.unflatten(torch.zeros(self.n, dtype=self.dtype, device=self.device))
         if isinstance(shaped, tuple):
             if not isinstance(out, (tuple, list)) or len(out) != len(shaped):
@@ -84,14 +97,14 @@ class RHS:
 
     def at(self, t: float, y: torch.Tensor, perturb: int = 0) -> torch.Tensor:
         """Evaluate at a float time; ``perturb=±1`` evaluates just after/before ``t`` (in the state dtype)."""
-        tt = torch.full((), t, dtype=self.dtype, device=self.device)
+        tt = torch.scalar_tensor(t, dtype=self.dtype, device=self.device)
         if perturb:
             tt = torch.nextafter(tt, torch.full((), math.copysign(math.inf, perturb), dtype=self.dtype,
                                                 device=self.device))
         return self(tt, y)
 
     def time(self, t: float) -> torch.Tensor:
-        return torch.full((), t, dtype=self.dtype, device=self.device)
+        return torch.scalar_tensor(t, dtype=self.dtype, device=self.device)
 
 
 @dataclasses.dataclass
@@ -306,8 +319,9 @@ def integrate_adaptive(
     bi = 0
 
     y = y0
-    buf = method.new_buffer() if fresh else method.acquire()
-    spare = None if fresh else method.acquire()
+    shape = rhs.buffer_shape
+    buf = method.new_buffer() if fresh else method.acquire(shape)
+    spare = None if fresh else method.acquire(shape)
     f0 = rhs.at(t, y)
     buf.set(0, f0)
     if first_step is None:
@@ -324,6 +338,12 @@ def integrate_adaptive(
     n_steps = n_rej = 0
     nonfinite_rejects = 0
     perturbed_start = False
+    # scale = atol + rtol·max(|y0|, |y1|); with scalar tolerances it is rtol·(max + atol/rtol): one op fewer
+    scalar_tol = isinstance(rtol, float) and isinstance(atol, float) and rtol > 0
+    tol_shift = atol / rtol if scalar_tol else 0.0
+    inv_rtol = 1.0 / rtol if scalar_tol else 1.0
+    with torch.no_grad():
+        y_abs = y.abs()
     status, message, t_fail = Status.SUCCESS, "", None
     while True:
         if n_steps + n_rej >= max_num_steps:
@@ -349,10 +369,14 @@ def integrate_adaptive(
             cb_step(rhs.time(t), rhs.unflatten(y), rhs.time(dt_try))
         y1, e = method.step(rhs, t, dt_try, y, buf, perturb_last=lands and is_jump)
         with torch.no_grad():
-            scale = torch.maximum(y.abs(), y1.abs()).mul_(rtol).add_(atol)
-            r, check = torch.stack((ratio_of(e.div(scale)), y1.sum())).tolist()
-        ratio = abs(dt_try) * r * norm_scale
-        if ratio <= 1.0 and math.isfinite(check):
+            y1_abs = y1.abs()
+            scale = torch.maximum(y_abs, y1_abs)
+            if scalar_tol:
+                scale.add_(tol_shift)
+            else:
+                scale.mul_(rtol).add_(atol)
+            ratio = abs(dt_try) * float(ratio_of(e.div_(scale))) * norm_scale * inv_rtol
+        if ratio <= 1.0:
             t1 = target if lands else t + dt_try
             n_steps += 1
             if trace is not None:  # enough to recompute this step exactly: (t0, t1, y0, f0 perturbed, last perturbed)
@@ -384,10 +408,10 @@ def integrate_adaptive(
             nb = method.new_buffer() if fresh else spare
             spare = None if fresh else buf
             nb.set(0, f_next)
-            buf, y, t = nb, y1, t1
+            buf, y, t, y_abs = nb, y1, t1, y1_abs
         else:
             n_rej += 1
-            if not (math.isfinite(ratio) and math.isfinite(check)):
+            if not math.isfinite(ratio):
                 nonfinite_rejects += 1
                 dt = dt_try * ctrl.dfactor
             else:
@@ -397,7 +421,12 @@ def integrate_adaptive(
 
     if not fresh:
         method.release(buf, spare)
-    res = IntegrationResult(out.result(), status, message, t_fail, n_steps, n_rej, out.segments)
+    ys = out.result()
+    if status == Status.SUCCESS:  # an accepted state can be Inf while its error estimate is finite
+        checked = finite_rows_result(ys, t_out, n_steps, None)
+        if checked.status != Status.SUCCESS:
+            status, message, t_fail, ys = checked.status, checked.message, checked.t_fail, checked.ys
+    res = IntegrationResult(ys, status, message, t_fail, n_steps, n_rej, out.segments)
     if event is not None:
         res.event_t, res.event_y = event.t_event, event.y_event
     return res
@@ -425,8 +454,9 @@ def integrate_fixed(
     fresh = torch.is_grad_enabled() or keep_segments
     S = method.stages
     y = y0
-    buf = method.new_buffer() if fresh else method.acquire()
-    spare = None if fresh else method.acquire()
+    shape = rhs.buffer_shape
+    buf = method.new_buffer() if fresh else method.acquire(shape)
+    spare = None if fresh else method.acquire(shape)
     f_next = None
     n_steps = 0
     for t1 in grid:
@@ -472,6 +502,8 @@ def finite_rows_result(ys: torch.Tensor, t_out: Sequence[float], n_steps: int, s
     """Result of a fixed-grid solve, failed with NONFINITE at the first output that is NaN/Inf (the grid
     loops have no error estimate that would notice earlier)."""
     status, message, t_fail = Status.SUCCESS, "", None
+    if bool(torch.isfinite(ys).all()):
+        return IntegrationResult(ys, status, message, t_fail, n_steps, 0, segments)
     finite = torch.isfinite(ys).all(dim=1)
     if not bool(finite.all()):
         i = int((~finite).nonzero()[0])

@@ -22,16 +22,27 @@ RHS = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class StageBuffer:
-    """Rows of stage derivatives plus precomputed views (transposed prefixes) used by ``addmv``."""
+    """Rows of stage derivatives plus precomputed views: transposed prefixes for ``addmv``, and (for a tensor
+    state) the rows and a scratch stage input viewed in the state's own shape, so that a stage costs no
+    reshaping."""
 
-    __slots__ = ("K", "prefix_t", "rows", "grad")
+    __slots__ = ("K", "prefix_t", "rows", "grad", "rows_shaped", "scratch", "scratch_shaped", "shape")
 
-    def __init__(self, rows: int, n: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, rows: int, n: int, dtype: torch.dtype, device: torch.device,
+                 shape: torch.Size | None = None) -> None:
         self.K = torch.empty(rows, n, dtype=dtype, device=device)
         self.prefix_t = [self.K[:i].t() for i in range(rows + 1)]
         self.rows = self.K.unbind(0)
-        # under autograd, rows are written through fresh views (K[i] = f) so that the graph records them
+        # under autograd, rows are written through fresh views (K[i] = f) so that the graph records them,
+        # and stage inputs are fresh tensors (autograd keeps them)
         self.grad = torch.is_grad_enabled()
+        self.shape = shape
+        if shape is not None and not self.grad:
+            self.rows_shaped = [r.view(shape) for r in self.rows]
+            self.scratch = torch.empty(n, dtype=dtype, device=device)
+            self.scratch_shaped = self.scratch.view(shape)
+        else:
+            self.rows_shaped = self.scratch = self.scratch_shaped = None
 
     def set(self, i: int, value: torch.Tensor) -> None:
         if self.grad:
@@ -73,18 +84,22 @@ class RungeKutta:
             self.W = self.W[: self.stages]  # the f1 row is never read: do not touch its (unset) memory
         self.rows_used = self.W.shape[0]
         self.powers = np.arange(1, self.W.shape[1] + 1)
-        self._pool: list[StageBuffer] = []
+        self._pool: dict = {}
 
-    def new_buffer(self) -> StageBuffer:
-        return StageBuffer(self.rows, self.n, self.dtype, self.device)
+    def new_buffer(self, shape: torch.Size | None = None) -> StageBuffer:
+        return StageBuffer(self.rows, self.n, self.dtype, self.device, shape)
 
-    def acquire(self) -> StageBuffer:
-        """A scratch buffer from this stepper's pool (no-grad solves only); give it back with ``release``."""
-        return self._pool.pop() if self._pool else self.new_buffer()
+    def acquire(self, shape: torch.Size | None = None) -> StageBuffer:
+        """A buffer from this stepper's pool (no-grad solves only); give it back with ``release``."""
+        pool = self._pool.get(shape)
+        return pool.pop() if pool else self.new_buffer(shape)
 
     def release(self, *bufs: StageBuffer) -> None:
-        if len(self._pool) < 8:
-            self._pool.extend(b for b in bufs if b is not None)
+        for b in bufs:
+            if b is not None:
+                pool = self._pool.setdefault(b.shape, [])
+                if len(pool) < 4:
+                    pool.append(b)
 
     def step(self, rhs: RHS, t: float, dt: float, y: torch.Tensor, buf: StageBuffer,
              perturb_last: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -94,21 +109,28 @@ class RungeKutta:
             ``(y1, e)`` where the local error estimate is ``dt · e`` (``e`` is ``None`` for fixed-step
             methods). For FSAL methods ``buf.rows[-1]`` holds ``f(t + dt, y1)`` afterwards.
         """
-        S = self.stages
-        c = self.c
-        ts = torch.tensor([t + ci * dt for ci in c[1:]], dtype=self.dtype, device=self.device)
-        if perturb_last:  # evaluate stages on the end point just before it (a discontinuity follows)
-            ts = torch.where(torch.tensor(self.c_is_one[1:], dtype=torch.bool, device=self.device),
-                             torch.nextafter(ts, torch.full_like(ts, t)), ts)
-        ts = ts.unbind(0)
-        rows, pre, grad = buf.rows, buf.prefix_t, buf.grad
+        S, c, dtype, device = self.stages, self.c, self.dtype, self.device
+        pre, grad, a = buf.prefix_t, buf.grad, self.a
+        shaped = buf.rows_shaped
         yi = y
         for i in range(1, S):
-            yi = torch.addmv(y, pre[i], self.a[i], alpha=dt)
-            if grad:
-                buf.K[i] = rhs(ts[i - 1], yi)
+            ti = torch.scalar_tensor(t + c[i] * dt, dtype=dtype, device=device)
+            if perturb_last and c[i] == 1.0:  # a discontinuity follows: evaluate just before the end point
+                ti = torch.nextafter(ti, torch.scalar_tensor(t, dtype=dtype, device=device))
+            if shaped is not None:  # no graph, tensor state: stage input in scratch, output straight into K
+                if i == S - 1 and self.fsal:
+                    yi = torch.addmv(y, pre[i], a[i], alpha=dt)
+                    f = rhs.shaped(ti, yi.view(buf.shape))
+                else:
+                    torch.addmv(y, pre[i], a[i], alpha=dt, out=buf.scratch)
+                    f = rhs.shaped(ti, buf.scratch_shaped)
+                shaped[i].copy_(f)
             else:
-                rows[i].copy_(rhs(ts[i - 1], yi))
+                yi = torch.addmv(y, pre[i], a[i], alpha=dt)
+                if grad:
+                    buf.K[i] = rhs(ti, yi)
+                else:
+                    buf.rows[i].copy_(rhs(ti, yi))
         if self.fsal:
             y1 = yi
         else:
