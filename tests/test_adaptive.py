@@ -45,6 +45,7 @@ PROBLEMS = {
 def reference(func, y0, t):
     def rhs(tt, yy):
         return func(torch.tensor(tt, dtype=torch.float64), torch.tensor(yy)).numpy()
+
     sol = scipy_integrate.solve_ivp(rhs, (t[0], t[-1]), y0, method="DOP853", t_eval=t, rtol=1e-12, atol=1e-14)
     assert sol.success
     return torch.tensor(sol.y.T)
@@ -59,6 +60,7 @@ def times(T):
 def scipy_error(func, y0, t, ref, solver, rtol):
     def rhs(tt, yy):
         return func(torch.tensor(tt, dtype=torch.float64), torch.tensor(yy)).numpy()
+
     sol = scipy_integrate.solve_ivp(rhs, (t[0], t[-1]), y0, method=solver, t_eval=t, rtol=rtol, atol=rtol)
     return float(np.abs(sol.y.T - ref.numpy()).max())
 
@@ -79,8 +81,9 @@ def test_error_falls_with_rtol_and_stays_near_the_tolerance(problem, method):
     # at 500-650 tolerances there too), the other problems stay well below
     bound = 1000 if problem.startswith("kepler") else 100
     for rtol in rtols:
-        ys = nd.odeint(func, torch.tensor(y0, dtype=torch.float64), torch.tensor(t), rtol=rtol, atol=rtol,
-                       method=method)
+        ys = nd.odeint(
+            func, torch.tensor(y0, dtype=torch.float64), torch.tensor(t), rtol=rtol, atol=rtol, method=method
+        )
         scaled = ((ys - ref).abs() / (rtol + rtol * ref.abs())).max()
         errors.append(float((ys - ref).abs().max()))
         assert scaled < bound, (method, problem, rtol, float(scaled))
@@ -99,8 +102,9 @@ def test_low_order_adaptive_methods_meet_loose_tolerances(method):
     ref = reference(func, y0, t)
     errors = []
     for rtol in (1e-4, 1e-5, 1e-6):
-        ys = nd.odeint(func, torch.tensor(y0, dtype=torch.float64), torch.tensor(t), rtol=rtol, atol=rtol,
-                       method=method)
+        ys = nd.odeint(
+            func, torch.tensor(y0, dtype=torch.float64), torch.tensor(t), rtol=rtol, atol=rtol, method=method
+        )
         errors.append(float((ys - ref).abs().max()))
         # RKF1(2)'s embedded estimate is weak (its error constant is 1/512), so its global error sits at
         # ~10³ tolerances on this problem, as in torchdiffeq; it must still converge at order 2
@@ -112,16 +116,18 @@ def test_float32_solution_is_accurate_to_float32_tolerances():
     func, y0, T = PROBLEMS["lotka_volterra"]
     t = times(T)
     ref = reference(func, y0, t)
-    ys = nd.odeint(func, torch.tensor(y0, dtype=torch.float32), torch.tensor(t, dtype=torch.float32), rtol=1e-5,
-                   atol=1e-6)
+    ys = nd.odeint(
+        func, torch.tensor(y0, dtype=torch.float32), torch.tensor(t, dtype=torch.float32), rtol=1e-5, atol=1e-6
+    )
     assert ys.dtype == torch.float32
     assert float((ys.double() - ref).abs().max()) < 2e-3
 
 
 def test_smooth_dynamics_take_fewer_steps_than_hard_ones():
     easy = nd.solve(lambda t, y: -0.1 * y, torch.ones(1, dtype=torch.float64), torch.tensor([0.0, 10.0]))
-    hard = nd.solve(lambda t, y: torch.cos(20 * t) * 20 * y, torch.ones(1, dtype=torch.float64),
-                    torch.tensor([0.0, 10.0]))
+    hard = nd.solve(
+        lambda t, y: torch.cos(20 * t) * 20 * y, torch.ones(1, dtype=torch.float64), torch.tensor([0.0, 10.0])
+    )
     assert hard.stats.n_steps > 5 * easy.stats.n_steps
 
 

@@ -30,8 +30,16 @@ def observed_order(method, options_for, T=1.0, ns=(16, 32, 64, 128)):
     return slope, errs
 
 
-THEORY = {"euler": 1, "midpoint": 2, "heun2": 2, "heun3": 3, "rk4": 4, "explicit_adams": 4, "implicit_adams": 4,
-          "fixed_adams": 4}
+THEORY = {
+    "euler": 1,
+    "midpoint": 2,
+    "heun2": 2,
+    "heun3": 3,
+    "rk4": 4,
+    "explicit_adams": 4,
+    "implicit_adams": 4,
+    "fixed_adams": 4,
+}
 
 
 @pytest.mark.parametrize("method", sorted(THEORY))
@@ -56,8 +64,13 @@ def test_adams_weights_are_exact_on_an_irregular_grid():
         jitter = (rng.random(n + 1) - 0.5) * 0.3 * (2 / n)
         jitter[0] = jitter[-1] = 0
         grid = torch.tensor(np.sort(base + jitter))
-        ys = nd.odeint(f_nonlinear, torch.tensor([1.0], dtype=torch.float64), torch.tensor([0.0, 2.0], dtype=torch.float64),
-                       method="explicit_adams", options={"grid_constructor": lambda f, y0, t, g=grid: g})
+        ys = nd.odeint(
+            f_nonlinear,
+            torch.tensor([1.0], dtype=torch.float64),
+            torch.tensor([0.0, 2.0], dtype=torch.float64),
+            method="explicit_adams",
+            options={"grid_constructor": lambda f, y0, t, g=grid: g},
+        )
         errs.append(abs(float(ys[-1, 0]) - exact_nonlinear(2.0)))
     slope = math.log(errs[0] / errs[-1]) / math.log(4)
     assert slope > 3.6, errs
@@ -68,9 +81,15 @@ def test_dense_output_has_its_order_between_steps(method, order):
     # y' = cos(t) y, y = exp(sin t): compare the interpolant inside one step of size h
     errs = []
     for h in (0.2, 0.1, 0.05):
-        sol = nd.solve(lambda t, y: torch.cos(t) * y, torch.tensor([1.0], dtype=torch.float64),
-                       torch.tensor([0.0, h], dtype=torch.float64), method=method, options={"first_step": h},
-                       rtol=1.0, atol=1.0)
+        sol = nd.solve(
+            lambda t, y: torch.cos(t) * y,
+            torch.tensor([1.0], dtype=torch.float64),
+            torch.tensor([0.0, h], dtype=torch.float64),
+            method=method,
+            options={"first_step": h},
+            rtol=1.0,
+            atol=1.0,
+        )
         assert sol.stats.n_steps == 1
         tq = torch.linspace(0.1 * h, 0.9 * h, 9, dtype=torch.float64)
         err = (sol.interpolate(tq)[:, 0] - torch.exp(torch.sin(tq))).abs().max()
@@ -84,11 +103,21 @@ def test_cubic_interp_is_fourth_order_between_grid_points():
     errs = []
     for h in (0.1, 0.05, 0.025):
         t = torch.tensor([0.0, 0.37, 1.13, 2.0], dtype=torch.float64)
-        ys = nd.odeint(f_nonlinear, torch.tensor([1.0], dtype=torch.float64), t, method="rk4",
-                       options={"step_size": h, "interp": "cubic"})
+        ys = nd.odeint(
+            f_nonlinear,
+            torch.tensor([1.0], dtype=torch.float64),
+            t,
+            method="rk4",
+            options={"step_size": h, "interp": "cubic"},
+        )
         errs.append(float((ys[1:3, 0] - exact_nonlinear(t[1:3])).abs().max()))
     slope = math.log(errs[0] / errs[-1]) / math.log(4)
     assert slope > 3.6, errs
-    lin = nd.odeint(f_nonlinear, torch.tensor([1.0], dtype=torch.float64), t, method="rk4",
-                    options={"step_size": 0.025, "interp": "linear"})
+    lin = nd.odeint(
+        f_nonlinear,
+        torch.tensor([1.0], dtype=torch.float64),
+        t,
+        method="rk4",
+        options={"step_size": 0.025, "interp": "linear"},
+    )
     assert float((lin[1:3, 0] - exact_nonlinear(t[1:3])).abs().max()) > 10 * errs[-1]

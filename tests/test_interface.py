@@ -34,6 +34,7 @@ def test_tuple_state_keeps_its_structure_and_couples_entries():
     def f(t, state):
         x, v = state
         return v, -x
+
     x0, v0 = torch.ones(2, dtype=D), torch.zeros(2, dtype=D)
     t = torch.linspace(0, math.pi, 4, dtype=D)
     xs, vs = nd.odeint(f, (x0, v0), t, rtol=1e-9, atol=1e-10)
@@ -48,6 +49,7 @@ def test_time_and_state_dtypes_may_differ_and_func_sees_state_dtype():
     def f(t, y):
         seen.append(t.dtype)
         return -y
+
     ys = nd.odeint(f, torch.ones(2, dtype=torch.float32), torch.tensor([0.0, 1.0], dtype=torch.float64))
     assert ys.dtype == torch.float32 and set(seen) == {torch.float32}
 
@@ -64,8 +66,7 @@ def test_backward_then_forward_returns_to_start(method):
     y0 = torch.tensor([1.0, 0.0], dtype=D)
     opts = None if method == "dopri5" else {"step_size": 1e-3}
     y1 = nd.odeint(f, y0, torch.tensor([0.0, 3.0], dtype=D), method=method, options=opts, rtol=1e-10, atol=1e-12)[-1]
-    back = nd.odeint(f, y1, torch.tensor([3.0, 0.0], dtype=D), method=method, options=opts, rtol=1e-10,
-                     atol=1e-12)[-1]
+    back = nd.odeint(f, y1, torch.tensor([3.0, 0.0], dtype=D), method=method, options=opts, rtol=1e-10, atol=1e-12)[-1]
     assert torch.allclose(back, y0, atol=1e-8)
 
 
@@ -88,6 +89,7 @@ def test_stats_count_every_function_evaluation():
     def f(t, y):
         calls.append(1)
         return -y
+
     sol = nd.solve(f, torch.ones(2, dtype=D), torch.linspace(0, 5, 4, dtype=D), dense=False)
     assert sol.stats.nfe == len(calls)
     # dopri5 (FSAL): 6 new evaluations per attempted step, plus f(t0) and the initial-step probe
@@ -117,8 +119,9 @@ def test_odeint_dense_returns_a_callable():
 def test_scipy_solver_matches_analytic_solution():
     pytest.importorskip("scipy")
     t = torch.linspace(0, 2, 5, dtype=D)
-    ys = nd.odeint(decay, torch.ones(2, dtype=D), t, method="scipy_solver", options={"solver": "DOP853"},
-                   rtol=1e-10, atol=1e-12)
+    ys = nd.odeint(
+        decay, torch.ones(2, dtype=D), t, method="scipy_solver", options={"solver": "DOP853"}, rtol=1e-10, atol=1e-12
+    )
     assert torch.allclose(ys[:, 0], torch.exp(-t), rtol=1e-8)
 
 
@@ -128,29 +131,50 @@ def test_scipy_solver_matches_analytic_solution():
 def test_event_time_of_a_falling_ball_matches_the_formula():
     g, h0 = 9.81, 10.0
     f = lambda t, y: torch.stack([y[1], torch.full_like(y[1], -g)])
-    t_ev, ys = nd.odeint_event(f, torch.tensor([h0, 0.0], dtype=D), torch.tensor(0.0, dtype=D),
-                               event_fn=lambda t, y: y[0], rtol=1e-10, atol=1e-12)
+    t_ev, ys = nd.odeint_event(
+        f,
+        torch.tensor([h0, 0.0], dtype=D),
+        torch.tensor(0.0, dtype=D),
+        event_fn=lambda t, y: y[0],
+        rtol=1e-10,
+        atol=1e-12,
+    )
     assert abs(float(t_ev) - math.sqrt(2 * h0 / g)) < 1e-10
     assert ys.shape == (2, 2) and abs(float(ys[-1, 0])) < 1e-9
 
 
 @pytest.mark.parametrize("method,options", [("tsit5", None), ("rk4", {"step_size": 0.01})])
 def test_event_through_odeint_event_fn_form(method, options):
-    t_ev, ys = nd.odeint(lambda t, y: torch.ones_like(y), torch.tensor([0.0], dtype=D), torch.tensor([0.0], dtype=D),
-                         event_fn=lambda t, y: y[0] - 0.737, method=method, options=options)
+    t_ev, ys = nd.odeint(
+        lambda t, y: torch.ones_like(y),
+        torch.tensor([0.0], dtype=D),
+        torch.tensor([0.0], dtype=D),
+        event_fn=lambda t, y: y[0] - 0.737,
+        method=method,
+        options=options,
+    )
     assert abs(float(t_ev) - 0.737) < 1e-9
 
 
 def test_event_in_reverse_time():
-    t_ev, _ = nd.odeint_event(lambda t, y: torch.ones_like(y), torch.tensor([0.0], dtype=D), torch.tensor(0.0, dtype=D),
-                              event_fn=lambda t, y: y[0] + 0.5, reverse_time=True)
+    t_ev, _ = nd.odeint_event(
+        lambda t, y: torch.ones_like(y),
+        torch.tensor([0.0], dtype=D),
+        torch.tensor(0.0, dtype=D),
+        event_fn=lambda t, y: y[0] + 0.5,
+        reverse_time=True,
+    )
     assert abs(float(t_ev) + 0.5) < 1e-9
 
 
 def test_first_of_several_events_is_found():
     f = lambda t, y: torch.ones_like(y)
-    t_ev, _ = nd.odeint_event(f, torch.tensor([0.0], dtype=D), torch.tensor(0.0, dtype=D),
-                              event_fn=lambda t, y: torch.stack([y[0] - 2.0, y[0] - 0.3]))
+    t_ev, _ = nd.odeint_event(
+        f,
+        torch.tensor([0.0], dtype=D),
+        torch.tensor(0.0, dtype=D),
+        event_fn=lambda t, y: torch.stack([y[0] - 2.0, y[0] - 0.3]),
+    )
     assert abs(float(t_ev) - 0.3) < 1e-9
 
 
@@ -188,16 +212,24 @@ def test_nan_in_y0_is_reported():
 
 def test_nan_in_fixed_step_solve_is_reported_with_an_interval():
     with pytest.raises(NonFiniteStateError, match="between t="):
-        nd.odeint(lambda t, y: y * y, torch.ones(1, dtype=D), torch.linspace(0, 10, 6, dtype=D), method="euler",
-                  options={"step_size": 0.5})
+        nd.odeint(
+            lambda t, y: y * y,
+            torch.ones(1, dtype=D),
+            torch.linspace(0, 10, 6, dtype=D),
+            method="euler",
+            options={"step_size": 0.5},
+        )
 
 
-@pytest.mark.parametrize("t,match", [
-    ([0.0, 1.0, 1.0], r"strictly increasing or strictly decreasing; t\[2\] = 1 follows t\[1\] = 1"),
-    ([0.0, 2.0, 1.0], r"t\[2\] = 1 follows"),
-    ([[0.0, 1.0]], "must be 1-D"),
-    ([0.0, float("inf")], "must be finite"),
-])
+@pytest.mark.parametrize(
+    "t,match",
+    [
+        ([0.0, 1.0, 1.0], r"strictly increasing or strictly decreasing; t\[2\] = 1 follows t\[1\] = 1"),
+        ([0.0, 2.0, 1.0], r"t\[2\] = 1 follows"),
+        ([[0.0, 1.0]], "must be 1-D"),
+        ([0.0, float("inf")], "must be finite"),
+    ],
+)
 def test_bad_times_are_rejected_with_the_offending_entry(t, match):
     with pytest.raises(ValueError, match=match):
         nd.odeint(decay, torch.ones(1), torch.tensor(t))
@@ -250,8 +282,12 @@ def test_tolerance_tensor_of_wrong_shape_is_rejected():
 
 def test_min_step_floor_raises_instead_of_accepting_bad_steps():
     with pytest.raises(StepSizeUnderflowError, match="min_step"):
-        nd.odeint(lambda t, y: torch.cos(100 * t) * 100 * y, torch.ones(1, dtype=D), torch.tensor([0.0, 1.0], dtype=D),
-                  options={"min_step": 0.05})
+        nd.odeint(
+            lambda t, y: torch.cos(100 * t) * 100 * y,
+            torch.ones(1, dtype=D),
+            torch.tensor([0.0, 1.0], dtype=D),
+            options={"min_step": 0.05},
+        )
 
 
 def test_max_step_caps_the_step():

@@ -1,7 +1,5 @@
 """Each option changes behaviour the way the documentation says (issue 9)."""
 
-import math
-
 import pytest
 import torch
 
@@ -56,17 +54,24 @@ def test_adjoint_callbacks_fire_in_the_backward_solve():
 
 def test_zero_error_steps_grow_by_ifactor_exactly():
     rec = Recorder(lambda t, y: torch.ones_like(y))  # every RK method is exact: error estimate 0
-    nd.solve(rec, torch.zeros(1, dtype=D), torch.tensor([0.0, 100.0], dtype=D),
-             options={"first_step": 0.01, "ifactor": 3.0})
+    nd.solve(
+        rec, torch.zeros(1, dtype=D), torch.tensor([0.0, 100.0], dtype=D), options={"first_step": 0.01, "ifactor": 3.0}
+    )
     dts = [dt for _, dt in rec.steps[:5]]
-    assert dts == pytest.approx([0.01 * 3 ** k for k in range(5)], rel=1e-12)
+    assert dts == pytest.approx([0.01 * 3**k for k in range(5)], rel=1e-12)
 
 
 @pytest.mark.parametrize("dfactor", [0.2, 0.5])
 def test_hopeless_step_shrinks_by_dfactor(dfactor):
     rec = Recorder(lambda t, y: -1000 * y)
-    nd.solve(rec, torch.ones(1, dtype=D), torch.tensor([0.0, 1.0], dtype=D),
-             options={"first_step": 1.0, "dfactor": dfactor}, rtol=1e-8, atol=1e-10)
+    nd.solve(
+        rec,
+        torch.ones(1, dtype=D),
+        torch.tensor([0.0, 1.0], dtype=D),
+        options={"first_step": 1.0, "dfactor": dfactor},
+        rtol=1e-8,
+        atol=1e-10,
+    )
     assert rec.rejected[0][1] == 1.0
     assert rec.steps[1][1] == pytest.approx(dfactor)
 
@@ -76,8 +81,14 @@ def test_safety_scales_the_next_step_as_the_formula_predicts():
     second = {}
     for safety in (0.9, 0.6):
         rec = Recorder(lambda t, y: torch.cos(t) * y)
-        nd.solve(rec, torch.ones(1, dtype=D), torch.tensor([0.0, 1.0], dtype=D), rtol=1e-6, atol=1e-9,
-                 options={"first_step": 0.05, "safety": safety})
+        nd.solve(
+            rec,
+            torch.ones(1, dtype=D),
+            torch.tensor([0.0, 1.0], dtype=D),
+            rtol=1e-6,
+            atol=1e-9,
+            options={"first_step": 0.05, "safety": safety},
+        )
         assert rec.accepted[0][1] == 0.05
         second[safety] = rec.steps[1][1]
     assert second[0.6] / second[0.9] == pytest.approx(0.6 / 0.9, rel=1e-12)
@@ -94,16 +105,26 @@ def test_pi_controller_coefficients_change_the_step_sequence():
 def test_grid_constructor_steps_exactly_on_its_grid():
     grid = torch.tensor([0.0, 0.1, 0.35, 0.4, 0.9, 1.0], dtype=D)
     rec = Recorder(lambda t, y: -y)
-    nd.odeint(rec, torch.ones(1, dtype=D), torch.tensor([0.0, 1.0], dtype=D), method="rk4",
-              options={"grid_constructor": lambda func, y0, t: grid})
+    nd.odeint(
+        rec,
+        torch.ones(1, dtype=D),
+        torch.tensor([0.0, 1.0], dtype=D),
+        method="rk4",
+        options={"grid_constructor": lambda func, y0, t: grid},
+    )
     assert [t0 for t0, _ in rec.steps] == grid[:-1].tolist()
     assert [dt for _, dt in rec.steps] == pytest.approx((grid[1:] - grid[:-1]).tolist())
 
 
 def test_step_size_and_grid_constructor_are_mutually_exclusive():
     with pytest.raises(ValueError, match="mutually exclusive"):
-        nd.odeint(lambda t, y: -y, torch.ones(1), torch.tensor([0.0, 1.0]), method="euler",
-                  options={"step_size": 0.1, "grid_constructor": lambda f, y, t: t})
+        nd.odeint(
+            lambda t, y: -y,
+            torch.ones(1),
+            torch.tensor([0.0, 1.0]),
+            method="euler",
+            options={"step_size": 0.1, "grid_constructor": lambda f, y, t: t},
+        )
 
 
 @pytest.mark.parametrize("method", ["euler", "midpoint", "rk4", "heun3"])
@@ -148,6 +169,7 @@ def test_user_norm_is_used_and_receives_the_tuple():
     def norm(x):
         seen.append(type(x))
         return max(v.abs().max() for v in x)  # max norm: stricter than RMS
+
     f = lambda t, s: (s[1], -s[0])
     y0 = (torch.ones(3, dtype=D), torch.zeros(3, dtype=D))
     t = torch.tensor([0.0, 5.0], dtype=D)
@@ -182,12 +204,27 @@ def test_implicit_adams_max_iters_bounds_the_corrector():
     def f(t, y):
         calls.append(1)
         return -y * y
-    nd.odeint(f, torch.ones(1, dtype=D), torch.tensor([0.0, 1.0], dtype=D), method="implicit_adams",
-              options={"step_size": 0.1, "max_iters": 1}, rtol=0.0, atol=0.0)
+
+    nd.odeint(
+        f,
+        torch.ones(1, dtype=D),
+        torch.tensor([0.0, 1.0], dtype=D),
+        method="implicit_adams",
+        options={"step_size": 0.1, "max_iters": 1},
+        rtol=0.0,
+        atol=0.0,
+    )
     one = len(calls)
     calls.clear()
-    nd.odeint(f, torch.ones(1, dtype=D), torch.tensor([0.0, 1.0], dtype=D), method="implicit_adams",
-              options={"step_size": 0.1, "max_iters": 3}, rtol=0.0, atol=0.0)
+    nd.odeint(
+        f,
+        torch.ones(1, dtype=D),
+        torch.tensor([0.0, 1.0], dtype=D),
+        method="implicit_adams",
+        options={"step_size": 0.1, "max_iters": 3},
+        rtol=0.0,
+        atol=0.0,
+    )
     # ten steps, the first three by RK4 (max_order 4 needs three past values): seven Adams steps, each
     # with one more evaluation per extra corrector iteration (tolerance 0 never declares convergence)
     assert len(calls) - one == 7 * 2
@@ -201,6 +238,7 @@ def test_adjoint_seminorm_and_user_norm_options():
 
         def forward(self, t, y):
             return torch.tanh(self.lin(y))
+
     f = F()
     y0 = torch.randn(2, dtype=D)
     t = torch.tensor([0.0, 1.0], dtype=D)

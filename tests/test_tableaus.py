@@ -14,8 +14,9 @@ def rooted_trees(order):
     trees = {1: [()]}
     for n in range(2, order + 1):
         found = set()
+
         # a tree of n vertices: the root plus a multiset of subtrees whose sizes sum to n - 1
-        def build(remaining, min_key, acc):
+        def build(remaining, min_key, acc, found=found):
             if remaining == 0:
                 found.add(tuple(sorted(acc)))
                 return
@@ -23,7 +24,8 @@ def rooted_trees(order):
                 for sub in trees[size]:
                     key = (size, sub)
                     if key >= min_key:
-                        build(remaining - size, key, acc + [sub])
+                        build(remaining - size, key, acc + [sub], found)
+
         build(n - 1, (0, ()), [])
         trees[n] = sorted(found)
     return trees
@@ -54,8 +56,17 @@ def dense_A(tab):
 
 
 EXPECTED_ORDER = {
-    "euler": 1, "midpoint": 2, "heun2": 2, "heun3": 3, "rk4": 4, "adaptive_heun": 2, "fehlberg2": 2,
-    "bosh3": 3, "dopri5": 5, "tsit5": 5, "dopri8": 8,
+    "euler": 1,
+    "midpoint": 2,
+    "heun2": 2,
+    "heun3": 3,
+    "rk4": 4,
+    "adaptive_heun": 2,
+    "fehlberg2": 2,
+    "bosh3": 3,
+    "dopri5": 5,
+    "tsit5": 5,
+    "dopri8": 8,
 }
 EMBEDDED_ORDER = {"adaptive_heun": 1, "fehlberg2": 1, "bosh3": 2, "dopri5": 4, "tsit5": 4, "dopri8": 7}
 

@@ -77,7 +77,7 @@ def test_adjoint_gradients_agree():
         y0 = Y0.clone().requires_grad_(True)
         t = T.clone().requires_grad_(True)
         ys = lib.odeint_adjoint(f, y0, t, rtol=1e-9, atol=1e-10)
-        (ys ** 2).sum().backward()
+        (ys**2).sum().backward()
         grads.append([y0.grad, t.grad] + [p.grad for p in f.parameters()])
     for a, b in zip(*grads):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), float((a - b).abs().max())
@@ -113,6 +113,7 @@ def test_same_nfe_as_torchdiffeq_on_a_short_solve():
         def g(t, y, f=f, n=n):
             n[0] += 1
             return f(t, y)
+
         with torch.no_grad():
             lib.odeint(g, Y0, torch.tensor([0.0, 0.5], dtype=D), rtol=1e-6, atol=1e-6)
         counts.append(n[0])

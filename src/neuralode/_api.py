@@ -136,19 +136,43 @@ def solve(
         raise ValueError(f"`on_failure` must be 'raise' or 'return', got {on_failure!r}")
     prob = prepare(func, y0, t, rtol, atol, method, options, event_fn)
     if prob.method == "scipy_solver" and gradient != "backprop":
-        raise ValueError("method='scipy_solver' is forward only: it cannot be used with gradient="
-                         f"{gradient!r}; use a neuralode method for gradients")
+        raise ValueError(
+            "method='scipy_solver' is forward only: it cannot be used with gradient="
+            f"{gradient!r}; use a neuralode method for gradients"
+        )
     stats = SolveStats()
     if event_fn is not None:
-        return _solve_event(prob, stats, gradient, params, dict(adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol,
-                                                                adjoint_method=adjoint_method,
-                                                                adjoint_options=adjoint_options), on_failure, dense)
-    return _solve(prob, stats, gradient, params, adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options,
-                  on_failure, dense)
+        return _solve_event(
+            prob,
+            stats,
+            gradient,
+            params,
+            dict(
+                adjoint_rtol=adjoint_rtol,
+                adjoint_atol=adjoint_atol,
+                adjoint_method=adjoint_method,
+                adjoint_options=adjoint_options,
+            ),
+            on_failure,
+            dense,
+        )
+    return _solve(
+        prob, stats, gradient, params, adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options, on_failure, dense
+    )
 
 
-def _solve(prob: Problem, stats: SolveStats, gradient: str, params, adjoint_rtol, adjoint_atol, adjoint_method,
-           adjoint_options, on_failure: str, dense: bool) -> Solution:
+def _solve(
+    prob: Problem,
+    stats: SolveStats,
+    gradient: str,
+    params,
+    adjoint_rtol,
+    adjoint_atol,
+    adjoint_method,
+    adjoint_options,
+    on_failure: str,
+    dense: bool,
+) -> Solution:
     t = prob.t
     box: dict = {"dense": dense}
     needs_t_grad = t.requires_grad and torch.is_grad_enabled()
@@ -158,6 +182,7 @@ def _solve(prob: Problem, stats: SolveStats, gradient: str, params, adjoint_rtol
         return extra_rhs.at(prob.t_out[i], y)
 
     if gradient == "backprop":
+
         def core(y0: torch.Tensor) -> torch.Tensor:
             rhs = prob.rhs()
             res = run(prob, rhs, y0=y0, keep_segments=dense, use_event=False)
@@ -196,6 +221,7 @@ def _solve(prob: Problem, stats: SolveStats, gradient: str, params, adjoint_rtol
 def _count_backprop(stats: SolveStats, rhs) -> Callable:
     def hook(grad: torch.Tensor) -> None:
         stats.nfe_backward += rhs.nfe
+
     return hook
 
 
@@ -209,8 +235,10 @@ def _adjoint_cfg(prob: Problem, rtol, atol, method, options) -> dict:
     norm = options.pop("norm", None)
     unknown = set(options) - valid_options(method)
     if unknown:
-        raise ValueError(f"unknown adjoint_options {sorted(unknown)} for adjoint_method {method!r}; valid: "
-                         f"{sorted(valid_options(method))}")
+        raise ValueError(
+            f"unknown adjoint_options {sorted(unknown)} for adjoint_method {method!r}; valid: "
+            f"{sorted(valid_options(method))}"
+        )
     shapes, shape = prob.shapes, prob.shape
     rtol = prob.rtol if rtol is None else _check_tol("adjoint_rtol", rtol, prob.y0, shapes, shape)
     atol = prob.atol if atol is None else _check_tol("adjoint_atol", atol, prob.y0, shapes, shape)
@@ -251,8 +279,9 @@ class _EventTime(torch.autograd.Function):
         return None, None, None, None, gy
 
 
-def _solve_event(prob: Problem, stats: SolveStats, gradient: str, params, adjoint_kw: dict, on_failure: str,
-                 dense: bool) -> Solution:
+def _solve_event(
+    prob: Problem, stats: SolveStats, gradient: str, params, adjoint_kw: dict, on_failure: str, dense: bool
+) -> Solution:
     t_out = prob.t_out
     direction = 1.0 if len(t_out) < 2 or t_out[1] >= t_out[0] else -1.0
     rhs = prob.rhs()
@@ -270,39 +299,80 @@ def _solve_event(prob: Problem, stats: SolveStats, gradient: str, params, adjoin
         t_pair = torch.stack([prob.t[0], t_pair[1]])
     if t_ev == t_out[0]:
         raise SolverError(f"the event happens at the initial time t0={t_ev}", t_ev)
-    sub = Problem(prob.func, prob.y0, t_pair, [t_out[0], t_ev], prob.method, prob.options, prob.rtol, prob.atol,
-                  prob.shapes, prob.shape, prob.norm, None)
-    sol = _solve(sub, stats, gradient, params, adjoint_kw["adjoint_rtol"], adjoint_kw["adjoint_atol"],
-                 adjoint_kw["adjoint_method"], adjoint_kw["adjoint_options"], on_failure, dense)
+    sub = Problem(
+        prob.func,
+        prob.y0,
+        t_pair,
+        [t_out[0], t_ev],
+        prob.method,
+        prob.options,
+        prob.rtol,
+        prob.atol,
+        prob.shapes,
+        prob.shape,
+        prob.norm,
+        None,
+    )
+    sol = _solve(
+        sub,
+        stats,
+        gradient,
+        params,
+        adjoint_kw["adjoint_rtol"],
+        adjoint_kw["adjoint_atol"],
+        adjoint_kw["adjoint_method"],
+        adjoint_kw["adjoint_options"],
+        on_failure,
+        dense,
+    )
     ys = prob.flatten(sol.ys) if prob.is_tuple else sol.ys.reshape(2, -1)
     with torch.no_grad():
-        g = prob.event_fn(torch.tensor(t_ev, dtype=prob.y0.dtype, device=prob.y0.device),
-                          prob.unflatten(ys[-1])).reshape(-1)
-        g0 = prob.event_fn(torch.tensor(t_out[0], dtype=prob.y0.dtype, device=prob.y0.device),
-                           prob.unflatten(prob.y0)).reshape(-1)
+        g = prob.event_fn(
+            torch.tensor(t_ev, dtype=prob.y0.dtype, device=prob.y0.device), prob.unflatten(ys[-1])
+        ).reshape(-1)
+        g0 = prob.event_fn(
+            torch.tensor(t_out[0], dtype=prob.y0.dtype, device=prob.y0.device), prob.unflatten(prob.y0)
+        ).reshape(-1)
         sign0 = torch.sign(g0)
         comp = int(torch.argmin(g * sign0))
     t_event = torch.tensor(t_ev, dtype=prob.t.dtype, device=prob.t.device)
     t_event, y_event = _EventTime.apply(prob, comp, float(sign0[comp]), t_event, ys[-1])
     ys = torch.cat([ys[:-1], y_event[None]])
-    return Solution(sol.ts, prob.unflatten(ys) if prob.is_tuple else ys.view(2, *prob.shape), stats, Status.SUCCESS,
-                    "", None, sol._segments, prob, event_t=t_event)
+    return Solution(
+        sol.ts,
+        prob.unflatten(ys) if prob.is_tuple else ys.view(2, *prob.shape),
+        stats,
+        Status.SUCCESS,
+        "",
+        None,
+        sol._segments,
+        prob,
+        event_t=t_event,
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------
 # torchdiffeq-compatible interface
 
 
-def odeint(func: Callable, y0: Any, t: Any, *, rtol: Any = 1e-7, atol: Any = 1e-9, method: str | None = None,
-           options: dict | None = None, event_fn: Callable | None = None):
+def odeint(
+    func: Callable,
+    y0: Any,
+    t: Any,
+    *,
+    rtol: Any = 1e-7,
+    atol: Any = 1e-9,
+    method: str | None = None,
+    options: dict | None = None,
+    event_fn: Callable | None = None,
+):
     """Integrate ``dy/dt = func(t, y)`` and return the solution at ``t`` (torchdiffeq's ``odeint``).
 
     Gradients flow by backprop through the solver. With ``event_fn`` returns ``(event_t, ys)`` where ``ys``
     holds the state at ``t[0]`` and at the event.
     """
     if event_fn is not None:
-        sol = solve(func, y0, t, method=method, rtol=rtol, atol=atol, options=options, dense=False,
-                    event_fn=event_fn)
+        sol = solve(func, y0, t, method=method, rtol=rtol, atol=atol, options=options, dense=False, event_fn=event_fn)
         return sol.event_t, sol.ys
     prob = prepare(func, y0, t, rtol, atol, method, options)
     if prob.t.requires_grad and torch.is_grad_enabled():
@@ -314,25 +384,59 @@ def odeint(func: Callable, y0: Any, t: Any, *, rtol: Any = 1e-7, atol: Any = 1e-
     return prob.unflatten(res.ys)
 
 
-def odeint_adjoint(func: Callable, y0: Any, t: Any, *, rtol: Any = 1e-7, atol: Any = 1e-9,
-                   method: str | None = None, options: dict | None = None, event_fn: Callable | None = None,
-                   adjoint_rtol: Any = None, adjoint_atol: Any = None, adjoint_method: str | None = None,
-                   adjoint_options: dict | None = None, adjoint_params: Sequence[torch.Tensor] | None = None):
+def odeint_adjoint(
+    func: Callable,
+    y0: Any,
+    t: Any,
+    *,
+    rtol: Any = 1e-7,
+    atol: Any = 1e-9,
+    method: str | None = None,
+    options: dict | None = None,
+    event_fn: Callable | None = None,
+    adjoint_rtol: Any = None,
+    adjoint_atol: Any = None,
+    adjoint_method: str | None = None,
+    adjoint_options: dict | None = None,
+    adjoint_params: Sequence[torch.Tensor] | None = None,
+):
     """``odeint`` with gradients by the adjoint sensitivity method (torchdiffeq's ``odeint_adjoint``).
 
     ``func`` must be an ``nn.Module`` or ``adjoint_params`` given (``()`` when func has no parameters).
     """
     params = _params_of(func, adjoint_params, "adjoint_params")
-    sol = solve(func, y0, t, method=method, rtol=rtol, atol=atol, options=options, gradient="adjoint",
-                params=params, adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol, adjoint_method=adjoint_method,
-                adjoint_options=adjoint_options, dense=False, event_fn=event_fn)
+    sol = solve(
+        func,
+        y0,
+        t,
+        method=method,
+        rtol=rtol,
+        atol=atol,
+        options=options,
+        gradient="adjoint",
+        params=params,
+        adjoint_rtol=adjoint_rtol,
+        adjoint_atol=adjoint_atol,
+        adjoint_method=adjoint_method,
+        adjoint_options=adjoint_options,
+        dense=False,
+        event_fn=event_fn,
+    )
     if event_fn is not None:
         return sol.event_t, sol.ys
     return sol.ys
 
 
-def odeint_event(func: Callable, y0: Any, t0: Any, *, event_fn: Callable, reverse_time: bool = False,
-                 odeint_interface: Callable = odeint, **kwargs):
+def odeint_event(
+    func: Callable,
+    y0: Any,
+    t0: Any,
+    *,
+    event_fn: Callable,
+    reverse_time: bool = False,
+    odeint_interface: Callable = odeint,
+    **kwargs,
+):
     """Integrate from ``t0`` until ``event_fn(t, y)`` crosses zero (torchdiffeq's ``odeint_event``).
 
     Returns ``(event_t, ys)`` with ``ys`` the states at ``t0`` and at the event; ``event_t`` is differentiable
@@ -344,8 +448,17 @@ def odeint_event(func: Callable, y0: Any, t0: Any, *, event_fn: Callable, revers
     return odeint_interface(func, y0, t, event_fn=event_fn, **kwargs)
 
 
-def odeint_dense(func: Callable, y0: Any, t0: Any, t1: Any, *, rtol: Any = 1e-7, atol: Any = 1e-9,
-                 method: str | None = None, options: dict | None = None) -> Callable:
+def odeint_dense(
+    func: Callable,
+    y0: Any,
+    t0: Any,
+    t1: Any,
+    *,
+    rtol: Any = 1e-7,
+    atol: Any = 1e-9,
+    method: str | None = None,
+    options: dict | None = None,
+) -> Callable:
     """Solve on ``[t0, t1]`` and return a function ``t -> y(t)`` evaluating the dense output anywhere there."""
     t0 = torch.as_tensor(t0, dtype=torch.float64).reshape(())
     t1 = torch.as_tensor(t1, dtype=torch.float64).reshape(())
@@ -355,12 +468,11 @@ def odeint_dense(func: Callable, y0: Any, t0: Any, t1: Any, *, rtol: Any = 1e-7,
         scalar = not torch.is_tensor(t_eval) or t_eval.ndim == 0
         out = sol.interpolate(torch.as_tensor(t_eval).reshape(-1))
         return out[0] if scalar else out
+
     return dense_output
 
 
 def methods() -> tuple[str, ...]:
     from ._problem import METHODS
+
     return METHODS
-
-
-

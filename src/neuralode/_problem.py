@@ -15,8 +15,15 @@ import torch
 
 from .solvers.adams import integrate_adams
 from .solvers.control import StepController
-from .solvers.integrate import (RHS, EventGrid, EventLocator, IntegrationResult, block_rms_max, integrate_adaptive,
-                                integrate_fixed)
+from .solvers.integrate import (
+    RHS,
+    EventGrid,
+    EventLocator,
+    IntegrationResult,
+    block_rms_max,
+    integrate_adaptive,
+    integrate_fixed,
+)
 from .solvers.runge_kutta import RungeKutta
 from .solvers.scipy_wrapper import integrate_scipy
 from .solvers.tableaus import TABLEAUS
@@ -30,8 +37,19 @@ METHODS = ADAPTIVE_METHODS + FIXED_RK_METHODS + ADAMS_METHODS + ("scipy_solver",
 
 _COMMON_OPTIONS = {"dtype"}
 _ADAPTIVE_OPTIONS = _COMMON_OPTIONS | {
-    "first_step", "safety", "ifactor", "dfactor", "pcoeff", "icoeff", "min_step", "max_step",
-    "max_num_steps", "step_t", "jump_t", "norm", "event_tol",
+    "first_step",
+    "safety",
+    "ifactor",
+    "dfactor",
+    "pcoeff",
+    "icoeff",
+    "min_step",
+    "max_step",
+    "max_num_steps",
+    "step_t",
+    "jump_t",
+    "norm",
+    "event_tol",
 }
 _FIXED_OPTIONS = _COMMON_OPTIONS | {"step_size", "grid_constructor", "interp", "perturb", "event_tol"}
 _ADAMS_OPTIONS = _FIXED_OPTIONS | {"max_order", "max_iters"}
@@ -80,7 +98,7 @@ class Problem:
         out, i = [], 0
         for s in self.shapes:
             n = math.prod(s)
-            out.append(y[..., i: i + n].view(*lead, *s))
+            out.append(y[..., i : i + n].view(*lead, *s))
             i += n
         return tuple(out)
 
@@ -90,9 +108,13 @@ class Problem:
         return y.reshape(-1)
 
     def rhs(self, func: Callable | None = None) -> RHS:
-        return RHS(self.func if func is None else func, self.shape if self.shapes is None else
-                   torch.Size([self.y0.numel()]), self.y0.dtype, self.y0.device,
-                   unflatten=self.unflatten if self.shapes is not None else None)
+        return RHS(
+            self.func if func is None else func,
+            self.shape if self.shapes is None else torch.Size([self.y0.numel()]),
+            self.y0.dtype,
+            self.y0.device,
+            unflatten=self.unflatten if self.shapes is not None else None,
+        )
 
 
 def _check_t(t: Any) -> tuple[torch.Tensor, list[float]]:
@@ -137,11 +159,14 @@ def _check_y0(y0: Any) -> tuple[torch.Tensor, list | None, torch.Size]:
             if not torch.is_floating_point(yi):
                 raise TypeError(f"`y0[{i}]` must be floating point, got {yi.dtype}")
             if yi.dtype != y0[0].dtype:
-                raise TypeError(f"all entries of the tuple `y0` must share a dtype: y0[0] is {y0[0].dtype}, "
-                                f"y0[{i}] is {yi.dtype}")
+                raise TypeError(
+                    f"all entries of the tuple `y0` must share a dtype: y0[0] is {y0[0].dtype}, y0[{i}] is {yi.dtype}"
+                )
             if yi.device != y0[0].device:
-                raise ValueError(f"all entries of the tuple `y0` must be on one device: y0[0] is on "
-                                 f"{y0[0].device}, y0[{i}] on {yi.device}")
+                raise ValueError(
+                    f"all entries of the tuple `y0` must be on one device: y0[0] is on "
+                    f"{y0[0].device}, y0[{i}] on {yi.device}"
+                )
         shapes = [yi.shape for yi in y0]
         flat = torch.cat([yi.reshape(-1) for yi in y0])
         return flat, shapes, torch.Size([flat.numel()])
@@ -156,8 +181,9 @@ def _check_tol(name: str, tol: Any, y0: torch.Tensor, shapes, shape) -> float | 
     if isinstance(tol, (tuple, list)) and shapes is not None:
         if len(tol) != len(shapes):
             raise ValueError(f"`{name}` has {len(tol)} entries but the tuple `y0` has {len(shapes)}")
-        parts = [torch.as_tensor(x, dtype=y0.dtype, device=y0.device).expand(s).reshape(-1)
-                 for x, s in zip(tol, shapes)]
+        parts = [
+            torch.as_tensor(x, dtype=y0.dtype, device=y0.device).expand(s).reshape(-1) for x, s in zip(tol, shapes)
+        ]
         tol = torch.cat(parts)
     if torch.is_tensor(tol):
         tol = tol.detach().to(device=y0.device, dtype=y0.dtype)
@@ -168,8 +194,9 @@ def _check_tol(name: str, tol: Any, y0: torch.Tensor, shapes, shape) -> float | 
             try:
                 tol = tol.expand(target).reshape(-1).contiguous()
             except RuntimeError as exc:
-                raise ValueError(f"`{name}` of shape {tuple(tol.shape)} does not broadcast to the state's "
-                                 f"shape {tuple(target)}") from exc
+                raise ValueError(
+                    f"`{name}` of shape {tuple(tol.shape)} does not broadcast to the state's shape {tuple(target)}"
+                ) from exc
             if bool((tol < 0).any()) or not bool(torch.isfinite(tol).all()):
                 raise ValueError(f"`{name}` must be finite and non-negative")
             return tol
@@ -182,8 +209,16 @@ def _check_tol(name: str, tol: Any, y0: torch.Tensor, shapes, shape) -> float | 
     return tol
 
 
-def prepare(func: Callable, y0: Any, t: Any, rtol: Any, atol: Any, method: str | None,
-            options: dict | None, event_fn: Callable | None = None) -> Problem:
+def prepare(
+    func: Callable,
+    y0: Any,
+    t: Any,
+    rtol: Any,
+    atol: Any,
+    method: str | None,
+    options: dict | None,
+    event_fn: Callable | None = None,
+) -> Problem:
     if not callable(func):
         raise TypeError(f"`func` must be callable as func(t, y), got {type(func).__name__}")
     flat, shapes, shape = _check_y0(y0)
@@ -194,18 +229,28 @@ def prepare(func: Callable, y0: Any, t: Any, rtol: Any, atol: Any, method: str |
     options = dict(options or {})
     unknown = set(options) - valid_options(method)
     if unknown:
-        raise ValueError(f"unknown option(s) {sorted(unknown)} for method {method!r}; valid options: "
-                         f"{sorted(valid_options(method))}")
+        raise ValueError(
+            f"unknown option(s) {sorted(unknown)} for method {method!r}; valid options: {sorted(valid_options(method))}"
+        )
     if "dtype" in options and options["dtype"] not in (torch.float32, torch.float64):
-        raise ValueError(f"option `dtype` (the dtype of times) must be torch.float32 or torch.float64, "
-                         f"got {options['dtype']!r}")
+        raise ValueError(
+            f"option `dtype` (the dtype of times) must be torch.float32 or torch.float64, got {options['dtype']!r}"
+        )
     rtol_ = _check_tol("rtol", rtol, flat, shapes, shape)
     atol_ = _check_tol("atol", atol, flat, shapes, shape)
-    if isinstance(rtol_, float) and isinstance(atol_, float) and rtol_ == 0 and atol_ == 0 \
-            and method in ADAPTIVE_METHODS:
+    if (
+        isinstance(rtol_, float)
+        and isinstance(atol_, float)
+        and rtol_ == 0
+        and atol_ == 0
+        and method in ADAPTIVE_METHODS
+    ):
         raise ValueError("`rtol` and `atol` are both zero: no step could ever be accepted")
-    t_out = t_list if options.get("dtype", torch.float64) == torch.float64 else \
-        torch.tensor(t_list, dtype=options["dtype"]).double().tolist()
+    t_out = (
+        t_list
+        if options.get("dtype", torch.float64) == torch.float64
+        else torch.tensor(t_list, dtype=options["dtype"]).double().tolist()
+    )
     prob = Problem(func, flat, t, t_out, method, options, rtol_, atol_, shapes, shape, event_fn=event_fn)
     prob.norm = _make_norm(options.get("norm"), prob)
     return prob
@@ -218,13 +263,16 @@ def _make_norm(norm: Any, prob: Problem) -> Callable | None:
         # torchdiffeq's default for tuples: the largest of the entries' RMS norms
         return block_rms_max([math.prod(s) for s in prob.shapes], prob.y0.device)
     if isinstance(norm, str):
-        raise ValueError(f"option `norm` must be a callable here, got the string {norm!r} "
-                         "('seminorm' is an adjoint option: adjoint_options=dict(norm='seminorm'))")
+        raise ValueError(
+            f"option `norm` must be a callable here, got the string {norm!r} "
+            "('seminorm' is an adjoint option: adjoint_options=dict(norm='seminorm'))"
+        )
     if not callable(norm):
         raise TypeError(f"option `norm` must be callable on the (scaled) error, got {type(norm).__name__}")
 
     def user(x: torch.Tensor) -> torch.Tensor:
         return torch.as_tensor(norm(prob.unflatten(x)))
+
     return user
 
 
@@ -245,17 +293,30 @@ def make_grid(prob: Problem, t_out: Sequence[float], opts: dict) -> list[float]:
         g = ctor(prob.func, prob.unflatten(prob.y0), prob.t)
         g = _check_t(g)[1]
         if g[0] != t0 or g[-1] != t1:
-            raise ValueError(f"`grid_constructor` must return a grid from t[0]={t0} to t[-1]={t1}; "
-                             f"got one from {g[0]} to {g[-1]}")
+            raise ValueError(
+                f"`grid_constructor` must return a grid from t[0]={t0} to t[-1]={t1}; got one from {g[0]} to {g[-1]}"
+            )
         return g
     return list(t_out)
 
 
-def run(prob: Problem, rhs: RHS, *, keep_segments: bool = False, callbacks: Any = None,
-        event_t_end: float | None = None, y0: torch.Tensor | None = None,
-        t_out: Sequence[float] | None = None, norm: Callable | None = None,
-        rtol: Any = None, atol: Any = None, method: str | None = None, options: dict | None = None,
-        trace: list | None = None, use_event: bool = True) -> IntegrationResult:
+def run(
+    prob: Problem,
+    rhs: RHS,
+    *,
+    keep_segments: bool = False,
+    callbacks: Any = None,
+    event_t_end: float | None = None,
+    y0: torch.Tensor | None = None,
+    t_out: Sequence[float] | None = None,
+    norm: Callable | None = None,
+    rtol: Any = None,
+    atol: Any = None,
+    method: str | None = None,
+    options: dict | None = None,
+    trace: list | None = None,
+    use_event: bool = True,
+) -> IntegrationResult:
     """Run the solver loop for ``prob`` (pieces may be overridden, as the adjoint's backward solve does)."""
     y0 = prob.y0 if y0 is None else y0
     t_out = prob.t_out if t_out is None else t_out
@@ -269,24 +330,50 @@ def run(prob: Problem, rhs: RHS, *, keep_segments: bool = False, callbacks: Any 
     if prob.event_fn is not None and use_event:
         event = EventLocator(prob.event_fn, rhs, t_out[0], y0, tol=float(opts.get("event_tol", 0.0)))
     if method == "scipy_solver":
-        return integrate_scipy(rhs, y0, t_out, rtol=rtol, atol=atol, solver=opts.get("solver", "LSODA"),
-                               min_step=float(opts.get("min_step", 0.0)),
-                               max_step=float(opts.get("max_step", math.inf)), first_step=opts.get("first_step"))
+        return integrate_scipy(
+            rhs,
+            y0,
+            t_out,
+            rtol=rtol,
+            atol=atol,
+            solver=opts.get("solver", "LSODA"),
+            min_step=float(opts.get("min_step", 0.0)),
+            max_step=float(opts.get("max_step", math.inf)),
+            first_step=opts.get("first_step"),
+        )
     if method in ADAPTIVE_METHODS:
         ctrl = StepController(
             TABLEAUS[method].order,
-            safety=opts.get("safety", 0.9), ifactor=opts.get("ifactor", 10.0), dfactor=opts.get("dfactor", 0.2),
-            pcoeff=opts.get("pcoeff", 0.0), icoeff=opts.get("icoeff", 1.0),
-            min_step=float(opts.get("min_step", 0.0)), max_step=float(opts.get("max_step", math.inf)),
+            safety=opts.get("safety", 0.9),
+            ifactor=opts.get("ifactor", 10.0),
+            dfactor=opts.get("dfactor", 0.2),
+            pcoeff=opts.get("pcoeff", 0.0),
+            icoeff=opts.get("icoeff", 1.0),
+            min_step=float(opts.get("min_step", 0.0)),
+            max_step=float(opts.get("max_step", math.inf)),
         )
         rk = stepper(method, rhs.n, rhs.dtype, rhs.device, "dense")
         max_steps = int(opts.get("max_num_steps", DEFAULT_MAX_NUM_STEPS))
         if max_steps < 1:
             raise ValueError(f"option `max_num_steps` must be a positive integer, got {max_steps}")
         res = integrate_adaptive(
-            rhs, y0, t_out, rk, ctrl, rtol=rtol, atol=atol, norm=norm, first_step=opts.get("first_step"),
-            step_t=_times(opts.get("step_t")), jump_t=_times(opts.get("jump_t")), max_num_steps=max_steps,
-            callbacks=callbacks, keep_segments=keep_segments, event=event, t_end=event_t_end, trace=trace,
+            rhs,
+            y0,
+            t_out,
+            rk,
+            ctrl,
+            rtol=rtol,
+            atol=atol,
+            norm=norm,
+            first_step=opts.get("first_step"),
+            step_t=_times(opts.get("step_t")),
+            jump_t=_times(opts.get("jump_t")),
+            max_num_steps=max_steps,
+            callbacks=callbacks,
+            keep_segments=keep_segments,
+            event=event,
+            t_end=event_t_end,
+            trace=trace,
         )
         res.method = rk
         return res
@@ -299,18 +386,40 @@ def run(prob: Problem, rhs: RHS, *, keep_segments: bool = False, callbacks: Any 
         grid = _event_grid(prob, t_out[0], event_t_end)
     if method in FIXED_RK_METHODS:
         rk = stepper(method, rhs.n, rhs.dtype, rhs.device, interp)
-        res = integrate_fixed(rhs, y0, t_out, rk, grid, perturb=bool(opts.get("perturb", False)),
-                              callbacks=callbacks, keep_segments=keep_segments, event=event, trace=trace)
+        res = integrate_fixed(
+            rhs,
+            y0,
+            t_out,
+            rk,
+            grid,
+            perturb=bool(opts.get("perturb", False)),
+            callbacks=callbacks,
+            keep_segments=keep_segments,
+            event=event,
+            trace=trace,
+        )
         res.method = rk
         return res
     if trace is not None:
         raise NotImplementedError(
             f"gradient='checkpoint' supports the Runge–Kutta methods, not the multistep {method!r}; "
-            "use gradient='backprop' or 'adjoint' with it")
+            "use gradient='backprop' or 'adjoint' with it"
+        )
     return integrate_adams(
-        rhs, y0, t_out, grid, implicit=method != "explicit_adams", max_order=int(opts.get("max_order", 4)),
-        max_iters=int(opts.get("max_iters", 4)), rtol=rtol, atol=atol, interp=interp,
-        perturb=bool(opts.get("perturb", False)), callbacks=callbacks, keep_segments=keep_segments, event=event,
+        rhs,
+        y0,
+        t_out,
+        grid,
+        implicit=method != "explicit_adams",
+        max_order=int(opts.get("max_order", 4)),
+        max_iters=int(opts.get("max_iters", 4)),
+        rtol=rtol,
+        atol=atol,
+        interp=interp,
+        perturb=bool(opts.get("perturb", False)),
+        callbacks=callbacks,
+        keep_segments=keep_segments,
+        event=event,
     )
 
 

@@ -54,15 +54,16 @@ class _AdjointSolve(torch.autograd.Function):
         dtype = ys.dtype
 
         def aug_func(tt: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-            y, a = z[:n], z[n: 2 * n]
+            y, a = z[:n], z[n : 2 * n]
             with torch.enable_grad():
                 y_ = y.detach().requires_grad_(True)
                 f = rhs_plain(tt, y_)
                 vjps = torch.autograd.grad(f, [y_] + wrt, -a, allow_unused=True)
             parts = [f.detach(), vjps[0] if vjps[0] is not None else torch.zeros_like(a)]
             for p, v in zip(wrt, vjps[1:]):
-                parts.append(v.reshape(-1).to(dtype) if v is not None else torch.zeros(p.numel(), dtype=dtype,
-                                                                                       device=z.device))
+                parts.append(
+                    v.reshape(-1).to(dtype) if v is not None else torch.zeros(p.numel(), dtype=dtype, device=z.device)
+                )
             return torch.cat(parts)
 
         aug_prob_rhs = _flat_rhs(aug_func, 2 * n + n_g, dtype, ys.device)
@@ -79,21 +80,31 @@ class _AdjointSolve(torch.autograd.Function):
                     t_grad[i] = torch.dot(rhs_plain.at(t_out[i], ys[i]), grad_ys[i])
             z0 = torch.cat([ys[i], a, g])
             with torch.no_grad():
-                res = run(prob, aug_prob_rhs, y0=z0, t_out=[t_out[i], t_out[i - 1]], rtol=rtol, atol=atol,
-                          norm=norm, method=cfg["method"], options=cfg["options"], callbacks=callbacks,
-                          use_event=False)
+                res = run(
+                    prob,
+                    aug_prob_rhs,
+                    y0=z0,
+                    t_out=[t_out[i], t_out[i - 1]],
+                    rtol=rtol,
+                    atol=atol,
+                    norm=norm,
+                    method=cfg["method"],
+                    options=cfg["options"],
+                    callbacks=callbacks,
+                    use_event=False,
+                )
             raise_on_failure(res, f"in the adjoint's backward solve from t={t_out[i]:.6g} to t={t_out[i - 1]:.6g}: ")
             stats.n_steps_backward += res.n_steps
             stats.n_rejected_backward += res.n_rejected
             z1 = res.ys[-1]
-            a, g = z1[n: 2 * n], z1[2 * n:]
+            a, g = z1[n : 2 * n], z1[2 * n :]
             if i == 1 and t_grad is not None:
                 with torch.no_grad():
                     t_grad[0] = -torch.dot(rhs_plain.at(t_out[0], ys[0]), a)
             a = a + grad_ys[i - 1]
         if m == 1:
             a = grad_ys[0]
-        stats.nfe_backward += aug_prob_rhs.nfe + rhs_plain.nfe
+        stats.nfe_backward += rhs_plain.nfe  # every augmented evaluation calls func once through rhs_plain
         p_grads: list[Any] = []
         offsets = iter(torch.split(g, sizes) if sizes else [])
         for p in params:
@@ -126,9 +137,10 @@ def _aug_norm(norm: Any, prob: Problem, n: int, wrt: Sequence[torch.Tensor], dev
         sizes = [p.numel() for p in wrt]
 
         def user(x: torch.Tensor) -> torch.Tensor:
-            y, a, g = x[:n], x[n: 2 * n], x[2 * n:]
+            y, a, g = x[:n], x[n : 2 * n], x[2 * n :]
             gs = [gi.view_as(p) for gi, p in zip(torch.split(g, sizes), wrt)] if sizes else []
             return torch.as_tensor(norm((prob.unflatten(y), prob.unflatten(a), *gs)))
+
         return user
     raise ValueError(f"adjoint_options['norm'] must be 'seminorm' or a callable, got {norm!r}")
 
@@ -138,8 +150,9 @@ def _adjoint_callbacks(func: Any):
     return types.SimpleNamespace(**found)
 
 
-def adjoint_solve(prob: Problem, y0: torch.Tensor, t: torch.Tensor, params: Sequence[torch.Tensor],
-                  stats: SolveStats, cfg: dict) -> torch.Tensor:
+def adjoint_solve(
+    prob: Problem, y0: torch.Tensor, t: torch.Tensor, params: Sequence[torch.Tensor], stats: SolveStats, cfg: dict
+) -> torch.Tensor:
     """Solve ``prob`` with adjoint gradients. ``cfg`` holds the backward solve's rtol, atol, method,
     options and norm (already defaulted)."""
     cfg["stats"] = stats

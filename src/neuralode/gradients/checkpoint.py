@@ -25,8 +25,7 @@ class _CheckpointSolve(torch.autograd.Function):
         rhs = prob.rhs()
         trace: list = []
         with torch.no_grad():
-            res = run(prob, rhs, y0=y0.detach(), trace=trace, keep_segments=box.get("dense", False),
-                      use_event=False)
+            res = run(prob, rhs, y0=y0.detach(), trace=trace, keep_segments=box.get("dense", False), use_event=False)
         box["result"] = res
         box["nfe"] = rhs.nfe
         ctx.prob, ctx.box, ctx.trace, ctx.method = prob, box, trace, res.method
@@ -81,7 +80,8 @@ class _CheckpointSolve(torch.autograd.Function):
         return (None, None, a, *out_params)
 
 
-def checkpoint_solve(prob: Problem, y0: torch.Tensor, params: Sequence[torch.Tensor], stats: SolveStats,
-                     box: dict) -> torch.Tensor:
+def checkpoint_solve(
+    prob: Problem, y0: torch.Tensor, params: Sequence[torch.Tensor], stats: SolveStats, box: dict
+) -> torch.Tensor:
     box["stats"] = stats
     return _CheckpointSolve.apply(prob, box, y0, *params)

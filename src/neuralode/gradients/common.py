@@ -37,8 +37,12 @@ class SolveStats:
         return dataclasses.asdict(self)
 
 
-def time_gradient_wrapper(t: torch.Tensor, y0: torch.Tensor, f: Callable[[int, torch.Tensor], torch.Tensor],
-                          solve: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+def time_gradient_wrapper(
+    t: torch.Tensor,
+    y0: torch.Tensor,
+    f: Callable[[int, torch.Tensor], torch.Tensor],
+    solve: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
     """Give ``solve`` gradients with respect to every entry of ``t``.
 
     For the exact flow, ∂y(tᵢ)/∂tᵢ = f(tᵢ, y(tᵢ)) and ∂y(tᵢ)/∂t₀ = -Φ(tᵢ, t₀) f(t₀, y₀). Both are produced by

@@ -15,8 +15,16 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .integrate import (RHS, EventLocator, HermiteSegment, IntegrationResult, Outputs, _callbacks, _grid_direction,
-                        finite_rows_result)
+from .integrate import (
+    RHS,
+    EventLocator,
+    HermiteSegment,
+    IntegrationResult,
+    Outputs,
+    _callbacks,
+    _grid_direction,
+    finite_rows_result,
+)
 from .runge_kutta import RungeKutta
 from .tableaus import RK4
 

@@ -79,7 +79,7 @@ class StepController:
             if ratio == 0.0:
                 factor = self.ifactor
             else:
-                factor = self.safety * r ** (-self.beta1) * self.prev_ratio ** self.beta2
+                factor = self.safety * r ** (-self.beta1) * self.prev_ratio**self.beta2
                 factor = min(self.ifactor, max(1.0, factor))
             self.prev_ratio = r
         else:

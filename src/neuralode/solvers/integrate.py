@@ -30,8 +30,14 @@ class RHS:
 
     __slots__ = ("func", "shape", "n", "dtype", "device", "nfe", "_checked", "unflatten", "buffer_shape")
 
-    def __init__(self, func: Callable, shape: torch.Size, dtype: torch.dtype, device: torch.device,
-                 unflatten: Callable[[torch.Tensor], Any] | None = None) -> None:
+    def __init__(
+        self,
+        func: Callable,
+        shape: torch.Size,
+        dtype: torch.dtype,
+        device: torch.device,
+        unflatten: Callable[[torch.Tensor], Any] | None = None,
+    ) -> None:
         self.func = func
         self.shape = shape
         self.n = int(math.prod(shape))
@@ -62,8 +68,13 @@ class RHS:
 
     def _check(self, out):
         self._checked = True
-        if (torch.is_tensor(out) and self.buffer_shape is not None and out.shape == self.shape
-                and out.dtype == self.dtype and out.device == self.device):
+        if (
+            torch.is_tensor(out)
+            and self.buffer_shape is not None
+            and out.shape == self.shape
+            and out.dtype == self.dtype
+            and out.device == self.device
+        ):
             return out
         shaped = self.unflatten(torch.zeros(self.n, dtype=self.dtype, device=self.device))
         if isinstance(shaped, tuple):
@@ -99,8 +110,9 @@ class RHS:
         """Evaluate at a float time; ``perturb=±1`` evaluates just after/before ``t`` (in the state dtype)."""
         tt = torch.scalar_tensor(t, dtype=self.dtype, device=self.device)
         if perturb:
-            tt = torch.nextafter(tt, torch.full((), math.copysign(math.inf, perturb), dtype=self.dtype,
-                                                device=self.device))
+            tt = torch.nextafter(
+                tt, torch.full((), math.copysign(math.inf, perturb), dtype=self.dtype, device=self.device)
+            )
         return self(tt, y)
 
     def time(self, t: float) -> torch.Tensor:
@@ -132,14 +144,21 @@ def block_rms_max(sizes: Sequence[int], device: torch.device) -> Callable[[torch
     def norm(x: torch.Tensor) -> torch.Tensor:
         sq = torch.zeros(len(sizes), dtype=x.dtype, device=x.device).index_add_(0, idx, x[:total] * x[:total])
         return (sq / counts).max().sqrt()
+
     return norm
 
 
 class Outputs:
     """Collects the solution at the requested times (and events, and segments for dense output)."""
 
-    def __init__(self, t_out: Sequence[float], direction: float, y0: torch.Tensor, keep_segments: bool,
-                 event: "EventLocator | None") -> None:
+    def __init__(
+        self,
+        t_out: Sequence[float],
+        direction: float,
+        y0: torch.Tensor,
+        keep_segments: bool,
+        event: "EventLocator | None",
+    ) -> None:
         self.t_out = t_out
         self.direction = direction
         self.next = 1
@@ -165,7 +184,7 @@ class Outputs:
         while j < n and d * (t_out[j] - seg.t1) <= 0:
             j += 1
         if j > self.next:
-            ts = t_out[self.next: j]
+            ts = t_out[self.next : j]
             if ts[-1] == seg.t1:
                 if len(ts) > 1:
                     self.chunks.append(seg(ts[:-1]))
@@ -298,14 +317,17 @@ def integrate_adaptive(
     if t_end == t:
         return IntegrationResult(out.result(), Status.SUCCESS)
 
-    cb_step, cb_accept, cb_reject = _callbacks(callbacks, ("callback_step", "callback_accept_step",
-                                                           "callback_reject_step"))
+    cb_step, cb_accept, cb_reject = _callbacks(
+        callbacks, ("callback_step", "callback_accept_step", "callback_reject_step")
+    )
     fresh = torch.is_grad_enabled() or keep_segments
     S, fsal = method.stages, method.fsal
     inv_sqrt_n = 1.0 / math.sqrt(max(rhs.n, 1))
     if norm is None:
+
         def ratio_of(x: torch.Tensor) -> torch.Tensor:
             return torch.linalg.vector_norm(x)
+
         norm_scale = inv_sqrt_n
     else:
         ratio_of = norm
@@ -325,8 +347,10 @@ def integrate_adaptive(
     f0 = rhs.at(t, y)
     buf.set(0, f0)
     if first_step is None:
+
         def scale_norm(x: torch.Tensor) -> float:
             return float(ratio_of(x)) * norm_scale
+
         with torch.no_grad():
             dt, _ = initial_step(rhs.at, t, y, f0, direction, method.tableau.order, rtol, atol, scale_norm)
     else:
@@ -354,8 +378,10 @@ def integrate_adaptive(
             t_fail = t
             if nonfinite_rejects:
                 status = Status.NONFINITE
-                message = (f"the state became NaN or Inf just after t={t:.10g}: every step from there produced "
-                           "non-finite values (func returned NaN/Inf, or the solution blows up there)")
+                message = (
+                    f"the state became NaN or Inf just after t={t:.10g}: every step from there produced "
+                    "non-finite values (func returned NaN/Inf, or the solution blows up there)"
+                )
                 if t == float(t_out[0]):
                     message += "; check y0 and func(t0, y0) for NaN/Inf"
             else:
@@ -508,8 +534,10 @@ def finite_rows_result(ys: torch.Tensor, t_out: Sequence[float], n_steps: int, s
     if not bool(finite.all()):
         i = int((~finite).nonzero()[0])
         status, t_fail = Status.NONFINITE, float(t_out[max(i - 1, 0)])
-        message = (f"the state became NaN or Inf between t={t_out[max(i - 1, 0)]:.10g} and t={t_out[i]:.10g} "
-                   "(func returned NaN/Inf, the solution blows up, or step_size is too large for stability)")
+        message = (
+            f"the state became NaN or Inf between t={t_out[max(i - 1, 0)]:.10g} and t={t_out[i]:.10g} "
+            "(func returned NaN/Inf, the solution blows up, or step_size is too large for stability)"
+        )
         ys = ys[:i]
     return IntegrationResult(ys, status, message, t_fail, n_steps, 0, segments)
 
@@ -531,23 +559,30 @@ class EventGrid:
 
 def _max_steps_message(max_num_steps: int, t: float, t0: float, t_end: float, n_steps: int, n_rej: int) -> str:
     frac = (t - t0) / (t_end - t0) if t_end != t0 else 1.0
-    msg = (f"max_num_steps={max_num_steps} exceeded at t={t:.10g}, {100 * frac:.3g}% of the way from "
-           f"t0={t0:.6g} to {t_end:.6g} ({n_steps} accepted and {n_rej} rejected steps). Raise "
-           "options['max_num_steps'], loosen rtol/atol, or pass on_failure='return' to solve() to keep the "
-           "partial solution.")
+    msg = (
+        f"max_num_steps={max_num_steps} exceeded at t={t:.10g}, {100 * frac:.3g}% of the way from "
+        f"t0={t0:.6g} to {t_end:.6g} ({n_steps} accepted and {n_rej} rejected steps). Raise "
+        "options['max_num_steps'], loosen rtol/atol, or pass on_failure='return' to solve() to keep the "
+        "partial solution."
+    )
     if n_rej > 0.25 * max(n_steps, 1):
-        msg += (" The many rejected steps suggest the problem is stiff: an explicit method needs tiny steps "
-                "there; an implicit (stiff) method is the right tool.")
+        msg += (
+            " The many rejected steps suggest the problem is stiff: an explicit method needs tiny steps "
+            "there; an implicit (stiff) method is the right tool."
+        )
     return msg
 
 
 def _underflow_message(t: float, dt: float, min_step: float, rtol: Any, atol: Any) -> str:
     def show(x):
         return f"{x:g}" if isinstance(x, float) else "tensor"
+
     if min_step > 0 and abs(dt) < min_step:
         why = f"the step size {abs(dt):.3g} fell below options['min_step']={min_step:g}"
     else:
         why = f"the step size fell to {abs(dt):.3g}, too small to advance t={t:.17g} in floating point"
-    return (f"step size underflow at t={t:.10g}: {why} (rtol={show(rtol)}, atol={show(atol)}). The solution "
-            "may have a singularity there or the problem may be stiff; try looser tolerances, check func "
-            "near that time, or use an implicit (stiff) method.")
+    return (
+        f"step size underflow at t={t:.10g}: {why} (rtol={show(rtol)}, atol={show(atol)}). The solution "
+        "may have a singularity there or the problem may be stiff; try looser tolerances, check func "
+        "near that time, or use an implicit (stiff) method."
+    )

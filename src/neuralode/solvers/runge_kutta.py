@@ -28,8 +28,9 @@ class StageBuffer:
 
     __slots__ = ("K", "prefix_t", "rows", "grad", "rows_shaped", "scratch", "scratch_shaped", "shape")
 
-    def __init__(self, rows: int, n: int, dtype: torch.dtype, device: torch.device,
-                 shape: torch.Size | None = None) -> None:
+    def __init__(
+        self, rows: int, n: int, dtype: torch.dtype, device: torch.device, shape: torch.Size | None = None
+    ) -> None:
         self.K = torch.empty(rows, n, dtype=dtype, device=device)
         self.prefix_t = [self.K[:i].t() for i in range(rows + 1)]
         self.rows = self.K.unbind(0)
@@ -62,8 +63,9 @@ class RungeKutta:
             ``"linear"``: how output between step ends is computed.
     """
 
-    def __init__(self, tableau: ButcherTableau, n: int, dtype: torch.dtype, device: torch.device,
-                 interp: str = "dense") -> None:
+    def __init__(
+        self, tableau: ButcherTableau, n: int, dtype: torch.dtype, device: torch.device, interp: str = "dense"
+    ) -> None:
         self.tableau = tableau
         self.n, self.dtype, self.device = n, dtype, device
         self.stages = tableau.stages
@@ -101,8 +103,9 @@ class RungeKutta:
                 if len(pool) < 4:
                     pool.append(b)
 
-    def step(self, rhs: RHS, t: float, dt: float, y: torch.Tensor, buf: StageBuffer,
-             perturb_last: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def step(
+        self, rhs: RHS, t: float, dt: float, y: torch.Tensor, buf: StageBuffer, perturb_last: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Advance ``y`` from ``t`` by ``dt``; ``buf.rows[0]`` must hold ``f(t, y)``.
 
         Returns:
@@ -150,8 +153,9 @@ class Segment:
 
     __slots__ = ("t0", "t1", "y0", "y1", "K", "method")
 
-    def __init__(self, t0: float, t1: float, y0: torch.Tensor, y1: torch.Tensor, K: torch.Tensor,
-                 method: RungeKutta) -> None:
+    def __init__(
+        self, t0: float, t1: float, y0: torch.Tensor, y1: torch.Tensor, K: torch.Tensor, method: RungeKutta
+    ) -> None:
         self.t0, self.t1, self.y0, self.y1, self.K, self.method = t0, t1, y0, y1, K, method
 
     def __call__(self, ts) -> torch.Tensor:

@@ -16,9 +16,18 @@ from .integrate import RHS, IntegrationResult
 __all__ = ["integrate_scipy"]
 
 
-def integrate_scipy(rhs: RHS, y0: torch.Tensor, t_out: Sequence[float], *, rtol: Any, atol: Any,
-                    solver: str = "LSODA", min_step: float = 0.0, max_step: float = math.inf,
-                    first_step: float | None = None) -> IntegrationResult:
+def integrate_scipy(
+    rhs: RHS,
+    y0: torch.Tensor,
+    t_out: Sequence[float],
+    *,
+    rtol: Any,
+    atol: Any,
+    solver: str = "LSODA",
+    min_step: float = 0.0,
+    max_step: float = math.inf,
+    first_step: float | None = None,
+) -> IntegrationResult:
     try:
         from scipy.integrate import solve_ivp
     except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -30,7 +39,7 @@ def integrate_scipy(rhs: RHS, y0: torch.Tensor, t_out: Sequence[float], *, rtol:
             out = rhs(torch.tensor(t, dtype=dtype, device=device), torch.as_tensor(y, dtype=dtype, device=device))
         return out.detach().cpu().double().numpy()
 
-    as_np = (lambda x: x.detach().cpu().double().numpy() if torch.is_tensor(x) else x)  # noqa: E731
+    as_np = lambda x: x.detach().cpu().double().numpy() if torch.is_tensor(x) else x  # noqa: E731
     kwargs = dict(method=solver, rtol=as_np(rtol), atol=as_np(atol), max_step=max_step, min_step=min_step)
     if first_step is not None:
         kwargs["first_step"] = first_step
@@ -41,6 +50,10 @@ def integrate_scipy(rhs: RHS, y0: torch.Tensor, t_out: Sequence[float], *, rtol:
     sol = solve_ivp(fun, (t_out[0], t_out[-1]), y0.detach().cpu().double().numpy(), t_eval=list(t_out), **kwargs)
     ys = torch.as_tensor(sol.y.T, dtype=dtype, device=device)
     if not sol.success:
-        return IntegrationResult(ys, Status.DT_UNDERFLOW, f"scipy's {solver} failed: {sol.message}",
-                                 float(sol.t[-1]) if len(sol.t) else t_out[0])
+        return IntegrationResult(
+            ys,
+            Status.DT_UNDERFLOW,
+            f"scipy's {solver} failed: {sol.message}",
+            float(sol.t[-1]) if len(sol.t) else t_out[0],
+        )
     return IntegrationResult(ys, Status.SUCCESS)  # nfe is counted by rhs; scipy does not report steps

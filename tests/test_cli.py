@@ -1,0 +1,42 @@
+"""The command line runs end to end on tiny settings and writes its metrics and plots."""
+
+import json
+import os
+
+import pytest
+
+from neuralode.cli import main
+
+
+def test_demo_writes_metrics_and_plots(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--iters", "4", "--no-progress", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["iters"] == 4 and metrics["history"][-1]["nfe_forward"] > 0
+    assert metrics["history"][-1]["nfe_backward"] > 0
+    for name in ("metrics.csv", "loss.png", "trajectory.png"):
+        assert (out / name).stat().st_size > 0
+
+
+def test_demo_training_reduces_the_error(tmp_path):
+    from neuralode.experiments.spiral import train
+
+    m = train(iters=80, eval_every=1, out_dir=str(tmp_path), show_progress=False, data_size=300, t_max=10.0)
+    losses = [h["train_loss"] for h in m["history"]]
+    assert sum(losses[-10:]) < 0.7 * sum(losses[:10]), losses
+
+
+def test_bench_runs_and_writes_json(tmp_path):
+    pytest.importorskip("torchdiffeq")
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--cases", "tiny", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    libs = {r["library"] for r in rows}
+    assert {"neuralode", "torchdiffeq"} <= libs
+    assert all(r["overhead"] > 0 and r["nfe"] > 0 for r in rows)
+    assert os.path.exists(str(out).replace(".json", ".png"))
+
+
+def test_unknown_subcommand_exits_with_usage():
+    with pytest.raises(SystemExit):
+        main(["nonsense"])
