@@ -325,7 +325,7 @@ def _solve_event(
         on_failure,
         dense,
     )
-    ys = prob.flatten(sol.ys) if prob.is_tuple else sol.ys.reshape(2, -1)
+    ys = torch.cat([y.reshape(2, -1) for y in sol.ys], 1) if prob.is_tuple else sol.ys.reshape(2, -1)
     with torch.no_grad():
         g = prob.event_fn(
             torch.tensor(t_ev, dtype=prob.y0.dtype, device=prob.y0.device), prob.unflatten(ys[-1])
