@@ -46,7 +46,7 @@ class BouncingBall(torch.nn.Module):
         state = (self.log_height.exp().reshape(1), torch.zeros(1, dtype=torch.float64))
         e = torch.sigmoid(self.logit_e)
         times = []
-        for i in range(n):
+        for _ in range(n):
             interface = odeint_adjoint if adjoint else odeint
             kwargs = {"adjoint_params": ()} if adjoint else {}
             t0, sol = odeint_event(
