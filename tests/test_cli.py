@@ -14,12 +14,36 @@ def test_demo_writes_metrics_and_plots(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["iters"] == 4 and metrics["history"][-1]["nfe_forward"] > 0
     assert metrics["history"][-1]["nfe_backward"] > 0
-    for name in ("metrics.csv", "loss.png", "trajectory.png"):
+    for name in ("metrics.csv", "loss.png", "trajectories.png", "phase.png"):
         assert (out / name).stat().st_size > 0
 
 
+@pytest.mark.parametrize("system", ["pendulum", "falling", "lotka_volterra"])
+def test_dynamics_cli_runs_each_system_with_irregular_noisy_data(tmp_path, system):
+    out = tmp_path / system
+    argv = [
+        "dynamics",
+        "--system",
+        system,
+        "--hybrid",
+        "--iters",
+        "3",
+        "--data-size",
+        "60",
+        "--noise",
+        "0.01",
+        "--irregular",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
+    assert main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["physical_parameters"]) and (out / "phase.png").exists()
+
+
 def test_demo_training_reduces_the_error(tmp_path):
-    from neuralode.experiments.spiral import train
+    from neuralode.experiments.dynamics import train
 
     m = train(iters=80, eval_every=1, out_dir=str(tmp_path), show_progress=False, data_size=300, t_max=10.0)
     losses = [h["train_loss"] for h in m["history"]]

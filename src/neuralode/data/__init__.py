@@ -1,5 +1,5 @@
-"""Data generated in code (and, later, readers for data that packages ship)."""
+"""Data generated in code (and readers for data that packages ship)."""
 
-from .spirals import cubic_spiral_trajectory
+from .systems import SYSTEMS, System, observe
 
-__all__ = ["cubic_spiral_trajectory"]
+__all__ = ["SYSTEMS", "System", "observe"]
