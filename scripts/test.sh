@@ -2,9 +2,5 @@
 # Install everything into .venv (torch pinned by constraints.txt) and run the whole test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
-FIND_LINKS=()
-[ -d /opt/wheels ] && FIND_LINKS=(--find-links /opt/wheels)
-.venv/bin/python -m pip install -q "${FIND_LINKS[@]}" -c constraints.txt -e ".[experiments,test]"
+bash scripts/install.sh "experiments,test"
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} exec .venv/bin/python -m pytest tests "$@"

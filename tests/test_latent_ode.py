@@ -57,7 +57,7 @@ def test_elbo_improves_over_a_few_iterations(encoder):
         elbo, _ = model.elbo(t, x, mask)
         (-elbo).backward()
         opt.step()
-        values.append(float(elbo))
+        values.append(elbo.item())
     assert sum(values[-5:]) / 5 > sum(values[:5]) / 5
     assert model.last_stats.nfe > 0
 

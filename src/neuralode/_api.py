@@ -470,9 +470,3 @@ def odeint_dense(
         return out[0] if scalar else out
 
     return dense_output
-
-
-def methods() -> tuple[str, ...]:
-    from ._problem import METHODS
-
-    return METHODS

@@ -102,11 +102,6 @@ class Problem:
             i += n
         return tuple(out)
 
-    def flatten(self, y) -> torch.Tensor:
-        if isinstance(y, tuple):
-            return torch.cat([yi.reshape(-1) for yi in y])
-        return y.reshape(-1)
-
     def rhs(self, func: Callable | None = None) -> RHS:
         return RHS(
             self.func if func is None else func,

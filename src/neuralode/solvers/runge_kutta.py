@@ -8,7 +8,6 @@ about three tensor operations per stage besides ``func`` itself. The step return
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import numpy as np
@@ -161,7 +160,3 @@ class Segment:
     def __call__(self, ts) -> torch.Tensor:
         dt = self.t1 - self.t0
         return self.method.interpolate(self.y0, dt, self.K, [(t - self.t0) / dt for t in ts])
-
-
-def nextafter(x: float, toward: float) -> float:
-    return math.nextafter(x, toward)
