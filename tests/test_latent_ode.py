@@ -67,13 +67,13 @@ def test_rnn_baseline_learns_one_step_prediction():
     rnn = RNNBaseline(hidden=32)
     t, x, mask = spirals(batch=32)
     opt = torch.optim.Adam(rnn.parameters(), lr=1e-2)
-    first = float(rnn.loss(t, x, mask))
+    first = rnn.loss(t, x, mask).item()
     for _ in range(40):
         opt.zero_grad()
         loss = rnn.loss(t, x, mask)
         loss.backward()
         opt.step()
-    assert float(loss) < 0.5 * first
+    assert loss.item() < 0.5 * first
     assert rnn.predict(t, x, mask).shape == x.shape
 
 
