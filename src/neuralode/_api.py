@@ -263,18 +263,18 @@ class _EventTime(torch.autograd.Function):
         prob = ctx.prob
         t_event, y_event = ctx.saved_tensors
         with torch.enable_grad():
-            tt = t_event.detach().to(y_event.dtype).requires_grad_(True)
+            tt = t_event.detach().to(device=y_event.device, dtype=y_event.dtype).requires_grad_(True)
             yy = y_event.detach().requires_grad_(True)
             g = prob.event_fn(tt, prob.unflatten(yy)).reshape(-1)[ctx.comp] * ctx.sign
             dg_dt, dg_dy = torch.autograd.grad(g, (tt, yy), allow_unused=True)
-        dg_dt = torch.zeros((), dtype=yy.dtype) if dg_dt is None else dg_dt
+        dg_dt = torch.zeros((), dtype=yy.dtype, device=yy.device) if dg_dt is None else dg_dt
         dg_dy = torch.zeros_like(yy) if dg_dy is None else dg_dy
         with torch.no_grad():
             f = prob.rhs().at(float(t_event), y_event)
             denom = dg_dt + torch.dot(dg_dy, f)
             if grad_y is None:
                 grad_y = torch.zeros_like(y_event)
-            psi = (0 if grad_t is None else grad_t.to(yy.dtype)) + torch.dot(grad_y, f)
+            psi = (0 if grad_t is None else grad_t.to(device=yy.device, dtype=yy.dtype)) + torch.dot(grad_y, f)
             gy = grad_y - psi * dg_dy / denom
         return None, None, None, None, gy
 

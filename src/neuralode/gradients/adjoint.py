@@ -110,7 +110,7 @@ class _AdjointSolve(torch.autograd.Function):
         for p in params:
             p_grads.append(next(offsets).view_as(p).to(p.dtype) if p.requires_grad else None)
         if t_grad is not None:
-            t_grad = t_grad.to(t.dtype)
+            t_grad = t_grad.to(device=t.device, dtype=t.dtype)
             if len(t) > m:
                 t_grad = torch.cat([t_grad, t_grad.new_zeros(len(t) - m)])
         return (None, None, a, t_grad, *p_grads)

@@ -49,7 +49,7 @@ def time_gradient_wrapper(
     autograd from a solve started at ``y0 - δ₀ f(t₀, y₀)`` whose outputs are corrected by ``+ δᵢ f(tᵢ, yᵢ)``,
     where ``δ = t - t.detach()`` is zero in value and one in derivative. The values are untouched.
     """
-    delta = (t - t.detach()).to(y0.dtype)
+    delta = (t - t.detach()).to(device=y0.device, dtype=y0.dtype)  # t may live on the CPU
     f0 = f(0, y0).detach()
     ys = solve(y0 - delta[0] * f0)
     m = ys.shape[0]
