@@ -8,6 +8,7 @@ The public API (everything else is private)::
     sol = neuralode.solve(func, y0, t, method="tsit5", gradient="adjoint")
 """
 
+from . import models, nn  # subpackages: neuralode.nn.ODEBlock, neuralode.models.LatentODE
 from ._api import Solution, odeint, odeint_adjoint, odeint_dense, odeint_event, solve
 from ._errors import MaxStepsError, NonFiniteStateError, SolverError, Status, StepSizeUnderflowError
 from ._problem import METHODS
@@ -16,6 +17,8 @@ from .gradients.common import SolveStats
 __version__ = "0.1.0"
 
 __all__ = [
+    "nn",
+    "models",
     "odeint",
     "odeint_adjoint",
     "odeint_event",

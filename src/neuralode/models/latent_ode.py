@@ -17,7 +17,7 @@ import math
 import torch
 from torch import nn
 
-from .. import solve
+from .._api import solve
 
 __all__ = ["LatentODE", "RNNBaseline", "GRUEncoder", "ODERNNEncoder"]
 

@@ -1,0 +1,74 @@
+"""The ODE block and its layers."""
+
+import pytest
+import torch
+
+import neuralode as node
+from neuralode.nn import ConcatConv2d, ConcatLinear, ConvODEFunc, MLPODEFunc, ODEBlock
+
+
+def test_block_returns_the_solution_at_the_end_time():
+    func = MLPODEFunc(3, 16).double()
+    block = ODEBlock(func, t=(0.0, 0.7), rtol=1e-9, atol=1e-9, gradient="backprop")
+    x = torch.randn(5, 3, dtype=torch.float64)
+    expected = node.odeint(func, x, torch.tensor([0.0, 0.7], dtype=torch.float64), rtol=1e-9, atol=1e-9)[-1]
+    assert torch.allclose(block(x), expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("gradient", ["adjoint", "backprop", "checkpoint"])
+def test_block_records_forward_and_backward_cost(gradient):
+    block = ODEBlock(MLPODEFunc(3, 16), gradient=gradient)
+    out = block(torch.randn(4, 3))
+    assert block.nfe_forward > 0 and block.nfe_backward == 0
+    out.square().sum().backward()
+    assert block.nfe_backward > 0
+    assert all(p.grad is not None for p in block.parameters())
+
+
+def test_gradient_modes_agree_in_the_block():
+    torch.manual_seed(0)
+    func = MLPODEFunc(3, 16).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    grads = {}
+    for mode in ("backprop", "checkpoint", "adjoint"):
+        func.zero_grad()
+        ODEBlock(func, gradient=mode, rtol=1e-8, atol=1e-8)(x).square().sum().backward()
+        grads[mode] = torch.cat([p.grad.reshape(-1) for p in func.parameters()])
+    assert torch.allclose(grads["backprop"], grads["checkpoint"], atol=1e-10)
+    assert torch.allclose(grads["backprop"], grads["adjoint"], atol=1e-6)
+
+
+def test_concat_layers_see_time():
+    conv, lin = ConcatConv2d(2, 4), ConcatLinear(3, 5)
+    x, v = torch.randn(2, 2, 6, 6), torch.randn(7, 3)
+    assert conv(torch.tensor(0.0), x).shape == (2, 4, 6, 6) and lin(torch.tensor(0.0), v).shape == (7, 5)
+    assert not torch.allclose(conv(torch.tensor(0.0), x), conv(torch.tensor(1.0), x))
+    assert not torch.allclose(lin(torch.tensor(0.0), v), lin(torch.tensor(1.0), v))
+
+
+def test_conv_odefunc_preserves_shape_and_has_the_papers_size():
+    func = ConvODEFunc(64)
+    x = torch.randn(2, 64, 7, 7)
+    assert func(torch.tensor(0.5), x).shape == x.shape
+    # two 3×3 convolutions from 65 to 64 channels plus three GroupNorm(64): the ODE-Net's ODE part
+    assert sum(p.numel() for p in func.parameters()) == 2 * (65 * 64 * 9 + 64) + 3 * 128
+
+
+def test_conv_block_trains_one_step():
+    torch.manual_seed(0)
+    block = ODEBlock(ConvODEFunc(8, groups=4), rtol=1e-3, atol=1e-3)
+    head = torch.nn.Linear(8, 2)
+    x = torch.randn(16, 8, 5, 5)
+    y = torch.randint(0, 2, (16,))
+    opt = torch.optim.SGD(list(block.parameters()) + list(head.parameters()), lr=0.5)
+
+    def loss_fn():
+        return torch.nn.functional.cross_entropy(head(block(x).mean((2, 3))), y)
+
+    before = loss_fn().item()
+    for _ in range(3):
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        opt.step()
+    assert loss_fn().item() < before
