@@ -208,7 +208,7 @@ def _solve(
         ys = time_gradient_wrapper(t, prob.y0, f_at, core)
     else:
         ys = core(prob.y0)
-    res = box["result"]
+    res = box.pop("result")  # the solve object must not keep the outputs alive through the graph
     stats.nfe += box["nfe"] + extra_rhs.nfe
     stats.n_steps += res.n_steps
     stats.n_rejected += res.n_rejected

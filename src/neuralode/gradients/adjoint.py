@@ -66,24 +66,42 @@ class _AdjointSolve(torch.autograd.Function):
                 )
             return torch.cat(parts)
 
+        def aug_into(tt: torch.Tensor, z: torch.Tensor, out: torch.Tensor) -> None:
+            y, a = z[:n], z[n : 2 * n]
+            with torch.enable_grad():
+                y_ = y.detach().requires_grad_(True)
+                f = rhs_plain(tt, y_)
+                vjps = torch.autograd.grad(f, [y_] + wrt, -a, allow_unused=True)
+            out[:n].copy_(f.detach())
+            del f
+            if vjps[0] is None:
+                out[n : 2 * n].zero_()
+            else:
+                out[n : 2 * n].copy_(vjps[0])
+            start = 2 * n
+            for p, v in zip(wrt, vjps[1:]):
+                seg = out[start : start + p.numel()]
+                seg.zero_() if v is None else seg.copy_(v.reshape(-1))
+                start += p.numel()
+
         aug_prob_rhs = _flat_rhs(aug_func, 2 * n + n_g, dtype, ys.device)
+        aug_prob_rhs.into = aug_into
         rtol, atol = _aug_tol(cfg["rtol"], n, n_g), _aug_tol(cfg["atol"], n, n_g)
         norm = _aug_norm(cfg["norm"], prob, n, wrt, ys.device)
         callbacks = _adjoint_callbacks(prob.func)
 
-        a = grad_ys[-1].clone()
+        a = grad_ys[-1]  # read only (copied into the augmented state)
         g = torch.zeros(n_g, dtype=dtype, device=ys.device)
         t_grad = torch.zeros(m, dtype=dtype, device=ys.device) if t.requires_grad else None
         for i in range(m - 1, 0, -1):
             if t_grad is not None:
                 with torch.no_grad():
                     t_grad[i] = torch.dot(rhs_plain.at(t_out[i], ys[i]), grad_ys[i])
-            z0 = torch.cat([ys[i], a, g])
             with torch.no_grad():
                 res = run(
                     prob,
                     aug_prob_rhs,
-                    y0=z0,
+                    y0=torch.cat([ys[i], a, g]),
                     t_out=[t_out[i], t_out[i - 1]],
                     rtol=rtol,
                     atol=atol,

@@ -28,7 +28,7 @@ class RHS:
     The first call checks ``func``'s output (shape, dtype, device) and raises a clear error.
     """
 
-    __slots__ = ("func", "shape", "n", "dtype", "device", "nfe", "_checked", "unflatten", "buffer_shape")
+    __slots__ = ("func", "shape", "n", "dtype", "device", "nfe", "_checked", "unflatten", "buffer_shape", "into")
 
     def __init__(
         self,
@@ -47,6 +47,17 @@ class RHS:
         self.unflatten = unflatten if unflatten is not None else (lambda y: y.view(shape))
         #: the state's shape for stage buffers viewed in it (None for tuple states: they go through flat)
         self.buffer_shape = shape if unflatten is None else None
+        #: optional ``into(t, y, out)`` writing f(t, y) straight into ``out`` (internal right-hand sides, such
+        #: as the adjoint's augmented dynamics, use it to skip a state-sized temporary per evaluation)
+        self.into: Callable | None = None
+
+    def shaped_into(self, t: torch.Tensor, y: torch.Tensor, out: torch.Tensor) -> None:
+        """Evaluate on a state in its own shape, writing the result into ``out`` (same shape)."""
+        if self.into is not None:
+            self.nfe += 1
+            self.into(t, y, out)
+        else:
+            out.copy_(self.shaped(t, y))
 
     def shaped(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Evaluate on a state already in its own shape; the output is returned unflattened."""
@@ -135,17 +146,31 @@ class IntegrationResult:
 
 def block_rms_max(sizes: Sequence[int], device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
     """Norm of a flat vector made of blocks: the largest of the blocks' RMS values (torchdiffeq's mixed
-    norm for tuples), vectorised so that its cost does not grow with the number of blocks."""
+    norm for tuples). Small vectors: one vectorised reduction whatever the number of blocks; large ones
+    (where per-element temporaries would cost memory): one norm per block, on views."""
     sizes = [int(s) for s in sizes]
+    total = sum(sizes)
+    if total >= _BLOCKWISE_FROM:
+        bounds, start = [], 0
+        for s in sizes:
+            bounds.append((start, start + s, 1.0 / math.sqrt(max(s, 1))))
+            start += s
+
+        def blockwise(x: torch.Tensor) -> torch.Tensor:
+            return torch.stack([torch.linalg.vector_norm(x[a:b]) * w for a, b, w in bounds]).max()
+
+        return blockwise
     idx = torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device))
     counts = torch.tensor([max(s, 1) for s in sizes], device=device)
-    total = sum(sizes)
 
     def norm(x: torch.Tensor) -> torch.Tensor:
         sq = torch.zeros(len(sizes), dtype=x.dtype, device=x.device).index_add_(0, idx, x[:total] * x[:total])
         return (sq / counts).max().sqrt()
 
     return norm
+
+
+_BLOCKWISE_FROM = 1 << 16
 
 
 class Outputs:
@@ -342,8 +367,9 @@ def integrate_adaptive(
 
     y = y0
     shape = rhs.buffer_shape
+    # without a graph one buffer serves every step: the next step's first row is written over the old one
+    # (FSAL: copied from the last row) once the accepted step's output has been interpolated
     buf = method.new_buffer() if fresh else method.acquire(shape)
-    spare = None if fresh else method.acquire(shape)
     f0 = rhs.at(t, y)
     buf.set(0, f0)
     if first_step is None:
@@ -355,6 +381,7 @@ def integrate_adaptive(
             dt, _ = initial_step(rhs.at, t, y, f0, direction, method.tableau.order, rtol, atol, scale_norm)
     else:
         dt = direction * abs(float(first_step))
+    del f0  # its copy lives in the buffer; a state-sized tensor less for the rest of the solve
     dt = math.copysign(min(abs(dt), ctrl.max_step), direction)
     if ctrl.min_step > 0 and abs(dt) < ctrl.min_step:
         dt = direction * ctrl.min_step
@@ -368,6 +395,9 @@ def integrate_adaptive(
     inv_rtol = 1.0 / rtol if scalar_tol else 1.0
     with torch.no_grad():
         y_abs = y.abs()
+    low_memory = (
+        not fresh and buf.scratch is not None and buf.scratch.shape == y.shape and rhs.n >= _BLOCKWISE_FROM
+    )
     status, message, t_fail = Status.SUCCESS, "", None
     while True:
         if n_steps + n_rej >= max_num_steps:
@@ -395,13 +425,20 @@ def integrate_adaptive(
             cb_step(rhs.time(t), rhs.unflatten(y), rhs.time(dt_try))
         y1, e = method.step(rhs, t, dt_try, y, buf, perturb_last=lands and is_jump)
         with torch.no_grad():
-            y1_abs = y1.abs()
-            scale = torch.maximum(y_abs, y1_abs)
+            if low_memory:
+                # large states: the scale is built in the stage scratch (free between steps) and |y| is
+                # refreshed in place on acceptance, so error control allocates nothing state-sized
+                scale = torch.abs(y1, out=buf.scratch)
+                torch.maximum(scale, y_abs, out=scale)
+            else:
+                y1_abs = y1.abs()
+                scale = torch.maximum(y_abs, y1_abs)
             if scalar_tol:
                 scale.add_(tol_shift)
             else:
                 scale.mul_(rtol).add_(atol)
             ratio = abs(dt_try) * float(ratio_of(e.div_(scale))) * norm_scale * inv_rtol
+        e = scale = None  # consumed: do not hold them through the next step
         if ratio <= 1.0:
             t1 = target if lands else t + dt_try
             n_steps += 1
@@ -431,12 +468,16 @@ def integrate_adaptive(
                 f_next = buf.K[S - 1] if buf.grad else buf.rows[S - 1]
             elif f_next is None:
                 f_next = rhs.at(t1, y1)
-            nb = method.new_buffer() if fresh else spare
-            spare = None if fresh else buf
+            nb = method.new_buffer() if fresh else buf
             nb.set(0, f_next)
-            buf, y, t, y_abs = nb, y1, t1, y1_abs
+            if low_memory:
+                torch.abs(y1, out=y_abs)
+                buf, y, t = nb, y1, t1
+            else:
+                buf, y, t, y_abs = nb, y1, t1, y1_abs
         else:
             n_rej += 1
+            y1 = None  # the rejected state is not needed while the retry runs
             if not math.isfinite(ratio):
                 nonfinite_rejects += 1
                 dt = dt_try * ctrl.dfactor
@@ -446,7 +487,8 @@ def integrate_adaptive(
                 cb_reject(rhs.time(t), rhs.unflatten(y), rhs.time(dt_try))
 
     if not fresh:
-        method.release(buf, spare)
+        method.release(buf)
+    buf = None  # free the stages before the output is assembled
     ys = out.result()
     if status == Status.SUCCESS:  # an accepted state can be Inf while its error estimate is finite
         checked = finite_rows_result(ys, t_out, n_steps, None)
@@ -482,7 +524,6 @@ def integrate_fixed(
     y = y0
     shape = rhs.buffer_shape
     buf = method.new_buffer() if fresh else method.acquire(shape)
-    spare = None if fresh else method.acquire(shape)
     f_next = None
     n_steps = 0
     for t1 in grid:
@@ -511,11 +552,10 @@ def integrate_fixed(
             break
         if fresh:
             buf = method.new_buffer()
-        else:
-            buf, spare = spare, buf
         y, t = y1, t1
     if not fresh:
-        method.release(buf, spare)
+        method.release(buf)
+    buf = None  # free the stages before the output is assembled
     res = finite_rows_result(out.result(), t_out, n_steps, out.segments)
     if event is not None:
         res.event_t, res.event_y = event.t_event, event.y_event
@@ -524,11 +564,22 @@ def integrate_fixed(
     return res
 
 
+def _all_finite(x: torch.Tensor) -> bool:
+    """Whether every entry is finite, by one reduction (NaN and ±Inf reach the min or max) instead of a
+    state-sized boolean temporary."""
+    if x.numel() == 0:
+        return True
+    if x.is_complex():
+        return bool(torch.isfinite(x).all())
+    lo, hi = torch.aminmax(x)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
 def finite_rows_result(ys: torch.Tensor, t_out: Sequence[float], n_steps: int, segments) -> IntegrationResult:
     """Result of a fixed-grid solve, failed with NONFINITE at the first output that is NaN/Inf (the grid
     loops have no error estimate that would notice earlier)."""
     status, message, t_fail = Status.SUCCESS, "", None
-    if bool(torch.isfinite(ys).all()):
+    if _all_finite(ys):
         return IntegrationResult(ys, status, message, t_fail, n_steps, 0, segments)
     finite = torch.isfinite(ys).all(dim=1)
     if not bool(finite.all()):

@@ -20,6 +20,9 @@ __all__ = ["RungeKutta", "StageBuffer", "Segment"]
 RHS = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+POOL_MAX_BYTES = 1 << 20  # buffers up to this size are pooled between solves
+
+
 class StageBuffer:
     """Rows of stage derivatives plus precomputed views: transposed prefixes for ``addmv``, and (for a tensor
     state) the rows and a scratch stage input viewed in the state's own shape, so that a stage costs no
@@ -96,8 +99,10 @@ class RungeKutta:
         return pool.pop() if pool else self.new_buffer(shape)
 
     def release(self, *bufs: StageBuffer) -> None:
+        """Keep small buffers for the next solve (allocation dominates tiny solves); large ones are freed, so
+        that a cache never holds memory that training needs (an ODE-Net's stages are megabytes)."""
         for b in bufs:
-            if b is not None:
+            if b is not None and b.K.numel() * b.K.element_size() <= POOL_MAX_BYTES:
                 pool = self._pool.setdefault(b.shape, [])
                 if len(pool) < 4:
                     pool.append(b)
@@ -122,11 +127,10 @@ class RungeKutta:
             if shaped is not None:  # no graph, tensor state: stage input in scratch, output straight into K
                 if i == S - 1 and self.fsal:
                     yi = torch.addmv(y, pre[i], a[i], alpha=dt)
-                    f = rhs.shaped(ti, yi.view(buf.shape))
+                    rhs.shaped_into(ti, yi.view(buf.shape), shaped[i])
                 else:
                     torch.addmv(y, pre[i], a[i], alpha=dt, out=buf.scratch)
-                    f = rhs.shaped(ti, buf.scratch_shaped)
-                shaped[i].copy_(f)
+                    rhs.shaped_into(ti, buf.scratch_shaped, shaped[i])
             else:
                 yi = torch.addmv(y, pre[i], a[i], alpha=dt)
                 if grad:
