@@ -35,8 +35,10 @@ _IDX_TYPES = {
 _IDX_CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09}
 
 DATASETS = ("digits", "fashion-mnist", "mnist")
-_SPLITS = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-           "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+_SPLITS = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
 
 
 def _open(path: str):
@@ -53,18 +55,22 @@ def read_idx(path: str) -> np.ndarray:
         raise ValueError(f"{path!r} is not an IDX file: it must start with two zero bytes")
     code, ndim = data[2], data[3]
     if code not in _IDX_TYPES:
-        raise ValueError(f"{path!r}: unknown IDX type code 0x{code:02x} (expected one of "
-                         f"{', '.join(f'0x{c:02x}' for c in _IDX_TYPES)})")
+        raise ValueError(
+            f"{path!r}: unknown IDX type code 0x{code:02x} (expected one of "
+            f"{', '.join(f'0x{c:02x}' for c in _IDX_TYPES)})"
+        )
     header = 4 + 4 * ndim
     if len(data) < header:
         raise ValueError(f"{path!r}: truncated IDX header ({ndim} dimensions announced)")
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     dtype = _IDX_TYPES[code]
     count = int(np.prod(shape)) if shape else 1
     expected = header + count * dtype.itemsize
     if len(data) != expected:
-        raise ValueError(f"{path!r}: the header announces shape {shape} ({expected} bytes in all) but the file "
-                         f"holds {len(data)} bytes")
+        raise ValueError(
+            f"{path!r}: the header announces shape {shape} ({expected} bytes in all) but the file "
+            f"holds {len(data)} bytes"
+        )
     return np.frombuffer(data, dtype=dtype, count=count, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
 
@@ -77,7 +83,7 @@ def write_idx(path: str, array: np.ndarray, compress: bool | None = None) -> Non
     payload = head + array.tobytes()
     if compress is None:
         compress = path.endswith(".gz")
-    with (gzip.open(path, "wb") if compress else open(path, "wb")) as fh:
+    with gzip.open(path, "wb") if compress else open(path, "wb") as fh:
         fh.write(payload)
 
 
@@ -121,15 +127,15 @@ def _load_idx_dir(name: str, data_dir: str) -> tuple[np.ndarray, ...]:
             else:
                 out.append(path)
     if missing:
-        raise FileNotFoundError(
-            f"dataset {name!r}: no {', '.join(missing)} in {data_dir!r}; {how}"
-        )
+        raise FileNotFoundError(f"dataset {name!r}: no {', '.join(missing)} in {data_dir!r}; {how}")
     arrays = [read_idx(p) for p in out]
     xtr, ytr, xte, yte = arrays
     for x, y, split in ((xtr, ytr, "train"), (xte, yte, "test")):
         if x.ndim != 3 or y.ndim != 1 or x.shape[0] != y.shape[0]:
-            raise ValueError(f"dataset {name!r} in {data_dir!r}: {split} images {x.shape} and labels {y.shape} "
-                             "do not match (expected (n, H, W) and (n,))")
+            raise ValueError(
+                f"dataset {name!r} in {data_dir!r}: {split} images {x.shape} and labels {y.shape} "
+                "do not match (expected (n, H, W) and (n,))"
+            )
     return xtr, ytr, xte, yte
 
 
@@ -137,7 +143,9 @@ def _digits() -> tuple[np.ndarray, ...]:
     try:
         from sklearn.datasets import load_digits
     except ImportError as exc:  # pragma: no cover - the experiments extra installs it
-        raise ImportError("the built-in 'digits' dataset needs scikit-learn: pip install 'neuralode[experiments]'") from exc
+        raise ImportError(
+            "the built-in 'digits' dataset needs scikit-learn: pip install 'neuralode[experiments]'"
+        ) from exc
     d = load_digits()
     x = (d.images * (255.0 / 16.0)).round().astype(np.uint8)
     y = d.target.astype(np.int64)
@@ -161,9 +169,11 @@ def load_images(
     else:
         if data_dir is None:
             if name == "mnist":
-                raise FileNotFoundError("dataset 'mnist' needs --data-dir naming a folder with the four MNIST IDX "
-                                        "files (train-images-idx3-ubyte, train-labels-idx1-ubyte, "
-                                        "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte; raw or .gz)")
+                raise FileNotFoundError(
+                    "dataset 'mnist' needs --data-dir naming a folder with the four MNIST IDX "
+                    "files (train-images-idx3-ubyte, train-labels-idx1-ubyte, "
+                    "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte; raw or .gz)"
+                )
             data_dir = FASHION_MNIST_DIR
         xtr, ytr, xte, yte = _load_idx_dir(name, data_dir)
     if limit_train is not None:

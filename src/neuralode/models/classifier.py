@@ -2,7 +2,8 @@
 
 - ``ODENet``: a single ODE block with the GroupNorm dynamics of ``ConvODEFunc`` (adjoint gradients by default);
 - ``ResNet``: six residual blocks (pre-activation: GroupNorm → ReLU → conv, twice);
-- ``RKNet``: the ODE-Net's dynamics integrated on a fixed grid by an RK method, differentiated by backprop.
+- ``RKNet``: the ODE-Net's dynamics integrated on a fixed grid by an RK method, differentiated by backprop;
+- ``DEQNet``: one deep-equilibrium block (``models.deq``) with implicit gradients.
 
 With 64 channels the paper's architecture gives about 0.21M parameters for the ODE-Net and RK-Net and 0.58M for
 the ResNet (``count_parameters``).
@@ -15,8 +16,17 @@ from torch import nn
 
 from ..nn import ConvODEFunc, ODEBlock
 
-__all__ = ["Stem", "Head", "ResBlock", "ODENet", "ResNet", "RKNet", "build_classifier", "count_parameters",
-           "CLASSIFIERS"]
+__all__ = [
+    "Stem",
+    "Head",
+    "ResBlock",
+    "ODENet",
+    "ResNet",
+    "RKNet",
+    "build_classifier",
+    "count_parameters",
+    "CLASSIFIERS",
+]
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -95,8 +105,7 @@ class ODENet(_Classifier):
         gradient: str = "adjoint",
         options: dict | None = None,
     ) -> None:
-        block = ODEBlock(ConvODEFunc(channels), method=method, rtol=rtol, atol=atol, gradient=gradient,
-                         options=options)
+        block = ODEBlock(ConvODEFunc(channels), method=method, rtol=rtol, atol=atol, gradient=gradient, options=options)
         super().__init__(block, in_channels, channels, classes)
 
 
@@ -116,8 +125,7 @@ class RKNet(_Classifier):
     ) -> None:
         if steps < 1:
             raise ValueError(f"steps={steps} must be at least 1")
-        block = ODEBlock(ConvODEFunc(channels), method=method, options={"step_size": 1.0 / steps},
-                         gradient=gradient)
+        block = ODEBlock(ConvODEFunc(channels), method=method, options={"step_size": 1.0 / steps}, gradient=gradient)
         super().__init__(block, in_channels, channels, classes)
 
 
@@ -128,7 +136,14 @@ class ResNet(_Classifier):
         super().__init__(nn.Sequential(*(ResBlock(channels) for _ in range(blocks))), in_channels, channels, classes)
 
 
-CLASSIFIERS = {"odenet": ODENet, "resnet": ResNet, "rknet": RKNet}
+def DEQNet(*args, **kwargs) -> nn.Module:  # noqa: N802 - a constructor, imported lazily (deq imports Stem/Head)
+    """Stem → one deep-equilibrium block (``models.deq``) → head."""
+    from .deq import DEQNet as _DEQNet
+
+    return _DEQNet(*args, **kwargs)
+
+
+CLASSIFIERS = {"odenet": ODENet, "resnet": ResNet, "rknet": RKNet, "deq": DEQNet}
 
 
 def build_classifier(kind: str, in_channels: int = 1, classes: int = 10, channels: int = 64, **kwargs) -> nn.Module:

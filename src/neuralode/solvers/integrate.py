@@ -395,9 +395,7 @@ def integrate_adaptive(
     inv_rtol = 1.0 / rtol if scalar_tol else 1.0
     with torch.no_grad():
         y_abs = y.abs()
-    low_memory = (
-        not fresh and buf.scratch is not None and buf.scratch.shape == y.shape and rhs.n >= _BLOCKWISE_FROM
-    )
+    low_memory = not fresh and buf.scratch is not None and buf.scratch.shape == y.shape and rhs.n >= _BLOCKWISE_FROM
     status, message, t_fail = Status.SUCCESS, "", None
     while True:
         if n_steps + n_rej >= max_num_steps:
