@@ -14,12 +14,13 @@ The seminorm (Kidger, Chen & Lyons 2021, "Hey, that's not an ODE") measures the 
 
 from __future__ import annotations
 
+import dataclasses
 import types
 from typing import Any, Callable, Sequence
 
 import torch
 
-from .._problem import Problem, run
+from .._problem import Problem, run, valid_options
 from ..solvers.integrate import block_rms_max
 from .common import SolveStats, raise_on_failure
 
@@ -35,8 +36,12 @@ class _AdjointSolve(torch.autograd.Function):
         with torch.no_grad():
             res = run(prob, rhs, y0=y0.detach(), keep_segments=cfg.get("dense", False), use_event=False)
         cfg["result"] = res
+        cfg["result_next_step"] = res.next_step
         cfg["nfe"] = rhs.nfe
-        ctx.prob, ctx.cfg = prob, cfg
+        # the backward pass needs the problem's settings, not its initial state: keep a stand-in of the same
+        # shape, dtype and device (one element of memory) so that the graph does not hold y0 alive
+        ctx.prob = dataclasses.replace(prob, y0=prob.y0.new_zeros(()).expand(prob.y0.shape))
+        ctx.cfg = cfg
         ctx.save_for_backward(res.ys, t, *params)
         return res.ys
 
@@ -71,7 +76,7 @@ class _AdjointSolve(torch.autograd.Function):
             with torch.enable_grad():
                 y_ = y.detach().requires_grad_(True)
                 f = rhs_plain(tt, y_)
-                vjps = torch.autograd.grad(f, [y_] + wrt, -a, allow_unused=True)
+                vjps = torch.autograd.grad(f, [y_] + wrt, a, allow_unused=True)  # negated below, in place
             out[:n].copy_(f.detach())
             del f
             if vjps[0] is None:
@@ -83,6 +88,7 @@ class _AdjointSolve(torch.autograd.Function):
                 seg = out[start : start + p.numel()]
                 seg.zero_() if v is None else seg.copy_(v.reshape(-1))
                 start += p.numel()
+            out[n:].neg_()  # d a/dt = -a ∂f/∂y, d g/dt = -a ∂f/∂θ
 
         aug_prob_rhs = _flat_rhs(aug_func, 2 * n + n_g, dtype, ys.device)
         aug_prob_rhs.into = aug_into
@@ -91,6 +97,13 @@ class _AdjointSolve(torch.autograd.Function):
         callbacks = _adjoint_callbacks(prob.func)
 
         a = grad_ys[-1]  # read only (copied into the augmented state)
+        # first step of each backward segment: the step size the solver was taking where that segment starts
+        # (the forward's last proposal, then each backward segment's), instead of the initial-step heuristic
+        # and its extra evaluation
+        options = dict(cfg["options"])
+        adaptive = "first_step" in valid_options(cfg["method"]) and "step_size" not in options
+        carry_step = adaptive and options.get("first_step") is None
+        h = cfg["result_next_step"] if carry_step else None
         g = torch.zeros(n_g, dtype=dtype, device=ys.device)
         t_grad = torch.zeros(m, dtype=dtype, device=ys.device) if t.requires_grad else None
         for i in range(m - 1, 0, -1):
@@ -107,19 +120,24 @@ class _AdjointSolve(torch.autograd.Function):
                     atol=atol,
                     norm=norm,
                     method=cfg["method"],
-                    options=cfg["options"],
+                    options=options if h is None else {**options, "first_step": abs(h)},
                     callbacks=callbacks,
                     use_event=False,
                 )
             raise_on_failure(res, f"in the adjoint's backward solve from t={t_out[i]:.6g} to t={t_out[i - 1]:.6g}: ")
             stats.n_steps_backward += res.n_steps
             stats.n_rejected_backward += res.n_rejected
+            if carry_step and res.next_step is not None:
+                h = res.next_step
             z1 = res.ys[-1]
-            a, g = z1[n : 2 * n], z1[2 * n :]
+            # copies, not views: a view would keep the whole augmented output (the state part included)
+            # alive for as long as the caller holds the gradients
+            a, g = z1[n : 2 * n].clone(), z1[2 * n :].clone()
+            del z1, res
             if i == 1 and t_grad is not None:
                 with torch.no_grad():
                     t_grad[0] = -torch.dot(rhs_plain.at(t_out[0], ys[0]), a)
-            a = a + grad_ys[i - 1]
+            a.add_(grad_ys[i - 1])  # a is this function's own copy
         if m == 1:
             a = grad_ys[0]
         stats.nfe_backward += rhs_plain.nfe  # every augmented evaluation calls func once through rhs_plain

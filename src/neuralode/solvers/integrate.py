@@ -142,6 +142,7 @@ class IntegrationResult:
     event_t: float | None = None
     event_y: torch.Tensor | None = None
     method: Any = None  # the bound stepper (RungeKutta) that produced this result
+    next_step: float | None = None  # adaptive: the controller's proposal after the last accepted step
 
 
 def block_rms_max(sizes: Sequence[int], device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -493,6 +494,7 @@ def integrate_adaptive(
         if checked.status != Status.SUCCESS:
             status, message, t_fail, ys = checked.status, checked.message, checked.t_fail, checked.ys
     res = IntegrationResult(ys, status, message, t_fail, n_steps, n_rej, out.segments)
+    res.next_step = dt
     if event is not None:
         res.event_t, res.event_y = event.t_event, event.y_event
     return res
