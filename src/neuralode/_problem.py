@@ -24,6 +24,7 @@ from .solvers.integrate import (
     integrate_adaptive,
     integrate_fixed,
 )
+from .solvers.implicit import IMPLICIT_TABLEAUS, ImplicitRK
 from .solvers.runge_kutta import RungeKutta
 from .solvers.scipy_wrapper import integrate_scipy
 from .solvers.tableaus import TABLEAUS
@@ -33,7 +34,8 @@ __all__ = ["Problem", "prepare", "run", "METHODS"]
 ADAPTIVE_METHODS = ("dopri5", "tsit5", "bosh3", "fehlberg2", "adaptive_heun", "dopri8")
 FIXED_RK_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4")
 ADAMS_METHODS = ("explicit_adams", "implicit_adams", "fixed_adams")
-METHODS = ADAPTIVE_METHODS + FIXED_RK_METHODS + ADAMS_METHODS + ("scipy_solver",)
+IMPLICIT_FIXED_METHODS = tuple(IMPLICIT_TABLEAUS)
+METHODS = ADAPTIVE_METHODS + FIXED_RK_METHODS + IMPLICIT_FIXED_METHODS + ADAMS_METHODS + ("scipy_solver",)
 
 _COMMON_OPTIONS = {"dtype"}
 _ADAPTIVE_OPTIONS = _COMMON_OPTIONS | {
@@ -53,6 +55,7 @@ _ADAPTIVE_OPTIONS = _COMMON_OPTIONS | {
 }
 _FIXED_OPTIONS = _COMMON_OPTIONS | {"step_size", "grid_constructor", "interp", "perturb", "event_tol"}
 _ADAMS_OPTIONS = _FIXED_OPTIONS | {"max_order", "max_iters"}
+_IMPLICIT_OPTIONS = _FIXED_OPTIONS | {"jacobian", "newton_tol", "max_iters"}
 _SCIPY_OPTIONS = _COMMON_OPTIONS | {"solver", "min_step", "max_step", "first_step"}
 
 #: default cap on attempted steps of an adaptive solve (torchdiffeq's is 2**31 - 1, which can hang)
@@ -66,6 +69,8 @@ def valid_options(method: str) -> set[str]:
         return _FIXED_OPTIONS
     if method in ADAMS_METHODS:
         return _ADAMS_OPTIONS
+    if method in IMPLICIT_FIXED_METHODS:
+        return _IMPLICIT_OPTIONS
     return _SCIPY_OPTIONS
 
 
@@ -379,6 +384,22 @@ def run(
         grid = make_grid(prob, t_out, opts)
     else:
         grid = _event_grid(prob, t_out[0], event_t_end)
+    if method in IMPLICIT_FIXED_METHODS:
+        rk = _implicit_stepper(method, rhs, interp, opts)
+        res = integrate_fixed(
+            rhs,
+            y0,
+            t_out,
+            rk,
+            grid,
+            perturb=bool(opts.get("perturb", False)),
+            callbacks=callbacks,
+            keep_segments=keep_segments,
+            event=event,
+            trace=trace,
+        )
+        res.method = rk
+        return res
     if method in FIXED_RK_METHODS:
         rk = stepper(method, rhs.n, rhs.dtype, rhs.device, interp)
         res = integrate_fixed(
@@ -430,6 +451,35 @@ def stepper(method: str, n: int, dtype: torch.dtype, device: torch.device, inter
             _STEPPERS.clear()
         rk = _STEPPERS[key] = RungeKutta(TABLEAUS[method], n, dtype, device, interp=interp)
     return rk
+
+
+def _implicit_stepper(method: str, rhs: RHS, interp: str, opts: dict) -> ImplicitRK:
+    """An implicit stepper; the Jacobian is per sample (``jacobian="batched"``, the default for a tensor state
+    of two or more dimensions: dimension 0 holds independent systems) or of the whole state (``"dense"``)."""
+    shape = rhs.buffer_shape
+    default = "batched" if shape is not None and len(shape) >= 2 else "dense"
+    kind = opts.get("jacobian", default)
+    if kind not in ("batched", "dense"):
+        raise ValueError(f"option `jacobian` must be 'batched' or 'dense', got {kind!r}")
+    if kind == "batched" and (shape is None or len(shape) < 2):
+        raise ValueError(
+            "option jacobian='batched' needs a tensor state of shape (batch, ...): dimension 0 "
+            "holds independent systems; use jacobian='dense' otherwise"
+        )
+    batch = shape[0] if kind == "batched" else 1
+    max_iters = int(opts.get("max_iters", 10))
+    if max_iters < 1:
+        raise ValueError(f"option `max_iters` must be a positive integer, got {max_iters}")
+    return ImplicitRK(
+        IMPLICIT_TABLEAUS[method],
+        rhs.n,
+        rhs.dtype,
+        rhs.device,
+        interp,
+        batch=batch,
+        newton_tol=opts.get("newton_tol"),
+        max_iters=max_iters,
+    )
 
 
 def _event_grid(prob: Problem, t0: float, t_end: float) -> EventGrid:

@@ -60,11 +60,14 @@ class _AdjointSolve(torch.autograd.Function):
 
         def aug_func(tt: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
             y, a = z[:n], z[n : 2 * n]
+            # an implicit method differentiates the augmented dynamics itself (its Newton Jacobian): then the
+            # vector-Jacobian products are built on the graph (second derivatives of func)
+            graph = z.requires_grad
             with torch.enable_grad():
-                y_ = y.detach().requires_grad_(True)
+                y_ = y if graph else y.detach().requires_grad_(True)
                 f = rhs_plain(tt, y_)
-                vjps = torch.autograd.grad(f, [y_] + wrt, -a, allow_unused=True)
-            parts = [f.detach(), vjps[0] if vjps[0] is not None else torch.zeros_like(a)]
+                vjps = torch.autograd.grad(f, [y_] + wrt, -a, allow_unused=True, create_graph=graph)
+            parts = [f if graph else f.detach(), vjps[0] if vjps[0] is not None else torch.zeros_like(a)]
             for p, v in zip(wrt, vjps[1:]):
                 parts.append(
                     v.reshape(-1).to(dtype) if v is not None else torch.zeros(p.numel(), dtype=dtype, device=z.device)

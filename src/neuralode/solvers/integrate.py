@@ -616,10 +616,11 @@ def _max_steps_message(max_num_steps: int, t: float, t0: float, t_end: float, n_
         "options['max_num_steps'], loosen rtol/atol, or pass on_failure='return' to solve() to keep the "
         "partial solution."
     )
-    if n_rej > 0.25 * max(n_steps, 1):
+    if n_rej > 0.1 * max(n_steps, 1):  # stability-limited stepping rejects often (about 1 in 4 here)
         msg += (
             " The many rejected steps suggest the problem is stiff: an explicit method needs tiny steps "
-            "there; an implicit (stiff) method is the right tool."
+            "there; an implicit method is the right tool (method='radauIIA5', 'trbdf2' or 'implicit_euler' "
+            "with options={'step_size': ...})."
         )
     return msg
 
@@ -635,5 +636,6 @@ def _underflow_message(t: float, dt: float, min_step: float, rtol: Any, atol: An
     return (
         f"step size underflow at t={t:.10g}: {why} (rtol={show(rtol)}, atol={show(atol)}). The solution "
         "may have a singularity there or the problem may be stiff; try looser tolerances, check func "
-        "near that time, or use an implicit (stiff) method."
+        "near that time, or use an implicit method for stiff problems (method='radauIIA5', 'trbdf2' or "
+        "'implicit_euler' with options={'step_size': ...})."
     )

@@ -1,0 +1,137 @@
+"""Implicit methods for stiff problems (issue: stiff solvers) — the fixed-grid methods so far: observed
+orders, stability where explicit methods fail, exact gradients in every mode, the stiffness hint."""
+
+import math
+
+import pytest
+import torch
+
+import neuralode as node
+from neuralode.solvers.implicit import IMPLICIT_TABLEAUS, NewtonError
+
+METHODS = sorted(IMPLICIT_TABLEAUS)
+
+
+def _linear(lam):
+    # y' = λ (y − cos t) − sin t, exact y = cos t + (y0 − 1) e^{λ t}
+    def f(t, y):
+        return lam * (y - torch.cos(t)) - torch.sin(t)
+
+    def exact(t, y0):
+        return math.cos(t) + (y0 - 1) * math.exp(lam * t)
+
+    return f, exact
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_observed_order_matches_theory(method):
+    f, exact = _linear(-2.0)
+    y0 = torch.tensor([[2.0], [0.5]], dtype=torch.float64)
+    order = IMPLICIT_TABLEAUS[method].order
+    hs = [0.4, 0.2, 0.1] if order >= 5 else [0.2, 0.1, 0.05]
+    errs = []
+    for h in hs:
+        ys = node.odeint(f, y0, torch.tensor([0.0, 2.0], dtype=torch.float64), method=method, options={"step_size": h})
+        errs.append(float((ys[-1] - exact(2.0, y0)).abs().max()))
+    observed = math.log2(errs[-2] / errs[-1])
+    assert abs(observed - order) <= 0.3, (method, errs, observed)
+
+
+@pytest.mark.parametrize("method", ["implicit_euler", "radauIIA5", "trbdf2", "sdirk2"])
+def test_l_stable_methods_take_steps_explicit_methods_cannot(method):
+    f, exact = _linear(-1000.0)
+    y0 = torch.tensor([[2.0]], dtype=torch.float64)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    try:  # h·λ = −50 is far outside rk4's stability region: the solution explodes
+        blown = node.odeint(f, y0, t, method="rk4", options={"step_size": 0.05})
+        assert abs(float(blown[-1, 0, 0])) > 1e6
+    except node.NonFiniteStateError:
+        pass
+    ys = node.odeint(f, y0, t, method=method, options={"step_size": 0.05})
+    assert abs(float(ys[-1, 0, 0]) - exact(1.0, 2.0)) < 1e-3
+
+
+class _Mild(torch.nn.Module):
+    """A mildly stiff nonlinear system with three parameters (rates 1 and 10)."""
+
+    def __init__(self):
+        super().__init__()
+        self.k = torch.nn.Parameter(torch.tensor([1.0, 10.0, 0.3], dtype=torch.float64))
+
+    def forward(self, t, y):
+        a, b, c = self.k
+        return torch.stack([-a * y[:, 0] + c * y[:, 1] ** 2, -b * (y[:, 1] - torch.sin(y[:, 0]))], 1)
+
+
+@pytest.mark.parametrize("method,adjoint_tol", [("radauIIA5", 1e-4), ("gl6", 1e-6), ("trbdf2", 3e-3)])
+def test_gradients_in_every_mode_against_finite_differences(method, adjoint_tol):
+    func = _Mild()
+    y0 = torch.tensor([[1.0, 0.0], [0.5, 1.0]], dtype=torch.float64)
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+
+    def loss(gradient):
+        sol = node.solve(
+            func, y0, t, method=method, options={"step_size": 0.05}, gradient=gradient, params=list(func.parameters())
+        )
+        return (sol.ys**2).sum() + sol.ys[-1, 0, 0]
+
+    grads = {}
+    for mode in ("backprop", "checkpoint", "adjoint"):
+        func.zero_grad()
+        loss(mode).backward()
+        grads[mode] = func.k.grad.clone()
+    fd = torch.zeros(3, dtype=torch.float64)
+    eps = 1e-6
+    with torch.no_grad():
+        for i in range(3):
+            func.k[i] += eps
+            lp = float(loss("backprop"))
+            func.k[i] -= 2 * eps
+            lm = float(loss("backprop"))
+            func.k[i] += eps
+            fd[i] = (lp - lm) / (2 * eps)
+    # backprop and checkpoint: the exact derivative of the discrete solve
+    torch.testing.assert_close(grads["backprop"], fd, rtol=1e-7, atol=1e-8)
+    torch.testing.assert_close(grads["checkpoint"], fd, rtol=1e-7, atol=1e-8)
+    # the adjoint: the continuous adjoint solved by the same method, within its discretisation error
+    assert float((grads["adjoint"] - fd).abs().max()) < adjoint_tol
+
+
+def _robertson(t, y):
+    y1, y2, y3 = y[..., 0], y[..., 1], y[..., 2]
+    return torch.stack([-0.04 * y1 + 1e4 * y2 * y3, 0.04 * y1 - 1e4 * y2 * y3 - 3e7 * y2**2, 3e7 * y2**2], -1)
+
+
+def test_explicit_failure_on_a_stiff_problem_names_the_implicit_methods():
+    y0 = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    with pytest.raises(node.MaxStepsError, match="stiff.*radauIIA5"):
+        node.odeint(
+            _robertson,
+            y0,
+            torch.tensor([0.0, 100.0], dtype=torch.float64),
+            rtol=1e-6,
+            atol=1e-10,
+            options={"max_num_steps": 3000},
+        )
+
+
+def test_newton_failure_and_bad_options_are_clear_errors():
+    y0 = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    with pytest.raises(NewtonError, match="did not converge in 1 iterations"):
+        node.odeint(_robertson, y0, t, method="radauIIA5", options={"step_size": 0.5, "max_iters": 1})
+    with pytest.raises(ValueError, match="jacobian='batched' needs a tensor state of shape"):
+        node.odeint(_robertson, y0, t, method="radauIIA5", options={"step_size": 0.5, "jacobian": "batched"})
+    with pytest.raises(ValueError, match="unknown option|valid"):
+        node.odeint(_robertson, y0, t, method="radauIIA5", options={"step_size": 0.5, "bogus": 1})
+
+
+def test_batched_and_dense_jacobians_give_the_same_solution():
+    g = torch.Generator().manual_seed(0)
+    y1 = 0.5 + 0.5 * torch.rand(4, generator=g, dtype=torch.float64)
+    y0 = torch.stack([y1, torch.zeros_like(y1), 1 - y1], 1)
+    t = torch.tensor([0.0, 1e-3], dtype=torch.float64)
+    a = node.odeint(_robertson, y0, t, method="radauIIA5", options={"step_size": 1e-4})
+    b = node.odeint(_robertson, y0, t, method="radauIIA5", options={"step_size": 1e-4, "jacobian": "dense"})
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert float((a[-1].sum(1) - 1).abs().max()) < 1e-12  # Robertson conserves y1 + y2 + y3
