@@ -15,6 +15,7 @@ import torch
 
 from .solvers.adams import integrate_adams
 from .solvers.control import StepController
+from .solvers.implicit import IMPLICIT_TABLEAUS, ImplicitRK
 from .solvers.integrate import (
     RHS,
     EventGrid,
@@ -24,7 +25,6 @@ from .solvers.integrate import (
     integrate_adaptive,
     integrate_fixed,
 )
-from .solvers.implicit import IMPLICIT_TABLEAUS, ImplicitRK
 from .solvers.runge_kutta import RungeKutta
 from .solvers.scipy_wrapper import integrate_scipy
 from .solvers.tableaus import TABLEAUS

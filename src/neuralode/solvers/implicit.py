@@ -256,7 +256,7 @@ class ImplicitRK:
             Z = torch.zeros(self.s, self.n, dtype=self.dtype, device=self.device)
             scale = self.newton_tol * (1.0 + float(y_.abs().max()))
             prev = math.inf
-            for it in range(self.max_iters):
+            for _ in range(self.max_iters):
                 F = self._stage_values(rhs, t, dt, y_, Z, perturb_last)
                 G = Z - dt * (self.A @ F)
                 dZ = self._solve(lu, -G)
