@@ -175,7 +175,7 @@ def test_jacobian_regulariser_estimates_the_frobenius_norm():
         block(x)
         draws.append(float(block.extra_loss.detach()))
     draws = torch.tensor(draws)
-    exact = float((0.3 * lin.weight).pow(2).sum()) / n  # ‖J‖²_F / dim, the same for every sample
+    exact = float((0.3 * lin.weight.detach()).pow(2).sum()) / n  # ‖J‖²_F / dim, the same for every sample
     se = float(draws.std()) / math.sqrt(len(draws))
     assert abs(float(draws.mean()) - exact) < 3 * se + 1e-12
     block(x)

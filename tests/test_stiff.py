@@ -135,3 +135,71 @@ def test_batched_and_dense_jacobians_give_the_same_solution():
     b = node.odeint(_robertson, y0, t, method="radauIIA5", options={"step_size": 1e-4, "jacobian": "dense"})
     torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     assert float((a[-1].sum(1) - 1).abs().max()) < 1e-12  # Robertson conserves y1 + y2 + y3
+
+
+# ------------------------------------------------------------------------------ adaptive: rosenbrock23
+
+
+def test_rosenbrock23_solves_a_batch_of_robertson_problems_against_scipy_radau():
+    scipy_integrate = pytest.importorskip("scipy.integrate")
+    import numpy as np
+
+    rates = torch.tensor([[0.04, 1e4, 3e7], [0.08, 2e4, 1e7], [0.02, 5e3, 5e7]], dtype=torch.float64)
+
+    def batch_rob(t, y):
+        k1, k2, k3 = rates[:, 0], rates[:, 1], rates[:, 2]
+        y1, y2, y3 = y[:, 0], y[:, 1], y[:, 2]
+        return torch.stack([-k1 * y1 + k2 * y2 * y3, k1 * y1 - k2 * y2 * y3 - k3 * y2**2, k3 * y2**2], 1)
+
+    y0 = torch.tensor([[1.0, 0.0, 0.0]] * 3, dtype=torch.float64)
+    t = torch.tensor([0.0, 1e-2, 1.0, 100.0, 1e4, 1e5], dtype=torch.float64)
+    rtol, atol = 1e-6, 1e-10
+    with torch.no_grad():
+        sol = node.solve(batch_rob, y0, t, method="rosenbrock23", rtol=rtol, atol=atol)
+    for b in range(3):
+        k1, k2, k3 = rates[b].tolist()
+
+        def f(_, y):
+            return [-k1 * y[0] + k2 * y[1] * y[2], k1 * y[0] - k2 * y[1] * y[2] - k3 * y[1] ** 2, k3 * y[1] ** 2]
+
+        ref = scipy_integrate.solve_ivp(
+            f, (0, 1e5), [1.0, 0, 0], method="Radau", rtol=1e-12, atol=1e-16, t_eval=t.numpy()
+        )
+        err = np.abs(sol.ys[:, b].numpy() - ref.y.T) / (atol + rtol * np.abs(ref.y.T))
+        # an order-2 pair: the global error is a modest multiple of the local tolerance
+        assert err.max() < 100, (b, err.max())
+    assert sol.stats.n_steps < 2000  # dopri5 needs far more than max_num_steps here (see above)
+    torch.testing.assert_close(sol.ys[-1].sum(1), torch.ones(3, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def test_rosenbrock23_gradients_are_exact_for_the_discrete_solve():
+    func = _Mild()
+    y0 = torch.tensor([[1.0, 0.0], [0.5, 1.0]], dtype=torch.float64)
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+
+    def loss(gradient):
+        sol = node.solve(
+            func, y0, t, method="rosenbrock23", rtol=1e-6, atol=1e-8, gradient=gradient, params=list(func.parameters())
+        )
+        return (sol.ys**2).sum()
+
+    grads = {}
+    for mode in ("backprop", "checkpoint", "adjoint"):
+        func.zero_grad()
+        loss(mode).backward()
+        grads[mode] = func.k.grad.clone()
+    # finite differences of the same discrete solve need the same steps: compare backprop with checkpoint
+    # (both exact for the discrete solve) and both with the adjoint (the continuous gradient) to the tolerance
+    torch.testing.assert_close(grads["backprop"], grads["checkpoint"], rtol=1e-9, atol=1e-10)
+    assert float((grads["adjoint"] - grads["backprop"]).abs().max()) < 1e-3
+    with torch.no_grad():
+        eps = 1e-4  # large enough that a change of step sequence is a small part of the difference
+        fd = []
+        for i in range(3):
+            func.k[i] += eps
+            lp = float(loss("backprop"))
+            func.k[i] -= 2 * eps
+            lm = float(loss("backprop"))
+            func.k[i] += eps
+            fd.append((lp - lm) / (2 * eps))
+    assert float((grads["backprop"] - torch.tensor(fd, dtype=torch.float64)).abs().max()) < 1e-3

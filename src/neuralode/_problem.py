@@ -25,6 +25,7 @@ from .solvers.integrate import (
     integrate_adaptive,
     integrate_fixed,
 )
+from .solvers.rosenbrock import ROSENBROCK_METHODS, Rosenbrock23
 from .solvers.runge_kutta import RungeKutta
 from .solvers.scipy_wrapper import integrate_scipy
 from .solvers.tableaus import TABLEAUS
@@ -32,10 +33,11 @@ from .solvers.tableaus import TABLEAUS
 __all__ = ["Problem", "prepare", "run", "METHODS"]
 
 ADAPTIVE_METHODS = ("dopri5", "tsit5", "bosh3", "fehlberg2", "adaptive_heun", "dopri8")
+ROSENBROCK = tuple(ROSENBROCK_METHODS)
 FIXED_RK_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4")
 ADAMS_METHODS = ("explicit_adams", "implicit_adams", "fixed_adams")
 IMPLICIT_FIXED_METHODS = tuple(IMPLICIT_TABLEAUS)
-METHODS = ADAPTIVE_METHODS + FIXED_RK_METHODS + IMPLICIT_FIXED_METHODS + ADAMS_METHODS + ("scipy_solver",)
+METHODS = ADAPTIVE_METHODS + ROSENBROCK + FIXED_RK_METHODS + IMPLICIT_FIXED_METHODS + ADAMS_METHODS + ("scipy_solver",)
 
 _COMMON_OPTIONS = {"dtype"}
 _ADAPTIVE_OPTIONS = _COMMON_OPTIONS | {
@@ -65,6 +67,8 @@ DEFAULT_MAX_NUM_STEPS = 100_000
 def valid_options(method: str) -> set[str]:
     if method in ADAPTIVE_METHODS:
         return _ADAPTIVE_OPTIONS
+    if method in ROSENBROCK:
+        return _ADAPTIVE_OPTIONS | {"jacobian"}
     if method in FIXED_RK_METHODS:
         return _FIXED_OPTIONS
     if method in ADAMS_METHODS:
@@ -243,7 +247,7 @@ def prepare(
         and isinstance(atol_, float)
         and rtol_ == 0
         and atol_ == 0
-        and method in ADAPTIVE_METHODS
+        and (method in ADAPTIVE_METHODS or method in ROSENBROCK)
     ):
         raise ValueError("`rtol` and `atol` are both zero: no step could ever be accepted")
     t_out = (
@@ -341,9 +345,10 @@ def run(
             max_step=float(opts.get("max_step", math.inf)),
             first_step=opts.get("first_step"),
         )
-    if method in ADAPTIVE_METHODS:
+    if method in ADAPTIVE_METHODS or method in ROSENBROCK:
+        order = TABLEAUS[method].order if method in ADAPTIVE_METHODS else ROSENBROCK_METHODS[method].order
         ctrl = StepController(
-            TABLEAUS[method].order,
+            order,
             safety=opts.get("safety", 0.9),
             ifactor=opts.get("ifactor", 10.0),
             dfactor=opts.get("dfactor", 0.2),
@@ -352,7 +357,10 @@ def run(
             min_step=float(opts.get("min_step", 0.0)),
             max_step=float(opts.get("max_step", math.inf)),
         )
-        rk = stepper(method, rhs.n, rhs.dtype, rhs.device, "dense")
+        if method in ROSENBROCK:
+            rk = Rosenbrock23(rhs.n, rhs.dtype, rhs.device, batch=_jacobian_batch(rhs, opts))
+        else:
+            rk = stepper(method, rhs.n, rhs.dtype, rhs.device, "dense")
         max_steps = int(opts.get("max_num_steps", DEFAULT_MAX_NUM_STEPS))
         if max_steps < 1:
             raise ValueError(f"option `max_num_steps` must be a positive integer, got {max_steps}")
@@ -453,9 +461,9 @@ def stepper(method: str, n: int, dtype: torch.dtype, device: torch.device, inter
     return rk
 
 
-def _implicit_stepper(method: str, rhs: RHS, interp: str, opts: dict) -> ImplicitRK:
-    """An implicit stepper; the Jacobian is per sample (``jacobian="batched"``, the default for a tensor state
-    of two or more dimensions: dimension 0 holds independent systems) or of the whole state (``"dense"``)."""
+def _jacobian_batch(rhs: RHS, opts: dict) -> int:
+    """Blocks of the Jacobian: per sample (``jacobian="batched"``, the default for a tensor state of two or
+    more dimensions: dimension 0 holds independent systems) or the whole state (``"dense"``: 1 block)."""
     shape = rhs.buffer_shape
     default = "batched" if shape is not None and len(shape) >= 2 else "dense"
     kind = opts.get("jacobian", default)
@@ -466,7 +474,12 @@ def _implicit_stepper(method: str, rhs: RHS, interp: str, opts: dict) -> Implici
             "option jacobian='batched' needs a tensor state of shape (batch, ...): dimension 0 "
             "holds independent systems; use jacobian='dense' otherwise"
         )
-    batch = shape[0] if kind == "batched" else 1
+    return shape[0] if kind == "batched" else 1
+
+
+def _implicit_stepper(method: str, rhs: RHS, interp: str, opts: dict) -> ImplicitRK:
+    """An implicit stepper with its Jacobian blocks (see ``_jacobian_batch``)."""
+    batch = _jacobian_batch(rhs, opts)
     max_iters = int(opts.get("max_iters", 10))
     if max_iters < 1:
         raise ValueError(f"option `max_iters` must be a positive integer, got {max_iters}")

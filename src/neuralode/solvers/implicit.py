@@ -144,17 +144,18 @@ IMPLICIT_TABLEAUS = {
 }
 
 
-def batched_jacobian(f, y: torch.Tensor, batch: int) -> torch.Tensor:
+def batched_jacobian(f, y: torch.Tensor, batch: int, create_graph: bool = False) -> torch.Tensor:
     """Jacobians ``(batch, d, d)`` of ``f`` (flat ``(batch·d,)`` → flat) for a state made of ``batch``
-    independent blocks of size d, by d vector–Jacobian products evaluated together."""
+    independent blocks of size d, by d vector–Jacobian products evaluated together. With ``create_graph``
+    the result is differentiable (in y when y is on a graph, and in f's parameters)."""
     n = y.numel()
     d = n // batch
     with torch.enable_grad():
-        yg = y.detach().requires_grad_(True)
+        yg = y if (create_graph and y.requires_grad) else y.detach().requires_grad_(True)
         out = f(yg)
         basis = torch.eye(d, dtype=y.dtype, device=y.device)  # row k: e_k in every block
         grads = basis[:, None, :].expand(d, batch, d).reshape(d, n)
-        (rows,) = torch.autograd.grad(out, yg, grads, is_grads_batched=True)
+        (rows,) = torch.autograd.grad(out, yg, grads, is_grads_batched=True, create_graph=create_graph)
     # rows[k, b*d + q] = ∂f_{b,k} / ∂y_{b,q}
     return rows.view(d, batch, d).transpose(0, 1).contiguous()
 

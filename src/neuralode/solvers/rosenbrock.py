@@ -1,0 +1,123 @@
+"""An adaptive Rosenbrock method for stiff problems: the L-stable Rosenbrock pair of order 2(3) of Shampine &
+Reichelt, "The MATLAB ODE Suite", SIAM J. Sci. Comput. 18(1), 1997, §3 (MATLAB's ode23s).
+
+With W = I − h d J (d = 1/(2 + √2), J = ∂f/∂y at the step's start, T = ∂f/∂t):
+
+    k1 = W⁻¹ (f(t, y) + h d T)
+    k2 = W⁻¹ (f(t + h/2, y + h k1/2) − k1) + k1
+    y1 = y + h k2
+    k3 = W⁻¹ (f(t + h, y1) − e32 (k2 − f(t + h/2, ...)) − 2 (k1 − f(t, y)) + h d T),   e32 = 6 + √2
+    error ≈ h (k1 − 2 k2 + k3) / 6
+
+No nonlinear iteration: one LU factorisation and three solves per step. f(t + h, y1) is the next step's
+f(t, y) (first same as last). T is a forward difference in t (one evaluation). Jacobians are per sample for a
+``(batch, ...)`` state (``jacobian="batched"``) or of the whole state (``"dense"``), from autograd; under
+autograd they are built on the graph, so backprop and checkpointed gradients are those of the discrete solve.
+The stepper has the interface of ``RungeKutta`` that the adaptive loop uses (dense output: the pair's own
+continuous extension).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .implicit import batched_jacobian
+from .runge_kutta import POOL_MAX_BYTES, StageBuffer
+
+__all__ = ["Rosenbrock23", "ROSENBROCK_METHODS"]
+
+_D = 1.0 / (2.0 + math.sqrt(2.0))
+_E32 = 6.0 + math.sqrt(2.0)
+
+
+@dataclass(frozen=True)
+class _Info:
+    name: str
+    order: int  # the power of h in the local error estimate (the controller's exponent is 1/order)
+    source: str
+
+
+ROSENBROCK_METHODS = {"rosenbrock23": _Info("rosenbrock23", 3, "Shampine & Reichelt (1997), §3")}
+
+
+class Rosenbrock23:
+    """The ode23s pair bound to a state size, dtype and device."""
+
+    def __init__(self, n: int, dtype: torch.dtype, device: torch.device, batch: int = 1) -> None:
+        if n % batch:
+            raise ValueError(f"a state of {n} entries cannot be split into batch={batch} equal systems")
+        self.tableau = ROSENBROCK_METHODS["rosenbrock23"]
+        self.n, self.dtype, self.device, self.batch = n, dtype, device, batch
+        self.d = n // batch
+        # the loop's view: row 0 = f(t0, y0), row 1 = k2 = (y1 − y0)/h, row 2 = f(t1, y1) (first same as
+        # last), row 3 = k1 (for the continuous extension)
+        self.stages = 3
+        self.fsal = True
+        self.rows = 4
+        self.f1_index = 2
+        self.interp_needs_f1 = True
+        self._pool: dict = {}
+
+    def new_buffer(self, shape: torch.Size | None = None) -> StageBuffer:
+        return StageBuffer(self.rows, self.n, self.dtype, self.device, None)
+
+    def acquire(self, shape: torch.Size | None = None) -> StageBuffer:
+        pool = self._pool.get(None)
+        return pool.pop() if pool else self.new_buffer()
+
+    def release(self, *bufs: StageBuffer) -> None:
+        for b in bufs:
+            if b is not None and b.K.numel() * b.K.element_size() <= POOL_MAX_BYTES:
+                pool = self._pool.setdefault(None, [])
+                if len(pool) < 4:
+                    pool.append(b)
+
+    def _solve(self, lu, v: torch.Tensor) -> torch.Tensor:
+        B, d = self.batch, self.d
+        return torch.linalg.lu_solve(*lu, v.reshape(B, d, 1)).reshape(B * d)
+
+    def step(self, rhs, t: float, dt: float, y: torch.Tensor, buf: StageBuffer, perturb_last: bool = False):
+        h = dt
+        f0 = buf.K[0] if buf.grad else buf.rows[0]
+        # the Jacobian goes on the graph only when something upstream needs gradients (y or func's parameters,
+        # both of which make f(t, y) require grad)
+        grad = buf.grad and (y.requires_grad or f0.requires_grad)
+        tt = lambda s: torch.scalar_tensor(s, dtype=self.dtype, device=self.device)  # noqa: E731
+        t0 = tt(t)
+        if grad:
+            J = batched_jacobian(lambda v: rhs(t0, v), y, self.batch, create_graph=True)
+        else:
+            J = batched_jacobian(lambda v: rhs(t0, v), y, self.batch)
+        W = -(h * _D) * J
+        W.diagonal(dim1=1, dim2=2).add_(1.0)
+        lu = torch.linalg.lu_factor(W)
+        delta = math.copysign(math.sqrt(torch.finfo(self.dtype).eps) * max(1.0, abs(t)), h)
+        T = (rhs(tt(t + delta), y) - f0) / delta
+        hdT = (h * _D) * T
+        k1 = self._solve(lu, f0 + hdT)
+        f1 = rhs(tt(t + 0.5 * h), y + (0.5 * h) * k1)
+        k2 = self._solve(lu, f1 - k1) + k1
+        y1 = y + h * k2
+        t1 = tt(t + h)
+        if perturb_last:
+            t1 = torch.nextafter(t1, t0)
+        f2 = rhs(t1, y1)
+        k3 = self._solve(lu, f2 - _E32 * (k2 - f1) - 2.0 * (k1 - f0) + hdT)
+        buf.set(1, k2)
+        buf.set(2, f2)
+        buf.set(3, k1)
+        e = (k1 - 2.0 * k2 + k3) / 6.0
+        return y1, e.detach() if buf.grad else e
+
+    def interpolate(self, y0: torch.Tensor, dt: float, K: torch.Tensor, thetas) -> torch.Tensor:
+        """The pair's own continuous extension (Shampine & Reichelt 1997, §3), built from k1 and k2 rather than
+        from f, so that it stays bounded across steps much longer than the fast time scales:
+        y(t0 + θh) = y0 + h [θ(1 − θ) k1 + θ(θ − 2d) k2] / (1 − 2d)."""
+        th = np.asarray(thetas, dtype=np.float64)
+        coef = np.stack([th * (th - 2 * _D), th * (1 - th)], 1) / (1 - 2 * _D)
+        c = torch.from_numpy(coef).to(dtype=self.dtype, device=self.device)
+        return torch.addmm(y0, c, K[[1, 3]], alpha=dt)
