@@ -159,7 +159,7 @@ def test_rosenbrock23_solves_a_batch_of_robertson_problems_against_scipy_radau()
     for b in range(3):
         k1, k2, k3 = rates[b].tolist()
 
-        def f(_, y):
+        def f(_, y, k1=k1, k2=k2, k3=k3):
             return [-k1 * y[0] + k2 * y[1] * y[2], k1 * y[0] - k2 * y[1] * y[2] - k3 * y[1] ** 2, k3 * y[1] ** 2]
 
         ref = scipy_integrate.solve_ivp(
