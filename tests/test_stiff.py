@@ -172,14 +172,15 @@ def test_rosenbrock23_solves_a_batch_of_robertson_problems_against_scipy_radau()
     torch.testing.assert_close(sol.ys[-1].sum(1), torch.ones(3, dtype=torch.float64), rtol=0, atol=1e-12)
 
 
-def test_rosenbrock23_gradients_are_exact_for_the_discrete_solve():
+@pytest.mark.parametrize("method", ["rosenbrock23", "rodas4"])
+def test_rosenbrock_gradients_are_exact_for_the_discrete_solve(method):
     func = _Mild()
     y0 = torch.tensor([[1.0, 0.0], [0.5, 1.0]], dtype=torch.float64)
     t = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
 
     def loss(gradient):
         sol = node.solve(
-            func, y0, t, method="rosenbrock23", rtol=1e-6, atol=1e-8, gradient=gradient, params=list(func.parameters())
+            func, y0, t, method=method, rtol=1e-6, atol=1e-8, gradient=gradient, params=list(func.parameters())
         )
         return (sol.ys**2).sum()
 
@@ -203,3 +204,63 @@ def test_rosenbrock23_gradients_are_exact_for_the_discrete_solve():
             func.k[i] += eps
             fd.append((lp - lm) / (2 * eps))
     assert float((grads["backprop"] - torch.tensor(fd, dtype=torch.float64)).abs().max()) < 1e-3
+
+
+def _robertson_batch(rates):
+    def f(t, y):
+        k1, k2, k3 = rates[:, 0], rates[:, 1], rates[:, 2]
+        y1, y2, y3 = y[:, 0], y[:, 1], y[:, 2]
+        return torch.stack([-k1 * y1 + k2 * y2 * y3, k1 * y1 - k2 * y2 * y3 - k3 * y2**2, k3 * y2**2], 1)
+
+    return f
+
+
+def test_rodas4_robertson_batch_within_the_tolerance_of_scipy_radau():
+    scipy_integrate = pytest.importorskip("scipy.integrate")
+    import numpy as np
+
+    rates = torch.tensor([[0.04, 1e4, 3e7], [0.08, 2e4, 1e7], [0.02, 5e3, 5e7]], dtype=torch.float64)
+    y0 = torch.tensor([[1.0, 0.0, 0.0]] * 3, dtype=torch.float64)
+    t = torch.tensor([0.0, 1e-3, 1e-2, 1.0, 100.0, 1e4, 1e5], dtype=torch.float64)
+    rtol, atol = 1e-6, 1e-10
+    with torch.no_grad():
+        sol = node.solve(_robertson_batch(rates), y0, t, method="rodas4", rtol=rtol, atol=atol)
+    for b in range(3):
+        k1, k2, k3 = rates[b].tolist()
+
+        def f(_, y, k1=k1, k2=k2, k3=k3):
+            return [-k1 * y[0] + k2 * y[1] * y[2], k1 * y[0] - k2 * y[1] * y[2] - k3 * y[1] ** 2, k3 * y[1] ** 2]
+
+        ref = scipy_integrate.solve_ivp(
+            f, (0, 1e5), [1.0, 0, 0], method="Radau", rtol=1e-12, atol=1e-16, t_eval=t.numpy()
+        )
+        err = np.abs(sol.ys[:, b].numpy() - ref.y.T) / (atol + rtol * np.abs(ref.y.T))
+        assert err.max() < 2, (b, err.max())
+
+
+def test_rodas4_van_der_pol_mu_1000_batch_against_scipy_radau():
+    scipy_integrate = pytest.importorskip("scipy.integrate")
+    import numpy as np
+
+    mus = torch.tensor([1000.0, 500.0], dtype=torch.float64)
+
+    def vdp(t, y):
+        return torch.stack([y[:, 1], mus * (1 - y[:, 0] ** 2) * y[:, 1] - y[:, 0]], 1)
+
+    y0 = torch.tensor([[2.0, 0.0]] * 2, dtype=torch.float64)
+    t = torch.linspace(0, 3000, 7, dtype=torch.float64)
+    rtol, atol = 1e-6, 1e-8
+    with torch.no_grad():
+        sol = node.solve(vdp, y0, t, method="rodas4", rtol=rtol, atol=atol)
+    for b, mu in enumerate(mus.tolist()):
+        ref = scipy_integrate.solve_ivp(
+            lambda _, y, mu=mu: [y[1], mu * (1 - y[0] ** 2) * y[1] - y[0]],
+            (0, 3000),
+            [2.0, 0.0],
+            method="Radau",
+            rtol=1e-12,
+            atol=1e-12,
+            t_eval=t.numpy(),
+        )
+        err = np.abs(sol.ys[:, b].numpy() - ref.y.T) / (atol + rtol * np.abs(ref.y.T))
+        assert err.max() < 20, (mu, err.max())

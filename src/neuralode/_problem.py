@@ -25,7 +25,7 @@ from .solvers.integrate import (
     integrate_adaptive,
     integrate_fixed,
 )
-from .solvers.rosenbrock import ROSENBROCK_METHODS, Rosenbrock23
+from .solvers.rosenbrock import RODAS4, ROSENBROCK_METHODS, Rosenbrock, Rosenbrock23
 from .solvers.runge_kutta import RungeKutta
 from .solvers.scipy_wrapper import integrate_scipy
 from .solvers.tableaus import TABLEAUS
@@ -357,8 +357,12 @@ def run(
             min_step=float(opts.get("min_step", 0.0)),
             max_step=float(opts.get("max_step", math.inf)),
         )
-        if method in ROSENBROCK:
+        step_t = _times(opts.get("step_t"))
+        if method == "rosenbrock23":
             rk = Rosenbrock23(rhs.n, rhs.dtype, rhs.device, batch=_jacobian_batch(rhs, opts))
+        elif method in ROSENBROCK:
+            rk = Rosenbrock(RODAS4, rhs.n, rhs.dtype, rhs.device, batch=_jacobian_batch(rhs, opts))
+            step_t = step_t + [float(s) for s in t_out]  # step on the output times (no interpolation there)
         else:
             rk = stepper(method, rhs.n, rhs.dtype, rhs.device, "dense")
         max_steps = int(opts.get("max_num_steps", DEFAULT_MAX_NUM_STEPS))
@@ -374,7 +378,7 @@ def run(
             atol=atol,
             norm=norm,
             first_step=opts.get("first_step"),
-            step_t=_times(opts.get("step_t")),
+            step_t=step_t,
             jump_t=_times(opts.get("jump_t")),
             max_num_steps=max_steps,
             callbacks=callbacks,

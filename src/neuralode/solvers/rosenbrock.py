@@ -28,10 +28,34 @@ import torch
 from .implicit import batched_jacobian
 from .runge_kutta import POOL_MAX_BYTES, StageBuffer
 
-__all__ = ["Rosenbrock23", "ROSENBROCK_METHODS"]
+__all__ = ["Rosenbrock23", "Rosenbrock", "RosenbrockTableau", "RODAS4", "ROSENBROCK_METHODS"]
 
 _D = 1.0 / (2.0 + math.sqrt(2.0))
 _E32 = 6.0 + math.sqrt(2.0)
+
+
+class _Buffers:
+    """Stage buffers as ``RungeKutta`` has them (flat, pooled when small)."""
+
+    rows: int
+    n: int
+    dtype: torch.dtype
+    device: torch.device
+    _pool: dict
+
+    def new_buffer(self, shape: torch.Size | None = None) -> StageBuffer:
+        return StageBuffer(self.rows, self.n, self.dtype, self.device, None)
+
+    def acquire(self, shape: torch.Size | None = None) -> StageBuffer:
+        pool = self._pool.get(None)
+        return pool.pop() if pool else self.new_buffer()
+
+    def release(self, *bufs: StageBuffer) -> None:
+        for b in bufs:
+            if b is not None and b.K.numel() * b.K.element_size() <= POOL_MAX_BYTES:
+                pool = self._pool.setdefault(None, [])
+                if len(pool) < 4:
+                    pool.append(b)
 
 
 @dataclass(frozen=True)
@@ -41,10 +65,144 @@ class _Info:
     source: str
 
 
-ROSENBROCK_METHODS = {"rosenbrock23": _Info("rosenbrock23", 3, "Shampine & Reichelt (1997), §3")}
+ROSENBROCK_METHODS = {
+    "rosenbrock23": _Info("rosenbrock23", 3, "Shampine & Reichelt (1997), §3"),
+    "rodas4": _Info("rodas4", 4, "Hairer & Wanner, Solving ODEs II (1996), §VI.4, RODAS"),
+}
 
 
-class Rosenbrock23:
+@dataclass(frozen=True)
+class RosenbrockTableau:
+    """A Rosenbrock method in Hairer & Wanner's transformed form (ODEs II, §IV.7 (7.25)): with
+    G = I/(h γ) − J,
+
+        G K_i = f(t + α_i h, y + Σ_{j<i} a_ij K_j) + Σ_{j<i} (c_ij / h) K_j + h γ_i ∂f/∂t
+        y1 = y + Σ m_j K_j,      error = Σ e_j K_j
+
+    ``a``, ``c`` are strictly lower triangular (row i holds i entries)."""
+
+    name: str
+    gamma: float
+    alpha: tuple[float, ...]
+    gammas: tuple[float, ...]
+    a: tuple[tuple[float, ...], ...]
+    c: tuple[tuple[float, ...], ...]
+    m: tuple[float, ...]
+    e: tuple[float, ...]
+    order: int  # power of h in the local error estimate
+
+
+# RODAS (Hairer & Wanner 1996, §VI.4; the coefficients of their code RODAS): order 4 with an embedded order-3
+# solution, stiffly accurate, 6 stages.
+RODAS4 = RosenbrockTableau(
+    name="rodas4",
+    gamma=0.25,
+    alpha=(0.0, 0.386, 0.21, 0.63, 1.0, 1.0),
+    gammas=(0.25, -0.1043, 0.1035, -0.3620000000000023e-01, 0.0, 0.0),
+    a=(
+        (),
+        (0.1544e01,),
+        (0.9466785280815826, 0.2557011698983284),
+        (0.3314825187068521e01, 0.2896124015972201e01, 0.9986419139977817),
+        (0.1221224509226641e01, 0.6019134481288629e01, 0.1253708332932087e02, -0.6878860361058950),
+        (0.1221224509226641e01, 0.6019134481288629e01, 0.1253708332932087e02, -0.6878860361058950, 1.0),
+    ),
+    c=(
+        (),
+        (-0.56688e01,),
+        (-0.2430093356833875e01, -0.2063599157091915),
+        (-0.1073529058151375, -0.9594562251023355e01, -0.2047028614809616e02),
+        (0.7496443313967647e01, -0.1024680431464352e02, -0.3399990352819905e02, 0.1170890893206160e02),
+        (
+            0.8083246795921522e01,
+            -0.7981132988064893e01,
+            -0.3152159432874371e02,
+            0.1631930543123136e02,
+            -0.6058818238834054e01,
+        ),
+    ),
+    m=(0.1221224509226641e01, 0.6019134481288629e01, 0.1253708332932087e02, -0.6878860361058950, 1.0, 1.0),
+    e=(0.0, 0.0, 0.0, 0.0, 0.0, 1.0),
+    order=4,
+)
+
+
+class Rosenbrock(_Buffers):
+    """A ``RosenbrockTableau`` bound to a state size, dtype and device (the adaptive loop's stepper).
+
+    Output times are stepped on (``run`` adds them to ``step_t``), so requested values are step ends; cubic
+    Hermite interpolation serves only dense output and events.
+    """
+
+    def __init__(
+        self, tableau: RosenbrockTableau, n: int, dtype: torch.dtype, device: torch.device, batch: int = 1
+    ) -> None:
+        if n % batch:
+            raise ValueError(f"a state of {n} entries cannot be split into batch={batch} equal systems")
+        self.tab = tableau
+        self.tableau = ROSENBROCK_METHODS[tableau.name]
+        self.n, self.dtype, self.device, self.batch = n, dtype, device, batch
+        self.d = n // batch
+        # the loop's view: row 0 = f(t0, y0), row 1 = (y1 − y0)/h, row 2 = f(t1, y1) (also the next f0)
+        self.stages = 2
+        self.fsal = False
+        self.rows = 3
+        self.f1_index = 2
+        self.interp_needs_f1 = True
+        self._pool: dict = {}
+
+    def _solve(self, lu, v: torch.Tensor) -> torch.Tensor:
+        B, d = self.batch, self.d
+        return torch.linalg.lu_solve(*lu, v.reshape(B, d, 1)).reshape(B * d)
+
+    def step(self, rhs, t: float, dt: float, y: torch.Tensor, buf: StageBuffer, perturb_last: bool = False):
+        tab, h = self.tab, dt
+        f0 = buf.K[0] if buf.grad else buf.rows[0]
+        grad = buf.grad and (y.requires_grad or f0.requires_grad)
+        tt = lambda s: torch.scalar_tensor(s, dtype=self.dtype, device=self.device)  # noqa: E731
+        t0 = tt(t)
+        J = batched_jacobian(lambda v: rhs(t0, v), y, self.batch, create_graph=grad)
+        G = -J
+        G.diagonal(dim1=1, dim2=2).add_(1.0 / (h * tab.gamma))
+        lu = torch.linalg.lu_factor(G)
+        delta = math.copysign(math.sqrt(torch.finfo(self.dtype).eps) * max(1.0, abs(t)), h)
+        T = (rhs(tt(t + delta), y) - f0) / delta
+        K: list[torch.Tensor] = []
+        for i in range(len(tab.alpha)):
+            if i == 0:
+                fi = f0
+                yi = y
+            else:
+                yi = y
+                for j, aij in enumerate(tab.a[i]):
+                    if aij:
+                        yi = yi + aij * K[j]
+                ti = tt(t + tab.alpha[i] * h)
+                if perturb_last and tab.alpha[i] == 1.0:
+                    ti = torch.nextafter(ti, t0)
+                fi = rhs(ti, yi)
+            rhs_i = fi + (h * tab.gammas[i]) * T if tab.gammas[i] else fi
+            for j, cij in enumerate(tab.c[i]):
+                if cij:
+                    rhs_i = rhs_i + (cij / h) * K[j]
+            K.append(self._solve(lu, rhs_i))
+        y1 = y
+        for mj, kj in zip(tab.m, K):
+            if mj:
+                y1 = y1 + mj * kj
+        err = sum(ej * kj for ej, kj in zip(tab.e, K) if ej)
+        buf.set(1, (y1 - y) / h)
+        e = err / h  # the loop's convention: local error = h · e
+        return y1, e.detach() if buf.grad else e
+
+    def interpolate(self, y0: torch.Tensor, dt: float, K: torch.Tensor, thetas) -> torch.Tensor:
+        th = np.asarray(thetas, dtype=np.float64)
+        coef = np.stack([th * (1 - th) ** 2, th * th * (3 - 2 * th), th * th * (th - 1)], 1)
+        c = torch.from_numpy(coef).to(dtype=self.dtype, device=self.device)
+        return torch.addmm(y0, c, K[[0, 1, 2]], alpha=dt)
+
+
+class Rosenbrock23(_Buffers):
     """The ode23s pair bound to a state size, dtype and device."""
 
     def __init__(self, n: int, dtype: torch.dtype, device: torch.device, batch: int = 1) -> None:
@@ -61,20 +219,6 @@ class Rosenbrock23:
         self.f1_index = 2
         self.interp_needs_f1 = True
         self._pool: dict = {}
-
-    def new_buffer(self, shape: torch.Size | None = None) -> StageBuffer:
-        return StageBuffer(self.rows, self.n, self.dtype, self.device, None)
-
-    def acquire(self, shape: torch.Size | None = None) -> StageBuffer:
-        pool = self._pool.get(None)
-        return pool.pop() if pool else self.new_buffer()
-
-    def release(self, *bufs: StageBuffer) -> None:
-        for b in bufs:
-            if b is not None and b.K.numel() * b.K.element_size() <= POOL_MAX_BYTES:
-                pool = self._pool.setdefault(None, [])
-                if len(pool) < 4:
-                    pool.append(b)
 
     def _solve(self, lu, v: torch.Tensor) -> torch.Tensor:
         B, d = self.batch, self.d
