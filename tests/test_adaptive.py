@@ -140,3 +140,25 @@ def test_per_component_tolerances_tighten_only_their_component():
     mixed = nd.odeint(f, y0, t, rtol=torch.tensor([1e-10, 1e-3]), atol=torch.tensor([1e-10, 1e-3]))
     assert float((mixed[:, 0] - exact).abs().max()) < 1e-7
     assert float((loose[:, 0] - exact).abs().max()) > 1e-6
+
+
+def test_low_memory_error_control_matches_the_default_path(monkeypatch):
+    """Large states take an allocation-free path for the error norm; it must pick the same steps."""
+    import neuralode.solvers.integrate as integrate
+
+    torch.manual_seed(0)
+    W = torch.randn(16, 16, dtype=torch.float64) / 4
+    y0 = torch.randn(64, 16, dtype=torch.float64)
+    t = torch.tensor([0.0, 0.7, 2.0], dtype=torch.float64)
+
+    def f(t, y):
+        return torch.tanh(y @ W) - 0.1 * y * torch.cos(t)
+
+    results = []
+    for threshold in (1 << 60, 0):  # default path, then the large-state path for this small state
+        monkeypatch.setattr(integrate, "_BLOCKWISE_FROM", threshold)
+        with torch.no_grad():
+            results.append(nd.solve(f, y0, t, rtol=1e-7, atol=1e-9, dense=False))
+    a, b = results
+    assert (a.stats.nfe, a.stats.n_steps, a.stats.n_rejected) == (b.stats.nfe, b.stats.n_steps, b.stats.n_rejected)
+    torch.testing.assert_close(a.ys, b.ys, rtol=0, atol=1e-14)

@@ -394,9 +394,9 @@ def integrate_adaptive(
     scalar_tol = isinstance(rtol, float) and isinstance(atol, float) and rtol > 0
     tol_shift = atol / rtol if scalar_tol else 0.0
     inv_rtol = 1.0 / rtol if scalar_tol else 1.0
-    with torch.no_grad():
-        y_abs = y.abs()
     low_memory = not fresh and buf.scratch is not None and buf.scratch.shape == y.shape and rhs.n >= _BLOCKWISE_FROM
+    with torch.no_grad():
+        y_abs = None if low_memory else y.abs()
     status, message, t_fail = Status.SUCCESS, "", None
     while True:
         if n_steps + n_rej >= max_num_steps:
@@ -425,10 +425,14 @@ def integrate_adaptive(
         y1, e = method.step(rhs, t, dt_try, y, buf, perturb_last=lands and is_jump)
         with torch.no_grad():
             if low_memory:
-                # large states: the scale is built in the stage scratch (free between steps) and |y| is
-                # refreshed in place on acceptance, so error control allocates nothing state-sized
+                # large states: max(|y|, |y1|) is built in the stage scratch (free between steps) without a
+                # stored |y|: s = |y1|; s = max(s, y); s = -min(-s, y) = max(s, -y). Nothing state-sized is
+                # allocated for error control.
                 scale = torch.abs(y1, out=buf.scratch)
-                torch.maximum(scale, y_abs, out=scale)
+                torch.maximum(scale, y, out=scale)
+                scale.neg_()
+                torch.minimum(scale, y, out=scale)
+                scale.neg_()
             else:
                 y1_abs = y1.abs()
                 scale = torch.maximum(y_abs, y1_abs)
@@ -470,7 +474,6 @@ def integrate_adaptive(
             nb = method.new_buffer() if fresh else buf
             nb.set(0, f_next)
             if low_memory:
-                torch.abs(y1, out=y_abs)
                 buf, y, t = nb, y1, t1
             else:
                 buf, y, t, y_abs = nb, y1, t1, y1_abs
