@@ -137,11 +137,22 @@ def test_batched_and_dense_jacobians_give_the_same_solution():
     assert float((a[-1].sum(1) - 1).abs().max()) < 1e-12  # Robertson conserves y1 + y2 + y3
 
 
+def _radau_robertson(rates, t_eval):
+    """scipy's Radau at rtol 1e-12 on one Robertson problem: the reference."""
+    scipy_integrate = pytest.importorskip("scipy.integrate")
+    k1, k2, k3 = rates
+
+    def f(_, y):
+        return [-k1 * y[0] + k2 * y[1] * y[2], k1 * y[0] - k2 * y[1] * y[2] - k3 * y[1] ** 2, k3 * y[1] ** 2]
+
+    return scipy_integrate.solve_ivp(f, (0, 1e5), [1.0, 0, 0], method="Radau", rtol=1e-12, atol=1e-16, t_eval=t_eval)
+
+
 # ------------------------------------------------------------------------------ adaptive: rosenbrock23
 
 
 def test_rosenbrock23_solves_a_batch_of_robertson_problems_against_scipy_radau():
-    scipy_integrate = pytest.importorskip("scipy.integrate")
+    pytest.importorskip("scipy.integrate")
     import numpy as np
 
     rates = torch.tensor([[0.04, 1e4, 3e7], [0.08, 2e4, 1e7], [0.02, 5e3, 5e7]], dtype=torch.float64)
@@ -157,14 +168,7 @@ def test_rosenbrock23_solves_a_batch_of_robertson_problems_against_scipy_radau()
     with torch.no_grad():
         sol = node.solve(batch_rob, y0, t, method="rosenbrock23", rtol=rtol, atol=atol)
     for b in range(3):
-        k1, k2, k3 = rates[b].tolist()
-
-        def f(_, y, k1=k1, k2=k2, k3=k3):
-            return [-k1 * y[0] + k2 * y[1] * y[2], k1 * y[0] - k2 * y[1] * y[2] - k3 * y[1] ** 2, k3 * y[1] ** 2]
-
-        ref = scipy_integrate.solve_ivp(
-            f, (0, 1e5), [1.0, 0, 0], method="Radau", rtol=1e-12, atol=1e-16, t_eval=t.numpy()
-        )
+        ref = _radau_robertson(rates[b].tolist(), t.numpy())
         err = np.abs(sol.ys[:, b].numpy() - ref.y.T) / (atol + rtol * np.abs(ref.y.T))
         # an order-2 pair: the global error is a modest multiple of the local tolerance
         assert err.max() < 100, (b, err.max())
@@ -216,7 +220,7 @@ def _robertson_batch(rates):
 
 
 def test_rodas4_robertson_batch_within_the_tolerance_of_scipy_radau():
-    scipy_integrate = pytest.importorskip("scipy.integrate")
+    pytest.importorskip("scipy.integrate")
     import numpy as np
 
     rates = torch.tensor([[0.04, 1e4, 3e7], [0.08, 2e4, 1e7], [0.02, 5e3, 5e7]], dtype=torch.float64)
@@ -226,14 +230,7 @@ def test_rodas4_robertson_batch_within_the_tolerance_of_scipy_radau():
     with torch.no_grad():
         sol = node.solve(_robertson_batch(rates), y0, t, method="rodas4", rtol=rtol, atol=atol)
     for b in range(3):
-        k1, k2, k3 = rates[b].tolist()
-
-        def f(_, y, k1=k1, k2=k2, k3=k3):
-            return [-k1 * y[0] + k2 * y[1] * y[2], k1 * y[0] - k2 * y[1] * y[2] - k3 * y[1] ** 2, k3 * y[1] ** 2]
-
-        ref = scipy_integrate.solve_ivp(
-            f, (0, 1e5), [1.0, 0, 0], method="Radau", rtol=1e-12, atol=1e-16, t_eval=t.numpy()
-        )
+        ref = _radau_robertson(rates[b].tolist(), t.numpy())
         err = np.abs(sol.ys[:, b].numpy() - ref.y.T) / (atol + rtol * np.abs(ref.y.T))
         assert err.max() < 2, (b, err.max())
 

@@ -396,24 +396,11 @@ def run(
         grid = make_grid(prob, t_out, opts)
     else:
         grid = _event_grid(prob, t_out[0], event_t_end)
-    if method in IMPLICIT_FIXED_METHODS:
-        rk = _implicit_stepper(method, rhs, interp, opts)
-        res = integrate_fixed(
-            rhs,
-            y0,
-            t_out,
-            rk,
-            grid,
-            perturb=bool(opts.get("perturb", False)),
-            callbacks=callbacks,
-            keep_segments=keep_segments,
-            event=event,
-            trace=trace,
-        )
-        res.method = rk
-        return res
-    if method in FIXED_RK_METHODS:
-        rk = stepper(method, rhs.n, rhs.dtype, rhs.device, interp)
+    if method in FIXED_RK_METHODS or method in IMPLICIT_FIXED_METHODS:
+        if method in IMPLICIT_FIXED_METHODS:
+            rk = _implicit_stepper(method, rhs, interp, opts)
+        else:
+            rk = stepper(method, rhs.n, rhs.dtype, rhs.device, interp)
         res = integrate_fixed(
             rhs,
             y0,

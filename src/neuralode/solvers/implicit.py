@@ -26,7 +26,7 @@ import torch
 
 from .runge_kutta import POOL_MAX_BYTES, StageBuffer
 
-__all__ = ["ImplicitTableau", "IMPLICIT_TABLEAUS", "ImplicitRK", "NewtonError", "batched_jacobian"]
+__all__ = ["ImplicitTableau", "IMPLICIT_TABLEAUS", "ImplicitRK", "NewtonError", "batched_jacobian", "FlatBuffers"]
 
 
 class NewtonError(RuntimeError):
@@ -160,7 +160,32 @@ def batched_jacobian(f, y: torch.Tensor, batch: int, create_graph: bool = False)
     return rows.view(d, batch, d).transpose(0, 1).contiguous()
 
 
-class ImplicitRK:
+class FlatBuffers:
+    """Stage buffers as ``RungeKutta`` hands them to the loops (flat rows; small ones pooled), for steppers
+    that keep their own stage data (implicit and Rosenbrock methods)."""
+
+    rows: int
+    n: int
+    dtype: torch.dtype
+    device: torch.device
+    _pool: dict
+
+    def new_buffer(self, shape: torch.Size | None = None) -> StageBuffer:
+        return StageBuffer(self.rows, self.n, self.dtype, self.device, None)
+
+    def acquire(self, shape: torch.Size | None = None) -> StageBuffer:
+        pool = self._pool.get(None)
+        return pool.pop() if pool else self.new_buffer()
+
+    def release(self, *bufs: StageBuffer) -> None:
+        for b in bufs:
+            if b is not None and b.K.numel() * b.K.element_size() <= POOL_MAX_BYTES:
+                pool = self._pool.setdefault(None, [])
+                if len(pool) < 4:
+                    pool.append(b)
+
+
+class ImplicitRK(FlatBuffers):
     """An implicit tableau bound to a state size, dtype and device (the fixed-grid loop's stepper).
 
     Arguments:
@@ -200,21 +225,6 @@ class ImplicitRK:
         self.interp = interp
         self._pool: dict = {}
         self.nfe_newton = 0
-
-    # --- buffers, as RungeKutta
-    def new_buffer(self, shape: torch.Size | None = None) -> StageBuffer:
-        return StageBuffer(self.rows, self.n, self.dtype, self.device, None)
-
-    def acquire(self, shape: torch.Size | None = None) -> StageBuffer:
-        pool = self._pool.get(None)
-        return pool.pop() if pool else self.new_buffer()
-
-    def release(self, *bufs: StageBuffer) -> None:
-        for b in bufs:
-            if b is not None and b.K.numel() * b.K.element_size() <= POOL_MAX_BYTES:
-                pool = self._pool.setdefault(None, [])
-                if len(pool) < 4:
-                    pool.append(b)
 
     # --- the step
     def _stage_values(self, rhs, t: float, dt: float, y: torch.Tensor, Z: torch.Tensor, perturb_last: bool):

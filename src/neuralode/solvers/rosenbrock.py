@@ -25,37 +25,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .implicit import batched_jacobian
-from .runge_kutta import POOL_MAX_BYTES, StageBuffer
+from .implicit import FlatBuffers, batched_jacobian
+from .runge_kutta import StageBuffer
 
 __all__ = ["Rosenbrock23", "Rosenbrock", "RosenbrockTableau", "RODAS4", "ROSENBROCK_METHODS"]
 
 _D = 1.0 / (2.0 + math.sqrt(2.0))
 _E32 = 6.0 + math.sqrt(2.0)
-
-
-class _Buffers:
-    """Stage buffers as ``RungeKutta`` has them (flat, pooled when small)."""
-
-    rows: int
-    n: int
-    dtype: torch.dtype
-    device: torch.device
-    _pool: dict
-
-    def new_buffer(self, shape: torch.Size | None = None) -> StageBuffer:
-        return StageBuffer(self.rows, self.n, self.dtype, self.device, None)
-
-    def acquire(self, shape: torch.Size | None = None) -> StageBuffer:
-        pool = self._pool.get(None)
-        return pool.pop() if pool else self.new_buffer()
-
-    def release(self, *bufs: StageBuffer) -> None:
-        for b in bufs:
-            if b is not None and b.K.numel() * b.K.element_size() <= POOL_MAX_BYTES:
-                pool = self._pool.setdefault(None, [])
-                if len(pool) < 4:
-                    pool.append(b)
 
 
 @dataclass(frozen=True)
@@ -90,6 +66,34 @@ class RosenbrockTableau:
     m: tuple[float, ...]
     e: tuple[float, ...]
     order: int  # power of h in the local error estimate
+
+
+class _RosenbrockBase(FlatBuffers):
+    """What every Rosenbrock step starts with: the Jacobian at (t, y) (on the graph only when something upstream
+    needs gradients: y or func's parameters, both of which make f(t, y) require grad), the LU factors of
+    I/(h γ) − J per block, and ∂f/∂t by a forward difference (one evaluation)."""
+
+    batch: int
+    d: int
+
+    def _solve(self, lu, v: torch.Tensor) -> torch.Tensor:
+        B, d = self.batch, self.d
+        return torch.linalg.lu_solve(*lu, v.reshape(B, d, 1)).reshape(B * d)
+
+    def _linearise(self, rhs, t: float, h: float, y: torch.Tensor, buf: StageBuffer, gamma: float):
+        f0 = buf.K[0] if buf.grad else buf.rows[0]
+        grad = buf.grad and (y.requires_grad or f0.requires_grad)
+        t0 = self._time(t)
+        J = batched_jacobian(lambda v: rhs(t0, v), y, self.batch, create_graph=grad)
+        G = -J
+        G.diagonal(dim1=1, dim2=2).add_(1.0 / (h * gamma))
+        lu = torch.linalg.lu_factor(G)
+        delta = math.copysign(math.sqrt(torch.finfo(self.dtype).eps) * max(1.0, abs(t)), h)
+        T = (rhs(self._time(t + delta), y) - f0) / delta
+        return f0, t0, lu, T
+
+    def _time(self, s: float) -> torch.Tensor:
+        return torch.scalar_tensor(s, dtype=self.dtype, device=self.device)
 
 
 # RODAS (Hairer & Wanner 1996, §VI.4; the coefficients of their code RODAS): order 4 with an embedded order-3
@@ -127,7 +131,7 @@ RODAS4 = RosenbrockTableau(
 )
 
 
-class Rosenbrock(_Buffers):
+class Rosenbrock(_RosenbrockBase):
     """A ``RosenbrockTableau`` bound to a state size, dtype and device (the adaptive loop's stepper).
 
     Output times are stepped on (``run`` adds them to ``step_t``), so requested values are step ends; cubic
@@ -151,22 +155,9 @@ class Rosenbrock(_Buffers):
         self.interp_needs_f1 = True
         self._pool: dict = {}
 
-    def _solve(self, lu, v: torch.Tensor) -> torch.Tensor:
-        B, d = self.batch, self.d
-        return torch.linalg.lu_solve(*lu, v.reshape(B, d, 1)).reshape(B * d)
-
     def step(self, rhs, t: float, dt: float, y: torch.Tensor, buf: StageBuffer, perturb_last: bool = False):
-        tab, h = self.tab, dt
-        f0 = buf.K[0] if buf.grad else buf.rows[0]
-        grad = buf.grad and (y.requires_grad or f0.requires_grad)
-        tt = lambda s: torch.scalar_tensor(s, dtype=self.dtype, device=self.device)  # noqa: E731
-        t0 = tt(t)
-        J = batched_jacobian(lambda v: rhs(t0, v), y, self.batch, create_graph=grad)
-        G = -J
-        G.diagonal(dim1=1, dim2=2).add_(1.0 / (h * tab.gamma))
-        lu = torch.linalg.lu_factor(G)
-        delta = math.copysign(math.sqrt(torch.finfo(self.dtype).eps) * max(1.0, abs(t)), h)
-        T = (rhs(tt(t + delta), y) - f0) / delta
+        tab, h, tt = self.tab, dt, self._time
+        f0, t0, lu, T = self._linearise(rhs, t, h, y, buf, tab.gamma)
         K: list[torch.Tensor] = []
         for i in range(len(tab.alpha)):
             if i == 0:
@@ -202,7 +193,7 @@ class Rosenbrock(_Buffers):
         return torch.addmm(y0, c, K[[0, 1, 2]], alpha=dt)
 
 
-class Rosenbrock23(_Buffers):
+class Rosenbrock23(_RosenbrockBase):
     """The ode23s pair bound to a state size, dtype and device."""
 
     def __init__(self, n: int, dtype: torch.dtype, device: torch.device, batch: int = 1) -> None:
@@ -220,37 +211,21 @@ class Rosenbrock23(_Buffers):
         self.interp_needs_f1 = True
         self._pool: dict = {}
 
-    def _solve(self, lu, v: torch.Tensor) -> torch.Tensor:
-        B, d = self.batch, self.d
-        return torch.linalg.lu_solve(*lu, v.reshape(B, d, 1)).reshape(B * d)
-
     def step(self, rhs, t: float, dt: float, y: torch.Tensor, buf: StageBuffer, perturb_last: bool = False):
-        h = dt
-        f0 = buf.K[0] if buf.grad else buf.rows[0]
-        # the Jacobian goes on the graph only when something upstream needs gradients (y or func's parameters,
-        # both of which make f(t, y) require grad)
-        grad = buf.grad and (y.requires_grad or f0.requires_grad)
-        tt = lambda s: torch.scalar_tensor(s, dtype=self.dtype, device=self.device)  # noqa: E731
-        t0 = tt(t)
-        if grad:
-            J = batched_jacobian(lambda v: rhs(t0, v), y, self.batch, create_graph=True)
-        else:
-            J = batched_jacobian(lambda v: rhs(t0, v), y, self.batch)
-        W = -(h * _D) * J
-        W.diagonal(dim1=1, dim2=2).add_(1.0)
-        lu = torch.linalg.lu_factor(W)
-        delta = math.copysign(math.sqrt(torch.finfo(self.dtype).eps) * max(1.0, abs(t)), h)
-        T = (rhs(tt(t + delta), y) - f0) / delta
+        h, tt = dt, self._time
+        # W = I − h d J = h d (I/(h d) − J): W⁻¹ v = G⁻¹ v / (h d) with G factorised by _linearise
+        f0, t0, lu, T = self._linearise(rhs, t, h, y, buf, _D)
+        inv_hd = 1.0 / (h * _D)
         hdT = (h * _D) * T
-        k1 = self._solve(lu, f0 + hdT)
+        k1 = self._solve(lu, f0 + hdT) * inv_hd
         f1 = rhs(tt(t + 0.5 * h), y + (0.5 * h) * k1)
-        k2 = self._solve(lu, f1 - k1) + k1
+        k2 = self._solve(lu, f1 - k1) * inv_hd + k1
         y1 = y + h * k2
         t1 = tt(t + h)
         if perturb_last:
             t1 = torch.nextafter(t1, t0)
         f2 = rhs(t1, y1)
-        k3 = self._solve(lu, f2 - _E32 * (k2 - f1) - 2.0 * (k1 - f0) + hdT)
+        k3 = self._solve(lu, f2 - _E32 * (k2 - f1) - 2.0 * (k1 - f0) + hdT) * inv_hd
         buf.set(1, k2)
         buf.set(2, f2)
         buf.set(3, k1)
