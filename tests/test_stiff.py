@@ -51,6 +51,19 @@ def test_l_stable_methods_take_steps_explicit_methods_cannot(method):
     assert abs(float(ys[-1, 0, 0]) - exact(1.0, 2.0)) < 1e-3
 
 
+def _central_differences(loss, param: torch.Tensor, eps: float) -> torch.Tensor:
+    fd = torch.zeros_like(param)
+    with torch.no_grad():
+        for i in range(param.numel()):
+            param[i] += eps
+            lp = float(loss())
+            param[i] -= 2 * eps
+            lm = float(loss())
+            param[i] += eps
+            fd[i] = (lp - lm) / (2 * eps)
+    return fd
+
+
 class _Mild(torch.nn.Module):
     """A mildly stiff nonlinear system with three parameters (rates 1 and 10)."""
 
@@ -80,16 +93,7 @@ def test_gradients_in_every_mode_against_finite_differences(method, adjoint_tol)
         func.zero_grad()
         loss(mode).backward()
         grads[mode] = func.k.grad.clone()
-    fd = torch.zeros(3, dtype=torch.float64)
-    eps = 1e-6
-    with torch.no_grad():
-        for i in range(3):
-            func.k[i] += eps
-            lp = float(loss("backprop"))
-            func.k[i] -= 2 * eps
-            lm = float(loss("backprop"))
-            func.k[i] += eps
-            fd[i] = (lp - lm) / (2 * eps)
+    fd = _central_differences(lambda: loss("backprop"), func.k, 1e-6)
     # backprop and checkpoint: the exact derivative of the discrete solve
     torch.testing.assert_close(grads["backprop"], fd, rtol=1e-7, atol=1e-8)
     torch.testing.assert_close(grads["checkpoint"], fd, rtol=1e-7, atol=1e-8)
@@ -197,17 +201,9 @@ def test_rosenbrock_gradients_are_exact_for_the_discrete_solve(method):
     # (both exact for the discrete solve) and both with the adjoint (the continuous gradient) to the tolerance
     torch.testing.assert_close(grads["backprop"], grads["checkpoint"], rtol=1e-9, atol=1e-10)
     assert float((grads["adjoint"] - grads["backprop"]).abs().max()) < 1e-3
-    with torch.no_grad():
-        eps = 1e-4  # large enough that a change of step sequence is a small part of the difference
-        fd = []
-        for i in range(3):
-            func.k[i] += eps
-            lp = float(loss("backprop"))
-            func.k[i] -= 2 * eps
-            lm = float(loss("backprop"))
-            func.k[i] += eps
-            fd.append((lp - lm) / (2 * eps))
-    assert float((grads["backprop"] - torch.tensor(fd, dtype=torch.float64)).abs().max()) < 1e-3
+    # a step large enough that a change of step sequence is a small part of the difference
+    fd = _central_differences(lambda: loss("backprop"), func.k, 1e-4)
+    assert float((grads["backprop"] - fd).abs().max()) < 1e-3
 
 
 def _robertson_batch(rates):
