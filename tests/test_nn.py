@@ -72,3 +72,36 @@ def test_conv_block_trains_one_step():
         loss.backward()
         opt.step()
     assert loss_fn().item() < before
+
+
+class _Field(torch.nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, t, h):
+        return self.net(h)
+
+
+def test_augmented_ode_fits_the_reflection_that_a_plain_ode_cannot():
+    """Dupont et al. (2019): g(x) = −x on {−1, 1}. A plain 1-D flow preserves order, so its best MSE is 1
+    (both points sent to 0); one extra zero dimension lets the flow rotate the points past each other."""
+    from neuralode.nn import ODEBlock
+
+    x = torch.tensor([[-1.0], [1.0]])
+    losses = {}
+    for aug in (0, 1):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(1 + aug, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1 + aug))
+
+        block = ODEBlock(_Field(net), augment_dim=aug, gradient="backprop")
+        opt = torch.optim.Adam(block.parameters(), 1e-2)
+        for _ in range(300):
+            out = block(x)
+            assert out.shape == (2, 1 + aug)
+            loss = ((out[:, :1] + x) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        losses[aug] = float(loss.detach())
+    assert losses[0] > 0.5 and losses[1] < 1e-3, losses

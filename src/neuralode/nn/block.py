@@ -23,6 +23,8 @@ class ODEBlock(nn.Module):
         method, rtol, atol, options: the solver (the paper's ODE-Net used dopri5 at rtol = atol = 1e-3).
         gradient: ``"adjoint"`` (constant memory, the paper's choice), ``"backprop"`` or ``"checkpoint"``.
         adjoint_options: options of the adjoint's backward solve (e.g. ``{"norm": "seminorm"}``).
+        augment_dim: extra zero features (or channels) appended along dimension 1 before solving (augmented
+            neural ODEs, Dupont et al. 2019), so that the flow can realise maps a plain ODE cannot.
 
     After a forward pass ``nfe_forward`` holds its function evaluations; after the backward pass
     ``nfe_backward`` holds the backward pass's.
@@ -44,8 +46,14 @@ class ODEBlock(nn.Module):
         gradient: str = "adjoint",
         adjoint_options: dict | None = None,
         return_all: bool = False,
+        augment_dim: int = 0,
     ) -> None:
         super().__init__()
+        if augment_dim < 0:
+            raise ValueError(f"augment_dim={augment_dim} must be 0 or positive")
+        #: augmented neural ODE (Dupont et al. 2019): zeros appended along dimension 1 before the solve; the
+        #: output keeps them (func must map the augmented shape to itself)
+        self.augment_dim = augment_dim
         self.func = func
         self.register_buffer("t", torch.as_tensor(t, dtype=torch.float32).clone(), persistent=False)
         self.method, self.rtol, self.atol = method, rtol, atol
@@ -64,6 +72,9 @@ class ODEBlock(nn.Module):
         return 0 if self.stats is None else self.stats.nfe_backward
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.augment_dim:
+            pad = h.new_zeros(h.shape[0], self.augment_dim, *h.shape[2:])
+            h = torch.cat([h, pad], 1)
         params = [p for p in self.func.parameters() if p.requires_grad]
         sol = solve(
             self.func,
