@@ -67,6 +67,8 @@ def _classify(args: argparse.Namespace) -> int:
         deq_tol=args.deq_tol,
         deq_max_iter=args.deq_max_iter,
         jac_reg=args.jac_reg,
+        kinetic=args.kinetic,
+        jac_fro=args.jac_fro,
         limit_train=args.limit_train,
         limit_test=args.limit_test,
         seed=args.seed,
@@ -142,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tol", type=float, default=1e-3, help="ODE-Net rtol = atol during training")
     c.add_argument("--gradient", default="adjoint", choices=["adjoint", "backprop", "checkpoint"])
     c.add_argument("--rk-steps", type=int, default=2, help="RK-Net: rk4 steps on [0, 1]")
+    c.add_argument("--kinetic", type=float, default=0.0, help="ODE-Net: weight of the kinetic-energy regulariser")
+    c.add_argument(
+        "--jac-fro", type=float, default=0.0, help="ODE-Net: weight of the Jacobian Frobenius regulariser (Hutchinson)"
+    )
     c.add_argument("--deq-solver", default="anderson", choices=["anderson", "broyden"])
     c.add_argument("--deq-tol", type=float, default=1e-3, help="DEQ: relative residual of the fixed point")
     c.add_argument("--deq-max-iter", type=int, default=30)

@@ -58,6 +58,8 @@ class ClassifyConfig:
     deq_tol: float = 1e-3
     deq_max_iter: int = 30
     jac_reg: float = 0.0
+    kinetic: float = 0.0
+    jac_fro: float = 0.0
     limit_train: int | None = None
     limit_test: int | None = None
     seed: int = 0
@@ -67,7 +69,10 @@ class ClassifyConfig:
 
     def model_kwargs(self) -> dict:
         if self.model == "odenet":
-            return dict(method=self.method, rtol=self.rtol, atol=self.atol, gradient=self.gradient)
+            reg = {k: w for k, w in (("kinetic", self.kinetic), ("jacobian", self.jac_fro)) if w > 0}
+            return dict(
+                method=self.method, rtol=self.rtol, atol=self.atol, gradient=self.gradient, regularization=reg or None
+            )
         if self.model == "rknet":
             return dict(steps=self.rk_steps)
         if self.model == "resnet":

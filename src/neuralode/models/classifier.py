@@ -89,9 +89,14 @@ class _Classifier(nn.Module):
             return self.body.nfe_forward, self.body.nfe_backward
         return 0, 0
 
+    def extra_loss(self) -> torch.Tensor | None:
+        """The ODE block's regularisation term of the last training pass (None without regularisers)."""
+        return getattr(self.body, "reg_loss", None)
+
 
 class ODENet(_Classifier):
-    """Stem → one ODE block on [0, 1] (dopri5, rtol = atol = 1e-3, adjoint gradients as in the paper) → head."""
+    """Stem → one ODE block on [0, 1] (dopri5, rtol = atol = 1e-3, adjoint gradients as in the paper) → head.
+    ``regularization={"kinetic": w, "jacobian": w}`` adds Finlay et al.'s regularisers (``extra_loss``)."""
 
     def __init__(
         self,
@@ -104,8 +109,17 @@ class ODENet(_Classifier):
         atol: float = 1e-3,
         gradient: str = "adjoint",
         options: dict | None = None,
+        regularization: dict | None = None,
     ) -> None:
-        block = ODEBlock(ConvODEFunc(channels), method=method, rtol=rtol, atol=atol, gradient=gradient, options=options)
+        block = ODEBlock(
+            ConvODEFunc(channels),
+            method=method,
+            rtol=rtol,
+            atol=atol,
+            gradient=gradient,
+            options=options,
+            regularization=regularization,
+        )
         super().__init__(block, in_channels, channels, classes)
 
 

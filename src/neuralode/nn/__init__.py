@@ -2,5 +2,6 @@
 
 from .block import ODEBlock
 from .layers import ConcatConv2d, ConcatLinear, ConvODEFunc, MLPODEFunc
+from .regularizers import RegularizedField
 
-__all__ = ["ODEBlock", "ConcatConv2d", "ConcatLinear", "ConvODEFunc", "MLPODEFunc"]
+__all__ = ["ODEBlock", "ConcatConv2d", "ConcatLinear", "ConvODEFunc", "MLPODEFunc", "RegularizedField"]

@@ -8,9 +8,19 @@ import torch
 from torch import nn
 
 from .._api import solve
+from .._problem import ADAMS_METHODS, FIXED_RK_METHODS, IMPLICIT_FIXED_METHODS
 from ..gradients.common import SolveStats
+from .regularizers import RegularizedField
+
+FIXED_GRID = set(FIXED_RK_METHODS + IMPLICIT_FIXED_METHODS + ADAMS_METHODS)
 
 __all__ = ["ODEBlock"]
+
+
+def _state_rms(e) -> torch.Tensor:
+    """RMS of the state's part of a (state, accumulators) error tuple."""
+    x = e[0]
+    return torch.linalg.vector_norm(x) / x.numel() ** 0.5
 
 
 class ODEBlock(nn.Module):
@@ -23,6 +33,9 @@ class ODEBlock(nn.Module):
         method, rtol, atol, options: the solver (the paper's ODE-Net used dopri5 at rtol = atol = 1e-3).
         gradient: ``"adjoint"`` (constant memory, the paper's choice), ``"backprop"`` or ``"checkpoint"``.
         adjoint_options: options of the adjoint's backward solve (e.g. ``{"norm": "seminorm"}``).
+        regularization: ``{"kinetic": w, "jacobian": w}``: accumulate the kinetic energy and/or the Jacobian
+            Frobenius norm (Hutchinson) inside the solve during training; ``reg_loss`` is their weighted sum
+            (mean over the batch), to be added to the training loss.
         augment_dim: extra zero features (or channels) appended along dimension 1 before solving (augmented
             neural ODEs, Dupont et al. 2019), so that the flow can realise maps a plain ODE cannot.
 
@@ -47,8 +60,18 @@ class ODEBlock(nn.Module):
         adjoint_options: dict | None = None,
         return_all: bool = False,
         augment_dim: int = 0,
+        regularization: dict | None = None,
     ) -> None:
         super().__init__()
+        reg = dict(regularization or {})
+        unknown = set(reg) - {"kinetic", "jacobian"}
+        if unknown:
+            raise ValueError(f"regularization keys {sorted(unknown)} are not known; use 'kinetic' and/or 'jacobian'")
+        #: weights of the regularisers (``nn.regularizers``); ``reg_loss`` holds their weighted value after a
+        #: training forward pass
+        self.regularization = reg
+        self.reg_field = RegularizedField(func, kinetic="kinetic" in reg, jacobian="jacobian" in reg) if reg else None
+        self.reg_loss: torch.Tensor | None = None
         if augment_dim < 0:
             raise ValueError(f"augment_dim={augment_dim} must be 0 or positive")
         #: augmented neural ODE (Dupont et al. 2019): zeros appended along dimension 1 before the solve; the
@@ -76,6 +99,9 @@ class ODEBlock(nn.Module):
             pad = h.new_zeros(h.shape[0], self.augment_dim, *h.shape[2:])
             h = torch.cat([h, pad], 1)
         params = [p for p in self.func.parameters() if p.requires_grad]
+        self.reg_loss = None
+        if self.reg_field is not None and self.training and torch.is_grad_enabled():
+            return self._regularized(h, params)
         sol = solve(
             self.func,
             h,
@@ -91,6 +117,37 @@ class ODEBlock(nn.Module):
         )
         self.stats = sol.stats
         return sol.ys if self.return_all else sol.ys[-1]
+
+    def _regularized(self, h: torch.Tensor, params: list) -> torch.Tensor:
+        field = self.reg_field
+        field.sample_noise(h)
+        acc0 = h.new_zeros(h.shape[0], 2)
+        options = dict(self.options)
+        if "norm" not in options and self.method not in FIXED_GRID:
+            # error control on the state only: the accumulated integrals follow it and would otherwise force
+            # many more steps
+            options["norm"] = _state_rms
+        sol = solve(
+            field,
+            (h, acc0),
+            self.t.to(h.dtype),
+            method=self.method,
+            rtol=self.rtol,
+            atol=self.atol,
+            options=options,
+            gradient=self.gradient,
+            params=params,
+            adjoint_options=self.adjoint_options,
+            dense=False,
+        )
+        self.stats = sol.stats
+        hs, accs = sol.ys
+        acc = accs[-1]
+        self.reg_loss = (
+            self.regularization.get("kinetic", 0.0) * acc[:, 0].mean()
+            + self.regularization.get("jacobian", 0.0) * acc[:, 1].mean()
+        )
+        return hs if self.return_all else hs[-1]
 
     def extra_repr(self) -> str:
         return (
