@@ -1,0 +1,52 @@
+"""Print the README's Table 1 from training runs and the clean step benchmark.
+
+python benchmarks/table1.py --runs runs/fmnist --bench runs/bench/classifier_step.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", default="runs/fmnist")
+    ap.add_argument("--bench", default="runs/bench/classifier_step.json")
+    args = ap.parse_args(argv)
+    bench = {}
+    if os.path.exists(args.bench):
+        bench = {r["model"]: r for r in json.load(open(args.bench))["rows"]}
+    print(
+        "| model | test error | parameters | peak memory of a training step (MiB) | s/epoch (run) | "
+        "s/epoch (quiet, benchmark) | NFE forward / backward per batch |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for name in ("odenet", "resnet", "rknet", "deq"):
+        path = os.path.join(args.runs, name, "metrics.json")
+        if not os.path.exists(path):
+            continue
+        m = json.load(open(path))
+        b = bench.get(name, {})
+        h = m["history"]
+        nfe = f"{h[-1]['nfe_forward']:.1f} / {h[-1]['nfe_backward']:.1f}" if h[-1]["nfe_forward"] else "—"
+        mem = f"{b['peak_memory_mib']:.1f}" if b else f"{m['peak_memory_mib']:.1f}"
+        quiet = f"{b['seconds_per_epoch']:.0f}" if b else "—"
+        print(
+            f"| {name} | {100 * m['test_error']:.2f}% | {m['parameters'] / 1e6:.3f}M | {mem} | "
+            f"{m['seconds_per_epoch']:.0f} | {quiet} | {nfe} |"
+        )
+    sweep = os.path.join(args.runs, "odenet", "sweep.json")
+    if os.path.exists(sweep):
+        rows = json.load(open(sweep))["rows"]
+        print()
+        print("| rtol = atol at test time | " + " | ".join(f"{r['tolerance']:.0e}" for r in rows) + " |")
+        print("|---|" + "---|" * len(rows))
+        print("| NFE per batch | " + " | ".join(f"{r['nfe_forward']:.0f}" for r in rows) + " |")
+        print("| test-set seconds | " + " | ".join(f"{r['seconds']:.1f}" for r in rows) + " |")
+        print("| test error | " + " | ".join(f"{100 * r['test_error']:.2f}%" for r in rows) + " |")
+
+
+if __name__ == "__main__":
+    main()
