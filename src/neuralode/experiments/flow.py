@@ -1,0 +1,146 @@
+"""Maximum-likelihood training of a continuous normalizing flow on a built-in 2-D distribution.
+
+Training uses the configured trace (Hutchinson by default, FFJORD); evaluation always uses the exact trace.
+Writes ``metrics.json`` / ``metrics.csv`` (held-out NLL in nats, forward/backward NFE) and PNG plots: the
+learned density, samples, and samples flowing from the base to the data over time.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from ..data.toy2d import sample_2d
+from ..models.cnf import CNF
+from ._io import progress, pyplot, run_dir, write_csv, write_json
+
+__all__ = ["train_flow", "heldout_nll", "gaussian_nll_floor"]
+
+
+@torch.no_grad()
+def heldout_nll(cnf: CNF, x: torch.Tensor, batch: int = 1000) -> float:
+    """Mean negative log-likelihood (nats) with the exact trace."""
+    trace = cnf.field.trace
+    cnf.field.trace = "exact"
+    try:
+        total = 0.0
+        for i in range(0, len(x), batch):
+            total += float(-cnf.log_prob(x[i : i + batch]).sum())
+    finally:
+        cnf.field.trace = trace
+    return total / len(x)
+
+
+def train_flow(
+    data: str = "moons",
+    iters: int = 1000,
+    batch_size: int = 512,
+    hidden: int = 64,
+    layers: int = 3,
+    trace: str = "hutchinson",
+    lr: float = 1e-3,
+    tol: float = 1e-5,
+    gradient: str = "adjoint",
+    n_test: int = 5000,
+    eval_every: int = 100,
+    seed: int = 0,
+    out_dir: str = "runs/flow",
+    show_progress: bool = True,
+) -> dict:
+    torch.manual_seed(seed)
+    out = run_dir(out_dir)
+    test = sample_2d(data, n_test, seed=seed + 10_000)
+    cnf = CNF(2, hidden, layers, trace=trace, rtol=tol, atol=tol, gradient=gradient)
+    opt = torch.optim.Adam(cnf.parameters(), lr=lr)
+    history = []
+    t0 = time.perf_counter()
+    bar = progress(range(1, iters + 1), total=iters, desc=f"flow {data}", enabled=show_progress)
+    for it in bar:
+        x = sample_2d(data, batch_size, seed=seed * 1_000_003 + it)
+        loss = -cnf.log_prob(x).mean()
+        nfe_f = cnf.stats.nfe
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        nfe_b = cnf.stats.nfe_backward
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(nll=f"{float(loss.detach()):.3f}", nfe=f"{nfe_f}/{nfe_b}")
+        if it % eval_every == 0 or it == iters:
+            history.append(
+                {
+                    "iteration": it,
+                    "train_nll": float(loss.detach()),
+                    "test_nll": heldout_nll(cnf, test),
+                    "nfe_forward": nfe_f,
+                    "nfe_backward": nfe_b,
+                    "seconds": time.perf_counter() - t0,
+                }
+            )
+    params = sum(p.numel() for p in cnf.parameters())
+    metrics = {
+        "data": data,
+        "iters": iters,
+        "parameters": params,
+        "trace": trace,
+        "test_nll": history[-1]["test_nll"],
+        "gaussian_nll": gaussian_nll_floor(test),
+        "history": history,
+    }
+    write_json(os.path.join(out, "metrics.json"), metrics)
+    write_csv(os.path.join(out, "metrics.csv"), history)
+    torch.save(cnf.state_dict(), os.path.join(out, "cnf.pt"))
+    _plots(out, cnf, test, data)
+    return metrics
+
+
+@torch.no_grad()
+def _plots(out: str, cnf: CNF, test: torch.Tensor, data: str) -> None:
+    plt = pyplot()
+    if plt is None:
+        return
+    lim = float(test.abs().max()) * 1.1
+    g = torch.linspace(-lim, lim, 60)
+    xx, yy = torch.meshgrid(g, g, indexing="xy")
+    grid = torch.stack([xx.reshape(-1), yy.reshape(-1)], 1)
+    trace = cnf.field.trace
+    cnf.field.trace = "exact"
+    dens = torch.cat([cnf.log_prob(grid[i : i + 1200]).exp() for i in range(0, len(grid), 1200)]).reshape(60, 60)
+    cnf.field.trace = trace
+    samples = cnf.sample(2000, generator=torch.Generator().manual_seed(0))
+    fig, ax = plt.subplots(1, 3, figsize=(12, 4))
+    ax[0].scatter(test[:2000, 0], test[:2000, 1], s=1)
+    ax[0].set_title(f"data: {data}")
+    ax[1].imshow(dens.numpy(), extent=(-lim, lim, -lim, lim), origin="lower", cmap="viridis")
+    ax[1].set_title("learned density (exact trace)")
+    ax[2].scatter(samples[:, 0], samples[:, 1], s=1, color="C1")
+    ax[2].set_title("samples")
+    for a in ax:
+        a.set_xlim(-lim, lim)
+        a.set_ylim(-lim, lim)
+        a.set_aspect("equal")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "density.png"), dpi=110)
+    plt.close(fig)
+    z0 = torch.randn(1000, 2, generator=torch.Generator().manual_seed(1))
+    ts = [i * cnf.T / 5 for i in range(6)]
+    path = cnf.forward_transport(z0, ts=ts)
+    fig, ax = plt.subplots(1, len(ts), figsize=(3 * len(ts), 3))
+    for a, t, zt in zip(ax, ts, path):
+        a.scatter(zt[:, 0], zt[:, 1], s=1)
+        a.set_title(f"t = {t:.1f}")
+        a.set_xlim(-lim, lim)
+        a.set_ylim(-lim, lim)
+        a.set_aspect("equal")
+    fig.suptitle("samples flowing from the base (t = 0) to the data (t = T)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "transport.png"), dpi=110)
+    plt.close(fig)
+
+
+def gaussian_nll_floor(x: torch.Tensor) -> float:
+    """NLL of the best-fitting Gaussian: what a flow must beat to have learned anything."""
+    mu = x.mean(0)
+    cov = torch.cov((x - mu).T)
+    return float(-torch.distributions.MultivariateNormal(mu, cov).log_prob(x).mean())
