@@ -160,6 +160,14 @@ class CNF(nn.Module):
         zs, _ = self._flow(z, 0.0, self.T, ts)
         return zs if ts is not None else zs[-1]
 
+    def sample_with_log_prob(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Samples x = z(T) and log q(x), in one forward solve (density matching trains on both)."""
+        p = next(self.parameters())
+        z0 = torch.randn(n, self.dim, dtype=p.dtype, device=p.device)
+        zs, dlogp = self._flow(z0, 0.0, self.T)
+        # d(Δ)/dt = −tr with Δ(0) = 0: log q(z(T)) = log p0(z0) + Δ(T)
+        return zs[-1], self.base_log_prob(z0) + dlogp[-1]
+
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         p = next(self.parameters())
         z = torch.randn(n, self.dim, generator=generator, dtype=p.dtype).to(p.device)
