@@ -9,10 +9,12 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ._errors import SolverError, Status, exception_for
-from ._problem import Problem, prepare, run
+from ._problem import DEFAULT_MAX_NUM_STEPS, Problem, prepare, run, stepper
 from .gradients.adjoint import adjoint_solve
 from .gradients.checkpoint import checkpoint_solve
 from .gradients.common import SolveStats, time_gradient_wrapper
+from .solvers.control import StepController
+from .solvers.tableaus import TABLEAUS
 
 __all__ = ["solve", "Solution", "odeint", "odeint_adjoint", "odeint_event", "odeint_dense"]
 
@@ -100,6 +102,7 @@ def solve(
     on_failure: str = "raise",
     dense: bool = True,
     event_fn: Callable | None = None,
+    per_sample: bool = False,
 ) -> Solution:
     """Solve ``dy/dt = func(t, y)``, ``y(t[0]) = y0`` at the times ``t``.
 
@@ -121,6 +124,9 @@ def solve(
             ``status``, ``message`` and ``t_fail`` set.
         dense: keep each step's interpolant so that ``Solution.interpolate`` works.
         event_fn: stop at the first zero crossing of ``event_fn(t, y)``; ``Solution.event_t`` holds it.
+        per_sample: adaptive methods: every sample of a ``(batch, ...)`` state keeps its own time, step size
+            and accept/reject decision; ``func`` then receives ``t`` as a ``(batch,)`` tensor. Per-sample step
+            counts and evaluations are in ``Solution.sample_stats`` (backprop gradients; no dense output).
 
     Returns:
         a :class:`Solution`.
@@ -141,6 +147,8 @@ def solve(
             f"{gradient!r}; use a neuralode method for gradients"
         )
     stats = SolveStats()
+    if per_sample:
+        return _solve_per_sample(prob, stats, gradient, event_fn, on_failure)
     if event_fn is not None:
         return _solve_event(
             prob,
@@ -159,6 +167,64 @@ def solve(
     return _solve(
         prob, stats, gradient, params, adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options, on_failure, dense
     )
+
+
+def _solve_per_sample(prob: Problem, stats: SolveStats, gradient: str, event_fn, on_failure: str) -> Solution:
+    from ._problem import ADAPTIVE_METHODS
+    from .solvers.per_sample import integrate_per_sample
+
+    if prob.method not in ADAPTIVE_METHODS:
+        raise ValueError(
+            f"per_sample=True needs an adaptive Runge–Kutta method ({', '.join(ADAPTIVE_METHODS)}), not {prob.method!r}"
+        )
+    if gradient != "backprop":
+        raise ValueError("per_sample=True supports gradient='backprop' (autograd through the per-sample loop)")
+    if prob.is_tuple or len(prob.shape) < 2:
+        raise ValueError(
+            "per_sample=True needs a tensor state of shape (batch, ...) with the samples along "
+            f"dimension 0; got shape {tuple(prob.shape)}"
+        )
+    if event_fn is not None:
+        raise ValueError("per_sample=True does not support event_fn yet")
+    if not (isinstance(prob.rtol, float) and isinstance(prob.atol, float)):
+        raise ValueError("per_sample=True takes scalar rtol and atol")
+    unsupported = {"step_t", "jump_t", "norm"} & set(prob.options)
+    if unsupported:
+        raise ValueError(f"options {sorted(unsupported)} are not supported with per_sample=True")
+    opts = prob.options
+    ctrl = StepController(
+        TABLEAUS[prob.method].order,
+        safety=opts.get("safety", 0.9),
+        ifactor=opts.get("ifactor", 10.0),
+        dfactor=opts.get("dfactor", 0.2),
+        pcoeff=opts.get("pcoeff", 0.0),
+        icoeff=opts.get("icoeff", 1.0),
+        min_step=float(opts.get("min_step", 0.0)),
+        max_step=float(opts.get("max_step", math.inf)),
+    )
+    rhs = prob.rhs()
+    method = stepper(prob.method, rhs.n, rhs.dtype, rhs.device, "dense")
+    y0 = prob.unflatten(prob.y0)
+    res, sample_stats = integrate_per_sample(
+        prob.func,
+        y0,
+        prob.t_out,
+        method,
+        ctrl,
+        rtol=prob.rtol,
+        atol=prob.atol,
+        first_step=opts.get("first_step"),
+        max_num_steps=int(opts.get("max_num_steps", DEFAULT_MAX_NUM_STEPS)),
+    )
+    stats.nfe += sample_stats["calls"]
+    stats.n_steps += res.n_steps
+    stats.n_rejected += res.n_rejected
+    if res.status != Status.SUCCESS and on_failure == "raise":
+        raise exception_for(res.status, res.message, res.t_fail)
+    m = res.ys.shape[0]
+    sol = Solution(prob.t[:m], prob.unflatten(res.ys), stats, res.status, res.message, res.t_fail, None, prob)
+    sol.sample_stats = {k: v for k, v in sample_stats.items() if k != "calls"}
+    return sol
 
 
 def _solve(

@@ -1,0 +1,181 @@
+"""Per-sample adaptive stepping: every element of a batch keeps its own time, step size and accept/reject
+decision (as torchode does), so one hard sample does not force small steps on the whole batch.
+
+The state is ``(batch, ...)`` with independent samples along dimension 0. ``func`` is called on the whole batch
+with ``t`` a ``(batch,)`` tensor of per-sample times. Error control is the RMS norm of each sample's own error
+(the joint loop's norm restricted to the sample), the controller the joint loop's integral controller applied
+per sample, so that a sample takes exactly the steps it would take if it were solved alone.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .._errors import Status
+from .control import _MIN_RATIO, StepController
+from .integrate import IntegrationResult, _max_steps_message
+from .runge_kutta import RungeKutta
+
+__all__ = ["integrate_per_sample"]
+
+
+def integrate_per_sample(
+    func,
+    y0: torch.Tensor,
+    t_out: Sequence[float],
+    method: RungeKutta,
+    ctrl: StepController,
+    *,
+    rtol: float,
+    atol: float,
+    first_step: float | None = None,
+    max_num_steps: int = 100_000,
+) -> tuple[IntegrationResult, dict]:
+    """Integrate a batch with per-sample steps. Returns the result (``ys``: ``(len(t_out), batch, n)``) and
+    per-sample statistics (``n_steps``, ``n_rejected``, ``nfe``: tensors of shape ``(batch,)``)."""
+    if ctrl.beta2 != 0:
+        raise ValueError("per-sample stepping uses the integral controller: leave `pcoeff` at 0")
+    B = y0.shape[0]
+    y = y0.reshape(B, -1)
+    d = y.shape[1]
+    dtype, device = y.dtype, y.device
+    shape = y0.shape
+    T = [float(v) for v in t_out]
+    m = len(T)
+    direction = 1.0 if T[-1] >= T[0] else -1.0
+    tab = method.tableau
+    S = tab.stages
+    A = [torch.tensor(row, dtype=dtype, device=device) for row in tab.a]
+    c = tab.c
+    b = torch.tensor(tab.b, dtype=dtype, device=device)
+    b_err = torch.tensor(tab.b_err, dtype=dtype, device=device)
+    W = torch.from_numpy(method.W).to(dtype=dtype, device=device)  # (rows, degree)
+    rows_used = method.rows_used
+    powers = torch.arange(1, W.shape[1] + 1, dtype=torch.float64, device=device)
+    nfe = torch.zeros(B, dtype=torch.long, device=device)
+    calls = 0
+
+    def f(t64: torch.Tensor, yy: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        nonlocal calls, nfe
+        calls += 1
+        nfe = nfe + active.long()
+        return func(t64.to(dtype), yy.view(shape)).reshape(B, d)
+
+    def rms(x: torch.Tensor) -> torch.Tensor:  # per sample, in float64 as the joint loop's Python floats
+        return (torch.linalg.vector_norm(x, dim=1) / math.sqrt(max(d, 1))).double()
+
+    t = torch.full((B,), T[0], dtype=torch.float64, device=device)
+    t_end = torch.full_like(t, T[-1])
+    all_active = torch.ones(B, dtype=torch.bool, device=device)
+    K = torch.empty(max(method.rows, S), B, d, dtype=dtype, device=device)
+    f0 = f(t, y, all_active)
+    K[0] = f0
+    if first_step is None:  # Hairer's starting step, per sample (control.initial_step)
+        scale = y.abs() * rtol + atol
+        d0, d1 = rms(y / scale), rms(f0 / scale)
+        h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
+        f1 = f(t + direction * h0, y + (direction * h0).to(dtype)[:, None] * f0, all_active)
+        d2 = rms((f1 - f0) / scale) / h0
+        dmax = torch.maximum(d1, d2)
+        h1 = torch.where(dmax <= 1e-15, torch.clamp(h0 * 1e-3, min=1e-6), (0.01 / dmax) ** (1.0 / (tab.order + 1)))
+        dt = torch.minimum(100 * h0, h1)
+        dt = torch.where(torch.isfinite(dt) & (dt > 0), dt, torch.full_like(dt, 1e-6))
+    else:
+        dt = torch.full_like(t, abs(float(first_step)))
+    dt = torch.clamp(dt.detach(), max=ctrl.max_step) * direction
+
+    out = torch.empty(m, B, d, dtype=dtype, device=device)
+    out[0] = y
+    next_k = torch.ones(B, dtype=torch.long, device=device)
+    T_t = torch.tensor(T, dtype=torch.float64, device=device)
+    active = all_active.clone()
+    if m == 1 or T[0] == T[-1]:
+        out[:] = y
+        active[:] = False
+    n_steps = torch.zeros(B, dtype=torch.long, device=device)
+    n_rej = torch.zeros(B, dtype=torch.long, device=device)
+    tol_shift = atol / rtol
+    k_exp = -ctrl.beta1
+    status, message, t_fail = Status.SUCCESS, "", None
+    attempts = 0
+    while bool(active.any()):
+        if attempts >= max_num_steps:
+            worst = int(torch.argmin(torch.where(active, direction * t, torch.full_like(t, math.inf))))
+            status, t_fail = Status.MAX_STEPS, float(t[worst])
+            message = _max_steps_message(max_num_steps, t_fail, T[0], T[-1], int(n_steps[worst]), int(n_rej[worst]))
+            message += f" (sample {worst} of the batch)"
+            break
+        attempts += 1
+        lands = direction * (t + dt - t_end) >= 0
+        dt_try = torch.where(lands, t_end - t, dt)
+        dt_try = torch.where(active, dt_try, torch.zeros_like(dt_try))
+        h = dt_try.to(dtype)[:, None]
+        yi = y
+        for i in range(1, S):
+            yi = y + h * torch.tensordot(A[i], K[:i], dims=1)
+            K[i] = f(t + c[i] * dt_try, yi, active)
+        y1 = yi if method.fsal else y + h * torch.tensordot(b, K[:S], dims=1)
+        with torch.no_grad():  # step-size control is not differentiated (as in the joint loop)
+            e = torch.tensordot(b_err, K[:S], dims=1)
+            scale = torch.maximum(y.abs(), y1.abs()) + tol_shift
+            ratio = dt_try.abs() * rms(e / scale) / rtol
+        finite = torch.isfinite(ratio)
+        accept = active & finite & (ratio <= 1.0)
+        reject = active & ~accept
+        t1 = torch.where(lands, t_end, t + dt_try)
+        # outputs passed by accepted steps: the method's continuous extension, per sample
+        if not method.fsal and method.interp_needs_f1 and bool(accept.any()):
+            K[S] = f(t1, y1, accept)
+        while True:
+            kk = next_k.clamp(max=m - 1)
+            due = accept & (next_k < m) & (direction * (T_t[kk] - t1) <= 0)
+            if not bool(due.any()):
+                break
+            idx = due.nonzero().squeeze(1)
+            theta = ((T_t[kk[idx]] - t[idx]) / dt_try[idx]).clamp(0.0, 1.0)
+            coef = (theta[:, None] ** powers) @ W.double().T  # (n_due, rows)
+            interp = torch.einsum("ir,rid->id", coef.to(dtype), K[:rows_used, idx])
+            out[kk[idx], idx] = y[idx] + h[idx] * interp
+            next_k[idx] += 1
+        y = torch.where(accept[:, None], y1, y)
+        t = torch.where(accept, t1, t)
+        if method.fsal:
+            K[0] = torch.where(accept[:, None], K[S - 1], K[0])
+        else:
+            if method.interp_needs_f1:
+                K[0] = torch.where(accept[:, None], K[S], K[0])
+            elif bool(accept.any()):
+                K[0] = torch.where(accept[:, None], f(t, y, accept), K[0])
+        r = ratio.clamp(min=_MIN_RATIO)
+        grow = torch.where(
+            ratio == 0, torch.full_like(r, ctrl.ifactor), (ctrl.safety * r**k_exp).clamp(1.0, ctrl.ifactor)
+        )
+        shrink = (ctrl.safety * r ** (-1.0 / ctrl.k)).clamp(ctrl.dfactor, 1.0)
+        factor = torch.where(accept, grow, torch.where(finite, shrink, torch.full_like(r, ctrl.dfactor)))
+        new_dt = (dt_try.abs() * factor).clamp(max=ctrl.max_step) * direction
+        dt = torch.where(active, new_dt, dt)
+        n_steps += accept.long()
+        n_rej += reject.long()
+        active = active & ~(accept & lands)
+        tiny = active & (
+            (dt.abs() < ctrl.min_step) | (t + dt == t) | (dt.abs() < 4 * np.finfo(np.float64).eps * t.abs())
+        )
+        if bool(tiny.any()):
+            worst = int(tiny.nonzero()[0])
+            status, t_fail = Status.DT_UNDERFLOW, float(t[worst])
+            message = (
+                f"step size underflow at t={t_fail:.10g} for sample {worst} of the batch: its step fell to "
+                f"{abs(float(dt[worst])):.3g} (rtol={rtol:g}, atol={atol:g}); the sample's solution may blow up "
+                "there or its dynamics are stiff"
+            )
+            break
+    reached = int(next_k.min()) if status != Status.SUCCESS else m
+    res = IntegrationResult(
+        out[:reached].reshape(reached, -1), status, message, t_fail, int(n_steps.max()), int(n_rej.max())
+    )
+    stats = {"n_steps": n_steps, "n_rejected": n_rej, "nfe": nfe, "calls": calls}
+    return res, stats
