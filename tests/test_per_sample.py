@@ -81,3 +81,15 @@ def test_per_sample_bad_input_is_a_clear_error():
         node.solve(lambda t, y: -y, y0[None], t, method="rk4", options={"step_size": 0.1}, per_sample=True)
     with pytest.raises(ValueError, match="backprop"):
         node.solve(lambda t, y: -y, y0[None], t, gradient="adjoint", per_sample=True)
+
+
+def test_per_sample_backwards_in_time_matches_the_joint_solve_of_each_sample():
+    mus = torch.tensor([0.5, 3.0], dtype=torch.float64)
+    y0 = torch.tensor([[2.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
+    t = torch.linspace(3, 0, 13, dtype=torch.float64)
+    with torch.no_grad():
+        ps = node.solve(_vdp(mus), y0, t, rtol=1e-7, atol=1e-9, per_sample=True)
+        for b in range(2):
+            alone = node.solve(_vdp(mus[b : b + 1]), y0[b : b + 1], t, rtol=1e-7, atol=1e-9)
+            assert int(ps.sample_stats["n_steps"][b]) == alone.stats.n_steps
+            torch.testing.assert_close(ps.ys[:, b], alone.ys[:, 0], rtol=0, atol=1e-10)

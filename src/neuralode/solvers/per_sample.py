@@ -92,6 +92,7 @@ def integrate_per_sample(
     out[0] = y
     next_k = torch.ones(B, dtype=torch.long, device=device)
     T_t = torch.tensor(T, dtype=torch.float64, device=device)
+    T_sorted = direction * T_t  # increasing, for searchsorted
     active = all_active.clone()
     if m == 1 or T[0] == T[-1]:
         out[:] = y
@@ -130,17 +131,21 @@ def integrate_per_sample(
         # outputs passed by accepted steps: the method's continuous extension, per sample
         if not method.fsal and method.interp_needs_f1 and bool(accept.any()):
             K[S] = f(t1, y1, accept)
-        while True:
-            kk = next_k.clamp(max=m - 1)
-            due = accept & (next_k < m) & (direction * (T_t[kk] - t1) <= 0)
-            if not bool(due.any()):
-                break
-            idx = due.nonzero().squeeze(1)
-            theta = ((T_t[kk[idx]] - t[idx]) / dt_try[idx]).clamp(0.0, 1.0)
-            coef = (theta[:, None] ** powers) @ W.double().T  # (n_due, rows)
-            interp = torch.einsum("ir,rid->id", coef.to(dtype), K[:rows_used, idx])
-            out[kk[idx], idx] = y[idx] + h[idx] * interp
-            next_k[idx] += 1
+        # every output time passed by an accepted step, all samples at once: indices next_k .. upto − 1
+        upto = torch.searchsorted(T_sorted, direction * t1, right=True)
+        count = torch.where(accept, upto - next_k, torch.zeros_like(upto)).clamp(min=0)
+        M = int(count.max())
+        if M:
+            ks = next_k[:, None] + torch.arange(M, device=device)
+            valid = torch.arange(M, device=device) < count[:, None]
+            ks = ks.clamp(max=m - 1)
+            theta = ((T_t[ks] - t[:, None]) / torch.where(dt_try == 0, 1.0, dt_try)[:, None]).clamp(0.0, 1.0)
+            coef = (theta[..., None] ** powers) @ W.double().T  # (B, M, rows)
+            interp = torch.einsum("bmr,rbd->bmd", coef.to(dtype), K[:rows_used])
+            vals = y[:, None] + h[:, None] * interp
+            bi = torch.arange(B, device=device)[:, None].expand(B, M)
+            out[ks[valid], bi[valid]] = vals[valid]
+            next_k = next_k + count
         y = torch.where(accept[:, None], y1, y)
         t = torch.where(accept, t1, t)
         if method.fsal:

@@ -1,0 +1,141 @@
+"""The torchode paper's loop benchmark: van der Pol, batch 256, t ∈ [0, 7], 200 output points, dopri5 at
+rtol = atol = 1e-5, one thread, in one process: neuralode (joint and per-sample stepping), torchdiffeq (joint)
+and torchode (per-sample). Two batches: μ = 2 for every sample (as the paper), and μ drawn from 0.5 … 5
+(samples that differ in stiffness). Prints library × case × (first-call seconds, steady ms, NFE, ratio to
+torchdiffeq); writes JSON and a PNG bar chart.
+
+    python benchmarks/vdp.py [--rounds 5] [--out runs/bench/vdp.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+import neuralode as node
+from neuralode.experiments._io import pyplot
+from neuralode.experiments.bench import interleaved_min, machine, save_json
+
+
+def _case(
+    case: str, mu: torch.Tensor, y0: torch.Tensor, t: torch.Tensor, batch: int, rounds: int, rtol: float, atol: float
+) -> list[dict]:
+    rows = []
+
+    def f(tt, y, mu=mu):
+        return torch.stack([y[..., 1], mu * (1 - y[..., 0] ** 2) * y[..., 1] - y[..., 0]], -1)
+
+    counts: dict[str, int] = {}
+
+    def ours(per_sample: bool):
+        def run():
+            with torch.no_grad():
+                sol = node.solve(f, y0, t, rtol=rtol, atol=atol, dense=False, per_sample=per_sample)
+            counts["neuralode per-sample" if per_sample else "neuralode joint"] = (
+                int(sol.sample_stats["nfe"].sum()) if per_sample else sol.stats.nfe * batch
+            )
+
+        return run
+
+    calls = {"neuralode joint": ours(False), "neuralode per-sample": ours(True)}
+    try:
+        import torchdiffeq
+
+        def tdq():
+            n = [0]
+
+            def fc(tt, y):
+                n[0] += 1
+                return f(tt, y)
+
+            with torch.no_grad():
+                torchdiffeq.odeint(fc, y0, t, rtol=rtol, atol=atol, method="dopri5")
+            counts["torchdiffeq joint"] = n[0] * batch
+
+        calls["torchdiffeq joint"] = tdq
+    except ImportError:
+        pass
+    try:
+        import torchode as to
+
+        term = to.ODETerm(lambda tt, y: f(tt, y))
+        solver = to.AutoDiffAdjoint(to.Dopri5(term=term), to.IntegralController(atol=atol, rtol=rtol, term=term))
+
+        def tode():
+            with torch.no_grad():
+                sol = solver.solve(to.InitialValueProblem(y0=y0, t_eval=t[None].expand(batch, -1)))
+            counts["torchode per-sample"] = int(sol.stats["n_f_evals"].sum())
+
+        calls["torchode per-sample"] = tode
+    except ImportError:
+        pass
+    first = {}
+    for name, fn in calls.items():
+        a = time.perf_counter()
+        fn()
+        first[name] = time.perf_counter() - a
+    best = interleaved_min(calls, rounds)
+    ref = best.get("torchdiffeq joint")
+    for name in calls:
+        rows.append(
+            {
+                "case": case,
+                "library": name,
+                "first_call_s": first[name],
+                "ms": 1000 * best[name],
+                "nfe_total": counts.get(name),
+                "ratio_to_torchdiffeq": best[name] / ref if ref else None,
+            }
+        )
+    return rows
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default="runs/bench/vdp.json")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rtol = atol = 1e-5
+    t = torch.linspace(0, 7, 200)
+    g = torch.Generator().manual_seed(0)
+    cases = {
+        "mu=2": torch.full((args.batch,), 2.0),
+        "mu~U(0.5,5)": 0.5 + 4.5 * torch.rand(args.batch, generator=g),
+    }
+    y0 = torch.randn(args.batch, 2, generator=g)
+    rows = []
+    for case, mu in cases.items():
+        rows += _case(case, mu, y0, t, args.batch, args.rounds, rtol, atol)
+    print(f"van der Pol, batch {args.batch}, 200 outputs on [0, 7], dopri5 rtol=atol=1e-5, {args.threads} thread(s)")
+    print(f"{'case':<13} {'library':<22} {'first s':>8} {'ms':>9} {'NFE (sum)':>10} {'÷ torchdiffeq':>13}")
+    for r in rows:
+        ratio = f"{r['ratio_to_torchdiffeq']:.2f}" if r["ratio_to_torchdiffeq"] else "—"
+        print(
+            f"{r['case']:<13} {r['library']:<22} {r['first_call_s']:>8.3f} {r['ms']:>9.1f} "
+            f"{r['nfe_total'] or 0:>10} {ratio:>13}"
+        )
+    save_json({"machine": machine(), "rows": rows}, args.out)
+    plt = pyplot()
+    if plt is not None:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        libs = sorted({r["library"] for r in rows})
+        for j, case in enumerate(cases):
+            vals = [next((r["ms"] for r in rows if r["case"] == case and r["library"] == lib), 0) for lib in libs]
+            ax.bar([i + 0.4 * j for i in range(len(libs))], vals, width=0.4, label=case)
+        ax.set_xticks([i + 0.2 for i in range(len(libs))], libs, rotation=15)
+        ax.set_ylabel("ms per solve")
+        ax.legend()
+        ax.set_title("van der Pol, batch 256, dopri5 1e-5")
+        fig.tight_layout()
+        fig.savefig(os.path.splitext(args.out)[0] + ".png", dpi=110)
+    print(f"written {args.out}")
+
+
+if __name__ == "__main__":
+    main()
