@@ -79,7 +79,7 @@ def main(argv=None) -> None:
     with torch.no_grad():
         t0 = time.perf_counter()
         sol = node.solve(
-            f_batch, y0, t, method="dopri5", rtol=rtol, atol=atol, on_failure="return", options={"max_num_steps": 20000}
+            f_batch, y0, t, method="dopri5", rtol=rtol, atol=atol, on_failure="return", options={"max_num_steps": 5000}
         )
         wall = time.perf_counter() - t0
     rows.append(
