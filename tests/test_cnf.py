@@ -204,3 +204,33 @@ def test_density_matching_lowers_the_reverse_kl(which):
     torch.manual_seed(1)
     after = float(kl(2000).detach())
     assert after < before - 0.2, (before, after)
+
+
+@pytest.mark.parametrize("model", ["cnf", "planar"])
+def test_density_matching_cli_runs(tmp_path, model):
+    import json
+
+    from neuralode.cli import main
+
+    out = tmp_path / model
+    argv = [
+        "flow",
+        "--target",
+        "U1",
+        "--model",
+        model,
+        "--iters",
+        "6",
+        "--hidden",
+        "8",
+        "--K",
+        "4",
+        "--batch-size",
+        "64",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
+    assert main(argv) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["model"] == model and math.isfinite(m["kl"]) and (out / "match.png").stat().st_size > 0

@@ -91,8 +91,26 @@ def _classify(args: argparse.Namespace) -> int:
 
 
 def _flow(args: argparse.Namespace) -> int:
-    from .experiments.flow import train_flow
+    from .experiments.flow import match_density, train_flow
 
+    if args.target:
+        m = match_density(
+            target=args.target,
+            model=args.model,
+            iters=args.iters,
+            batch_size=args.batch_size,
+            hidden=args.hidden,
+            layers=args.layers,
+            K=args.K,
+            lr=args.lr,
+            tol=args.tol,
+            seed=args.seed,
+            out_dir=args.out,
+            show_progress=not args.no_progress,
+        )
+        print(json.dumps({k: v for k, v in m.items() if k != "history"}, indent=2))
+        print(f"metrics and plot in {args.out}/ (metrics.json, metrics.csv, match.png)")
+        return 0
     m = train_flow(
         data=args.data,
         iters=args.iters,
@@ -193,6 +211,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="moons",
         choices=["8gaussians", "checkerboard", "2spirals", "moons", "pinwheel", "rings", "circles", "swissroll"],
     )
+    f.add_argument(
+        "--target",
+        default=None,
+        choices=["U1", "U2", "U3", "U4"],
+        help="density matching: fit an unnormalised target by the reverse KL instead of data",
+    )
+    f.add_argument("--model", default="cnf", choices=["cnf", "planar"], help="with --target: the flow")
+    f.add_argument("--K", type=int, default=16, help="with --model planar: number of planar layers")
     f.add_argument("--iters", type=int, default=1000)
     f.add_argument("--batch-size", type=int, default=512)
     f.add_argument("--hidden", type=int, default=64)
