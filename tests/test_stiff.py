@@ -257,3 +257,38 @@ def test_rodas4_van_der_pol_mu_1000_batch_against_scipy_radau():
         )
         err = np.abs(sol.ys[:, b].numpy() - ref.y.T) / (atol + rtol * np.abs(ref.y.T))
         assert err.max() < 20, (mu, err.max())
+
+
+class _RobertsonWithJacobian:
+    """Robertson's kinetics with an analytic Jacobian (the ``func.jacobian`` hook), one block per sample."""
+
+    def __init__(self, bad_shape=False):
+        self.bad_shape = bad_shape
+
+    def __call__(self, t, y):
+        return _robertson(t, y)
+
+    def jacobian(self, t, y):
+        y2, y3 = y[:, 1], y[:, 2]
+        z = torch.zeros_like(y2)
+        J = torch.stack(
+            [
+                torch.stack([-0.04 + z, 1e4 * y3, 1e4 * y2], 1),
+                torch.stack([0.04 + z, -1e4 * y3 - 6e7 * y2, -1e4 * y2], 1),
+                torch.stack([z, 6e7 * y2, z], 1),
+            ],
+            1,
+        )
+        return J[:, :2] if self.bad_shape else J
+
+
+@pytest.mark.parametrize("method,options", [("rodas4", {}), ("radauIIA5", {"step_size": 1e-4})])
+def test_an_analytic_jacobian_hook_gives_the_autograd_solution(method, options):
+    y0 = torch.tensor([[1.0, 0.0, 0.0], [0.9, 0.0, 0.1]], dtype=torch.float64)
+    t = torch.tensor([0.0, 1e-3], dtype=torch.float64)
+    with torch.no_grad():
+        a = node.odeint(_robertson, y0, t, method=method, rtol=1e-8, atol=1e-12, options=options)
+        b = node.odeint(_RobertsonWithJacobian(), y0, t, method=method, rtol=1e-8, atol=1e-12, options=options)
+    torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-14)
+    with pytest.raises(ValueError, match="func.jacobian returned shape"):
+        node.odeint(_RobertsonWithJacobian(bad_shape=True), y0, t, method=method, options=options)

@@ -144,6 +144,25 @@ IMPLICIT_TABLEAUS = {
 }
 
 
+def user_jacobian(rhs, t: torch.Tensor, y: torch.Tensor, batch: int) -> torch.Tensor | None:
+    """``func.jacobian(t, y)`` when the user's func defines one (``(batch, d, d)``, or ``(n, n)`` for one
+    system), as blocks ``(batch, d, d)``; None otherwise (autograd is used)."""
+    jac = getattr(rhs.func, "jacobian", None)
+    if jac is None or rhs.buffer_shape is None:
+        return None
+    J = jac(t, y.view(rhs.buffer_shape))
+    n = y.numel()
+    d = n // batch
+    if J.shape == (batch, d, d):
+        return J
+    if batch == 1 and J.shape == (n, n):
+        return J[None]
+    raise ValueError(
+        f"func.jacobian returned shape {tuple(J.shape)}; expected ({batch}, {d}, {d}) (one block per sample)"
+        + (f" or ({n}, {n})" if batch == 1 else "")
+    )
+
+
 def batched_jacobian(f, y: torch.Tensor, batch: int, create_graph: bool = False) -> torch.Tensor:
     """Jacobians ``(batch, d, d)`` of ``f`` (flat ``(batch·d,)`` → flat) for a state made of ``batch``
     independent blocks of size d, by d vector–Jacobian products evaluated together. With ``create_graph``
@@ -238,7 +257,8 @@ class ImplicitRK(FlatBuffers):
 
     def _jacobian(self, rhs, t: float, y: torch.Tensor) -> torch.Tensor:
         tt = torch.scalar_tensor(t, dtype=self.dtype, device=self.device)
-        return batched_jacobian(lambda v: rhs(tt, v), y, self.batch)  # (B, d, d)
+        J = user_jacobian(rhs, tt, y, self.batch)
+        return J.detach() if J is not None else batched_jacobian(lambda v: rhs(tt, v), y, self.batch)  # (B, d, d)
 
     def _iteration_matrix(self, dt: float, J: torch.Tensor) -> torch.Tensor:
         """``I − h (A ⊗ J)`` per block: (B, s·d, s·d). ``J`` is (B, d, d) or per stage (s, B, d, d)."""

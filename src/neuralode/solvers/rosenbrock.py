@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .implicit import FlatBuffers, batched_jacobian
+from .implicit import FlatBuffers, batched_jacobian, user_jacobian
 from .runge_kutta import StageBuffer
 
 __all__ = ["Rosenbrock23", "Rosenbrock", "RosenbrockTableau", "RODAS4", "ROSENBROCK_METHODS"]
@@ -84,7 +84,9 @@ class _RosenbrockBase(FlatBuffers):
         f0 = buf.K[0] if buf.grad else buf.rows[0]
         grad = buf.grad and (y.requires_grad or f0.requires_grad)
         t0 = self._time(t)
-        J = batched_jacobian(lambda v: rhs(t0, v), y, self.batch, create_graph=grad)
+        J = user_jacobian(rhs, t0, y, self.batch)
+        if J is None:
+            J = batched_jacobian(lambda v: rhs(t0, v), y, self.batch, create_graph=grad)
         G = -J
         G.diagonal(dim1=1, dim2=2).add_(1.0 / (h * gamma))
         lu = torch.linalg.lu_factor(G)
