@@ -20,7 +20,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from neuralode.experiments.classify import peak_step_memory
+from neuralode import _problem
+from neuralode.experiments.classify import _cpu_peak, peak_step_memory
 from neuralode.models.classifier import build_classifier, count_parameters
 
 
@@ -29,7 +30,7 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--models", nargs="+", default=["odenet", "resnet", "rknet", "deq"])
+    ap.add_argument("--models", nargs="+", default=["odenet", "resnet", "resnet-12", "rknet", "deq"])
     ap.add_argument(
         "--checkpoint-dir",
         default=None,
@@ -41,11 +42,12 @@ def main(argv=None) -> None:
     x = torch.randn(args.batch, 1, 28, 28)
     y = torch.randint(0, 10, (args.batch,))
     rows = []
-    print(f"{'model':>8} {'params':>9} {'s/step':>8} {'s/epoch':>8} {'NFE f/b':>9} {'peak MiB':>9}")
+    print(f"{'model':>8} {'params':>9} {'s/step':>8} {'s/epoch':>8} {'NFE f/b':>9} {'peak MiB':>9} {'block MiB':>9}")
     for name in args.models:
-        model = build_classifier(name)
-        ckpt = os.path.join(args.checkpoint_dir or "", name, "checkpoint.pt")
-        if args.checkpoint_dir and os.path.exists(ckpt):
+        kind, _, blocks = name.partition("-")  # "resnet-12": a deeper ResNet, to show memory growing with depth
+        model = build_classifier(kind, **({"blocks": int(blocks)} if blocks else {}))
+        ckpt = os.path.join(args.checkpoint_dir or "", kind, "checkpoint.pt")
+        if args.checkpoint_dir and os.path.exists(ckpt) and not blocks:
             model.load_state_dict(torch.load(ckpt, weights_only=False)["model"])
         opt = torch.optim.SGD(model.parameters(), lr=0.0)  # the step's cost, not a change of weights
         times = []
@@ -59,6 +61,10 @@ def main(argv=None) -> None:
         nfe = model.nfe() if hasattr(model, "nfe") else (0, 0)
         step = statistics.median(times)
         peak = peak_step_memory(model, x, y)
+        # the block alone: forward + backward through body and head from the (detached) stem output
+        h = model.stem(x).detach().requires_grad_(True)
+        _problem._STEPPERS.clear()
+        block = _cpu_peak(lambda model=model, h=h: F.cross_entropy(model.head(model.body(h)), y).backward())
         row = {
             "model": name,
             "parameters": count_parameters(model),
@@ -67,11 +73,12 @@ def main(argv=None) -> None:
             "nfe_forward": nfe[0],
             "nfe_backward": nfe[1],
             "peak_memory_mib": peak,
+            "block_peak_mib": block,
         }
         rows.append(row)
         print(
             f"{name:>8} {row['parameters']:>9,} {step:>8.3f} {row['seconds_per_epoch']:>8.0f} "
-            f"{nfe[0]:>4}/{nfe[1]:<4} {peak:>9.1f}"
+            f"{nfe[0]:>4}/{nfe[1]:<4} {peak:>9.1f} {block:>9.1f}"
         )
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as fh:
