@@ -32,11 +32,18 @@ def main(argv=None) -> None:
         h = m["history"]
         nfe = f"{h[-1]['nfe_forward']:.1f} / {h[-1]['nfe_backward']:.1f}" if h[-1]["nfe_forward"] else "—"
         mem = f"{b['peak_memory_mib']:.1f}" if b else f"{m['peak_memory_mib']:.1f}"
+        block = f"{b['block_peak_mib']:.1f}" if b else "—"
         quiet = f"{b['seconds_per_epoch']:.0f}" if b else "—"
         print(
-            f"| {name} | {100 * m['test_error']:.2f}% | {m['parameters'] / 1e6:.3f}M | {mem} | "
+            f"| {name} | {100 * m['test_error']:.2f}% | {m['parameters'] / 1e6:.3f}M | {mem} | {block} | "
             f"{m['seconds_per_epoch']:.0f} | {quiet} | {nfe} |"
         )
+    for name, b in bench.items():
+        if "-" in name:
+            print(
+                f"| {name} (not trained: memory only) | | {b['parameters'] / 1e6:.3f}M | {b['peak_memory_mib']:.1f} | "
+                f"{b['block_peak_mib']:.1f} | | {b['seconds_per_epoch']:.0f} | |"
+            )
     sweep = os.path.join(args.runs, "odenet", "sweep.json")
     if os.path.exists(sweep):
         rows = json.load(open(sweep))["rows"]
