@@ -19,10 +19,10 @@ def main(argv=None) -> None:
     if os.path.exists(args.bench):
         bench = {r["model"]: r for r in json.load(open(args.bench))["rows"]}
     print(
-        "| model | test error | parameters | peak memory of a training step (MiB) | s/epoch (run) | "
-        "s/epoch (quiet, benchmark) | NFE forward / backward per batch |"
+        "| model | test error | parameters | peak memory of a training step (MiB) | of the block alone (MiB) | "
+        "s/epoch (run) | s/epoch (quiet, benchmark) | NFE forward / backward per batch |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for name in ("odenet", "resnet", "rknet", "deq"):
         path = os.path.join(args.runs, name, "metrics.json")
         if not os.path.exists(path):
