@@ -180,7 +180,7 @@ def test_rosenbrock23_solves_a_batch_of_robertson_problems_against_scipy_radau()
     torch.testing.assert_close(sol.ys[-1].sum(1), torch.ones(3, dtype=torch.float64), rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("method", ["rosenbrock23", "rodas4"])
+@pytest.mark.parametrize("method", ["rosenbrock23", "rodas4", "adaptive_trbdf2"])
 def test_rosenbrock_gradients_are_exact_for_the_discrete_solve(method):
     func = _Mild()
     y0 = torch.tensor([[1.0, 0.0], [0.5, 1.0]], dtype=torch.float64)
@@ -292,3 +292,17 @@ def test_an_analytic_jacobian_hook_gives_the_autograd_solution(method, options):
     torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-14)
     with pytest.raises(ValueError, match="func.jacobian returned shape"):
         node.odeint(_RobertsonWithJacobian(bad_shape=True), y0, t, method=method, options=options)
+
+
+def test_adaptive_trbdf2_solves_robertson_against_scipy_radau():
+    import numpy as np
+
+    y0 = torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64)
+    t = torch.tensor([0.0, 1e-3, 1e-2, 1.0, 100.0, 1e4, 1e5], dtype=torch.float64)
+    rtol, atol = 1e-4, 1e-8
+    with torch.no_grad():
+        sol = node.solve(_robertson, y0, t, method="adaptive_trbdf2", rtol=rtol, atol=atol)
+    ref = _radau_robertson((0.04, 1e4, 3e7), t.numpy())
+    err = np.abs(sol.ys[:, 0].numpy() - ref.y.T) / (atol + rtol * np.abs(ref.y.T))
+    assert err.max() < 50, err.max()  # an order-2 pair: a modest multiple of the local tolerance
+    assert sol.stats.n_steps < 300

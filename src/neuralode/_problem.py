@@ -15,7 +15,7 @@ import torch
 
 from .solvers.adams import integrate_adams
 from .solvers.control import StepController
-from .solvers.implicit import IMPLICIT_TABLEAUS, ImplicitRK
+from .solvers.implicit import IMPLICIT_TABLEAUS, AdaptiveTRBDF2, ImplicitRK
 from .solvers.integrate import (
     RHS,
     EventGrid,
@@ -360,6 +360,10 @@ def run(
         step_t = _times(opts.get("step_t"))
         if method == "rosenbrock23":
             rk = Rosenbrock23(rhs.n, rhs.dtype, rhs.device, batch=_jacobian_batch(rhs, opts))
+        elif method == "adaptive_trbdf2":
+            rt = float(rtol) if isinstance(rtol, float) else float(torch.as_tensor(rtol).min())
+            rk = AdaptiveTRBDF2(rhs.n, rhs.dtype, rhs.device, batch=_jacobian_batch(rhs, opts), rtol=rt)
+            step_t = step_t + [float(s) for s in t_out]  # step on the output times (no interpolation there)
         elif method in ROSENBROCK:
             rk = Rosenbrock(RODAS4, rhs.n, rhs.dtype, rhs.device, batch=_jacobian_batch(rhs, opts))
             step_t = step_t + [float(s) for s in t_out]  # step on the output times (no interpolation there)

@@ -278,10 +278,9 @@ class ImplicitRK(FlatBuffers):
         sol = torch.linalg.lu_solve(*lu, rhs)
         return sol.view(B, s, d).permute(1, 0, 2).reshape(s, B * d)
 
-    def step(self, rhs, t: float, dt: float, y: torch.Tensor, buf: StageBuffer, perturb_last: bool = False):
-        grad = torch.is_grad_enabled()
+    def _newton(self, rhs, t: float, dt: float, y_: torch.Tensor, perturb_last: bool):
+        """Converged stage increments Z (s, n) and the Jacobian in use; raises NewtonError."""
         with torch.no_grad():
-            y_ = y.detach()
             J = self._jacobian(rhs, t, y_)
             lu = torch.linalg.lu_factor(self._iteration_matrix(dt, J))
             Z = torch.zeros(self.s, self.n, dtype=self.dtype, device=self.device)
@@ -299,34 +298,39 @@ class ImplicitRK(FlatBuffers):
                         f"{dt:.3g}; reduce step_size"
                     )
                 if size <= scale:
-                    break
+                    return Z, J
                 if size > 0.5 * prev:
                     # slow contraction: the Jacobian at the step's start is too far from the stages' (a fast
                     # transient); refresh it at the end-of-step stage and refactor
                     J = self._jacobian(rhs, t + self.c[-1] * dt, y_ + Z[-1])
                     lu = torch.linalg.lu_factor(self._iteration_matrix(dt, J))
                 prev = size
-            else:
-                raise NewtonError(
-                    f"{self.tableau.name}: Newton's method did not converge in {self.max_iters} iterations at "
-                    f"t={t:.6g} (last update {size:.3g} > {scale:.3g}); reduce step_size or raise max_iters"
-                )
+        raise NewtonError(
+            f"{self.tableau.name}: Newton's method did not converge in {self.max_iters} iterations at "
+            f"t={t:.6g} (last update {size:.3g} > {scale:.3g}); reduce step_size or raise max_iters"
+        )
+
+    def _on_graph(self, rhs, t: float, dt: float, y: torch.Tensor, Z: torch.Tensor, perturb_last: bool):
+        """One Newton step with the exact iteration matrix at the stages, on the graph: its derivative is the
+        implicit-function-theorem derivative of the converged stages."""
+        y_ = y.detach()
+        with torch.no_grad():
+            Js = torch.stack([self._jacobian(rhs, t + self.c[i] * dt, y_ + Z[i]) for i in range(self.s)])
+            lu_exact = torch.linalg.lu_factor(self._iteration_matrix(dt, Js))
+        Zc = Z.detach()
+        F = self._stage_values(rhs, t, dt, y, Zc, perturb_last)
+        G = Zc - dt * (self.A @ F)
+        return Zc - self._solve(lu_exact, G)
+
+    def step(self, rhs, t: float, dt: float, y: torch.Tensor, buf: StageBuffer, perturb_last: bool = False):
+        grad = torch.is_grad_enabled()
+        Z, _ = self._newton(rhs, t, dt, y.detach(), perturb_last)
         if grad:
-            # one Newton step with the exact iteration matrix at the stages, on the graph: its derivative is the
-            # implicit-function-theorem derivative of the converged stages
-            with torch.no_grad():
-                Js = torch.stack(
-                    [self._jacobian(rhs, t + self.c[i] * dt, y_ + Z[i]) for i in range(self.s)]
-                )  # (s, B, d, d)
-                lu_exact = torch.linalg.lu_factor(self._iteration_matrix(dt, Js))
-            Zc = Z.detach()
-            F = self._stage_values(rhs, t, dt, y, Zc, perturb_last)
-            G = Zc - dt * (self.A @ F)
-            Z = Zc - self._solve(lu_exact, G)
+            Z = self._on_graph(rhs, t, dt, y, Z, perturb_last)
         if self.tableau.stiffly_accurate:
             y1 = y + Z[-1]
         else:
-            F = self._stage_values(rhs, t, dt, y if grad else y_, Z, perturb_last)
+            F = self._stage_values(rhs, t, dt, y if grad else y.detach(), Z, perturb_last)
             y1 = y + dt * (self.b @ F)
         buf.set(1, (y1 - y) / dt)
         return y1, None
@@ -340,3 +344,54 @@ class ImplicitRK(FlatBuffers):
             coef, rows = th[:, None], K[1:2]
         c = torch.from_numpy(coef).to(dtype=self.dtype, device=self.device)
         return torch.addmm(y0, c, rows, alpha=dt)
+
+
+class AdaptiveTRBDF2(ImplicitRK):
+    """TR-BDF2 with its embedded third-order companion (Hosea & Shampine 1996, eq. (2.2)–(2.4):
+    b̂ = ((1 − w)/3, (3w + 1)/3, d/3)) for error control. The raw estimate h Σ (b − b̂)_i f(Y_i) is filtered by
+    (I − h d J)⁻¹ (Shampine's remedy for estimates dominated by stiff components). A Newton failure rejects the
+    step (the loop then shrinks it). Steps on the requested output times (``run`` adds them to ``step_t``)."""
+
+    def __init__(self, n: int, dtype: torch.dtype, device: torch.device, batch: int = 1, rtol: float = 1e-6):
+        super().__init__(
+            TRBDF2,
+            n,
+            dtype,
+            device,
+            interp="cubic",
+            batch=batch,
+            newton_tol=max(1e-3 * float(rtol), 10 * torch.finfo(dtype).eps),
+            max_iters=8,
+        )
+        self.tableau = _AdaptiveInfo("adaptive_trbdf2", 3, TRBDF2.c, TRBDF2.stiffly_accurate, TRBDF2.stages)
+        self.b_err = self.b - torch.tensor(((1 - _W) / 3, (3 * _W + 1) / 3, _D / 3), dtype=dtype, device=device)
+
+    def step(self, rhs, t: float, dt: float, y: torch.Tensor, buf: StageBuffer, perturb_last: bool = False):
+        grad = torch.is_grad_enabled()
+        y_ = y.detach()
+        try:
+            Z, J = self._newton(rhs, t, dt, y_, perturb_last)
+        except NewtonError:
+            buf.set(1, torch.zeros_like(y_))
+            return y, torch.full_like(y_, math.inf)  # rejected: the loop shrinks the step
+        with torch.no_grad():
+            F = self._stage_values(rhs, t, dt, y_, Z, perturb_last)
+            raw = dt * (self.b_err @ F)
+            W = -(dt * _D) * J
+            W.diagonal(dim1=1, dim2=2).add_(1.0)
+            B, d = self.batch, self.d
+            e = torch.linalg.solve(W, raw.view(B, d, 1)).reshape(-1) / dt
+        if grad:
+            Z = self._on_graph(rhs, t, dt, y, Z, perturb_last)
+        y1 = y + Z[-1]
+        buf.set(1, (y1 - y) / dt)
+        return y1, e
+
+
+@dataclass(frozen=True)
+class _AdaptiveInfo:
+    name: str
+    order: int  # power of h in the local error estimate (the controller's exponent is 1/order)
+    c: tuple
+    stiffly_accurate: bool
+    stages: int

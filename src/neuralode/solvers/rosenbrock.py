@@ -44,6 +44,8 @@ class _Info:
 ROSENBROCK_METHODS = {
     "rosenbrock23": _Info("rosenbrock23", 3, "Shampine & Reichelt (1997), §3"),
     "rodas4": _Info("rodas4", 4, "Hairer & Wanner, Solving ODEs II (1996), §VI.4, RODAS"),
+    # (an ESDIRK, not a Rosenbrock method; listed here with the other adaptive stiff methods)
+    "adaptive_trbdf2": _Info("adaptive_trbdf2", 3, "Hosea & Shampine (1996)"),
 }
 
 
