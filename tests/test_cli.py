@@ -64,3 +64,14 @@ def test_bench_runs_and_writes_json(tmp_path):
 def test_unknown_subcommand_exits_with_usage():
     with pytest.raises(SystemExit):
         main(["nonsense"])
+
+
+def test_latent_cli_writes_its_table_and_plots(tmp_path):
+    out = tmp_path / "latent"
+    argv = ["latent", "--n", "30", "--iters", "3", "--n-spirals", "40", "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert {r["model"] for r in rows} == {"rnn", "latent_ode"}
+    assert all(r["rmse_extrapolation"] > 0 for r in rows)
+    for name in ("results.csv", "table.md", "spirals.png", "prior_samples.png"):
+        assert (out / name).stat().st_size > 0

@@ -132,6 +132,22 @@ def _flow(args: argparse.Namespace) -> int:
     return 0
 
 
+def _latent(args: argparse.Namespace) -> int:
+    from .experiments.latent import table
+
+    table(
+        ns=tuple(args.n),
+        iters=args.iters,
+        out_dir=args.out,
+        encoder=args.encoder,
+        n_spirals=args.n_spirals,
+        seed=args.seed,
+        show_progress=not args.no_progress,
+    )
+    print(f"results in {args.out}/ (results.json, results.csv, table.md, PNG plots)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="neuralode", description="Neural ODEs in PyTorch: experiments and benchmarks.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -233,6 +249,16 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", default="runs/flow")
     f.add_argument("--no-progress", action="store_true")
     f.set_defaults(fn=_flow)
+
+    la = sub.add_parser("latent", help="latent ODE vs RNN on irregularly sampled spirals (Table 2 of the paper)")
+    la.add_argument("--n", type=int, nargs="+", default=[30, 50, 100], help="observed points per sequence")
+    la.add_argument("--iters", type=int, default=1500)
+    la.add_argument("--encoder", default="gru", choices=["gru", "odernn"])
+    la.add_argument("--n-spirals", type=int, default=1000)
+    la.add_argument("--seed", type=int, default=0)
+    la.add_argument("--out", default="runs/latent")
+    la.add_argument("--no-progress", action="store_true")
+    la.set_defaults(fn=_latent)
 
     b = sub.add_parser("bench", help="solver overhead against torchdiffeq and torchode (those installed)")
     b.add_argument("--threads", type=int, default=1)

@@ -148,6 +148,7 @@ def table(
                 iters=iters,
                 encoder=encoder,
                 n_spirals=n_spirals,
+                n_test=max(1, min(200, n_spirals // 5)),
                 seed=seed,
                 show_progress=show_progress,
             )
