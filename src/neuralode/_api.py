@@ -103,6 +103,7 @@ def solve(
     dense: bool = True,
     event_fn: Callable | None = None,
     per_sample: bool = False,
+    compile: bool | str = False,
 ) -> Solution:
     """Solve ``dy/dt = func(t, y)``, ``y(t[0]) = y0`` at the times ``t``.
 
@@ -127,6 +128,9 @@ def solve(
         per_sample: adaptive methods: every sample of a ``(batch, ...)`` state keeps its own time, step size
             and accept/reject decision; ``func`` then receives ``t`` as a ``(batch,)`` tensor. Per-sample step
             counts and evaluations are in ``Solution.sample_stats`` (backprop gradients; no dense output).
+        compile: fuse each step (stages, error estimate, error norm) with ``torch.compile`` (True: inductor, or a
+            backend name); forward solves without gradients, tensor states; otherwise the eager solver runs
+            with a one-line warning.
 
     Returns:
         a :class:`Solution`.
@@ -138,6 +142,9 @@ def solve(
     """
     if gradient not in GRADIENT_MODES:
         raise ValueError(f"`gradient` must be one of {GRADIENT_MODES}, got {gradient!r}")
+    if compile:
+        options = {**(options or {}), "compile": compile}
+        dense = False
     if on_failure not in ("raise", "return"):
         raise ValueError(f"`on_failure` must be 'raise' or 'return', got {on_failure!r}")
     prob = prepare(func, y0, t, rtol, atol, method, options, event_fn)

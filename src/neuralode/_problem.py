@@ -54,6 +54,7 @@ _ADAPTIVE_OPTIONS = _COMMON_OPTIONS | {
     "jump_t",
     "norm",
     "event_tol",
+    "compile",
 }
 _FIXED_OPTIONS = _COMMON_OPTIONS | {"step_size", "grid_constructor", "interp", "perturb", "event_tol"}
 _ADAMS_OPTIONS = _FIXED_OPTIONS | {"max_order", "max_iters"}
@@ -372,6 +373,26 @@ def run(
         max_steps = int(opts.get("max_num_steps", DEFAULT_MAX_NUM_STEPS))
         if max_steps < 1:
             raise ValueError(f"option `max_num_steps` must be a positive integer, got {max_steps}")
+        if opts.get("compile") and method in ADAPTIVE_METHODS:
+            res = _run_compiled(
+                rhs,
+                y0,
+                t_out,
+                rk,
+                ctrl,
+                opts,
+                rtol,
+                atol,
+                norm,
+                step_t,
+                keep_segments,
+                event,
+                trace,
+                callbacks,
+                max_steps,
+            )
+            if res is not None:
+                return res
         res = integrate_adaptive(
             rhs,
             y0,
@@ -454,6 +475,45 @@ def stepper(method: str, n: int, dtype: torch.dtype, device: torch.device, inter
             _STEPPERS.clear()
         rk = _STEPPERS[key] = RungeKutta(TABLEAUS[method], n, dtype, device, interp=interp)
     return rk
+
+
+def _run_compiled(
+    rhs, y0, t_out, rk, ctrl, opts, rtol, atol, norm, step_t, keep_segments, event, trace, callbacks, max_steps
+):
+    """The compiled path (``options["compile"]``: True or a ``torch.compile`` backend name), or None with a
+    one-line warning when this solve needs something it does not do yet."""
+    from .solvers.compiled import _warn_once, integrate_compiled
+
+    why = None
+    if torch.is_grad_enabled() or trace is not None:
+        why = "gradients (run the solve under torch.no_grad(), e.g. for inference)"
+    elif rhs.buffer_shape is None:
+        why = "tuple states"
+    elif not (isinstance(rtol, float) and isinstance(atol, float)):
+        why = "tensor tolerances"
+    elif norm is not None or step_t or opts.get("jump_t") or keep_segments or event is not None:
+        why = "norms, step_t/jump_t, dense output or events"
+    elif any(getattr(callbacks, n, None) for n in ("callback_step", "callback_accept_step", "callback_reject_step")):
+        why = "callbacks"
+    if why is not None:
+        _warn_once(f"compile=True does not support {why} yet; using the eager solver")
+        return None
+    backend = opts["compile"] if isinstance(opts["compile"], str) else "inductor"
+    res = integrate_compiled(
+        rhs,
+        y0,
+        t_out,
+        rk,
+        ctrl,
+        rtol=rtol,
+        atol=atol,
+        first_step=opts.get("first_step"),
+        max_num_steps=max_steps,
+        backend=backend,
+    )
+    if res is not None:
+        res.method = rk
+    return res
 
 
 def _jacobian_batch(rhs: RHS, opts: dict) -> int:

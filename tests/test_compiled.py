@@ -1,0 +1,56 @@
+"""compile=True: the fused step gives the eager solver's steps and values, up to floating-point reassociation."""
+
+import warnings
+
+import pytest
+import torch
+
+import neuralode as node
+
+
+def _vdp(mus):
+    def f(t, y):
+        return torch.stack([y[..., 1], mus * (1 - y[..., 0] ** 2) * y[..., 1] - y[..., 0]], -1)
+
+    return f
+
+
+def _problem():
+    g = torch.Generator().manual_seed(0)
+    mus = 0.5 + 3 * torch.rand(32, generator=g, dtype=torch.float64)
+    y0 = torch.randn(32, 2, generator=g, dtype=torch.float64)
+    return _vdp(mus), y0, torch.linspace(0, 5, 30, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("method", ["dopri5", "tsit5", "bosh3"])
+def test_compiled_solve_matches_the_eager_solve(backend, method):
+    if backend == "inductor" and method != "dopri5":
+        pytest.skip("one inductor compilation is enough for CI time")
+    f, y0, t = _problem()
+    with torch.no_grad():
+        eager = node.solve(f, y0, t, method=method, rtol=1e-7, atol=1e-9, dense=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            comp = node.solve(f, y0, t, method=method, rtol=1e-7, atol=1e-9, compile=backend)
+    fell_back = [w for w in caught if "compile=True" in str(w.message)]
+    if fell_back and backend == "inductor":
+        pytest.skip(f"torch.compile unavailable here: {fell_back[0].message}")
+    assert not fell_back
+    assert (comp.stats.nfe, comp.stats.n_steps, comp.stats.n_rejected) == (
+        eager.stats.nfe,
+        eager.stats.n_steps,
+        eager.stats.n_rejected,
+    )
+    torch.testing.assert_close(comp.ys, eager.ys, rtol=1e-10, atol=1e-11)
+
+
+def test_compile_falls_back_to_eager_with_a_warning_where_unsupported():
+    f, y0, t = _problem()
+    y0 = y0.clone().requires_grad_(True)
+    with pytest.warns(RuntimeWarning, match="compile=True does not support gradients"):
+        sol = node.solve(f, y0, t, rtol=1e-7, atol=1e-9, compile="aot_eager")
+    ref = node.solve(f, y0, t, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(sol.ys, ref.ys)
+    sol.ys[-1].sum().backward()
+    assert y0.grad is not None
