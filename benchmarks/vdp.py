@@ -126,7 +126,7 @@ def main(argv=None) -> None:
     for r in rows:
         ratio = f"{r['ratio_to_torchdiffeq']:.2f}" if r["ratio_to_torchdiffeq"] else "—"
         print(
-            f"{r['case']:<13} {r['library']:<22} {r['first_call_s']:>8.3f} {r['ms']:>9.1f} "
+            f"{r['case']:<13} {r['library']:<29} {r['first_call_s']:>8.3f} {r['ms']:>9.1f} "
             f"{r['nfe_total'] or 0:>10} {ratio:>13}"
         )
     save_json({"machine": machine(), "rows": rows}, args.out)
