@@ -36,6 +36,8 @@ class ODEBlock(nn.Module):
         regularization: ``{"kinetic": w, "jacobian": w}``: accumulate the kinetic energy and/or the Jacobian
             Frobenius norm (Hutchinson) inside the solve during training; ``reg_loss`` is their weighted sum
             (mean over the batch), to be added to the training loss.
+        compile: fuse each step with ``torch.compile`` in forward passes without gradients (evaluation);
+            training passes run eagerly.
         augment_dim: extra zero features (or channels) appended along dimension 1 before solving (augmented
             neural ODEs, Dupont et al. 2019), so that the flow can realise maps a plain ODE cannot.
 
@@ -61,8 +63,11 @@ class ODEBlock(nn.Module):
         return_all: bool = False,
         augment_dim: int = 0,
         regularization: dict | None = None,
+        compile: bool | str = False,
     ) -> None:
         super().__init__()
+        #: fuse each solver step with torch.compile where supported (inference: forward passes without grad)
+        self.compile = compile
         reg = dict(regularization or {})
         unknown = set(reg) - {"kinetic", "jacobian"}
         if unknown:
@@ -114,6 +119,7 @@ class ODEBlock(nn.Module):
             params=params,
             adjoint_options=self.adjoint_options,
             dense=False,
+            compile=self.compile if not torch.is_grad_enabled() else False,
         )
         self.stats = sol.stats
         return sol.ys if self.return_all else sol.ys[-1]
