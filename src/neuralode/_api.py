@@ -303,7 +303,10 @@ def _adjoint_cfg(prob: Problem, rtol, atol, method, options) -> dict:
 
     method = prob.method if method is None else method
     if options is None:
-        options = {k: v for k, v in prob.options.items() if k != "norm"} if method == prob.method else {}
+        # (the backward solve runs eagerly: its dynamics call autograd inside)
+        options = (
+            {k: v for k, v in prob.options.items() if k not in ("norm", "compile")} if method == prob.method else {}
+        )
     options = dict(options)
     norm = options.pop("norm", None)
     unknown = set(options) - valid_options(method)

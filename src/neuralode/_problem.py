@@ -485,8 +485,8 @@ def _run_compiled(
     from .solvers.compiled import _warn_once, integrate_compiled
 
     why = None
-    if torch.is_grad_enabled() or trace is not None:
-        why = "gradients (run the solve under torch.no_grad(), e.g. for inference)"
+    if trace is not None:
+        why = "checkpointed gradients"
     elif rhs.buffer_shape is None:
         why = "tuple states"
     elif not (isinstance(rtol, float) and isinstance(atol, float)):

@@ -57,7 +57,8 @@ def _make_step(func: Callable, method: RungeKutta, shape: torch.Size, dtype: tor
             if b_err[j] != 0.0:
                 e = e + b_err[j] * K[j]
         scale = torch.maximum(y.abs(), y1.abs()) + tol_shift
-        ratio = dt.abs() * torch.linalg.vector_norm(e / scale) / math.sqrt(y.numel()) * inv_rtol
+        with torch.no_grad():  # step-size control is not differentiated
+            ratio = dt.abs() * torch.linalg.vector_norm(e / scale) / math.sqrt(y.numel()) * inv_rtol
         return y1, torch.stack(K), ratio
 
     return step
@@ -138,8 +139,7 @@ def integrate_compiled(
                 break
             lands = direction * (t + dt - t_end) >= 0
             dt_try = t_end - t if lands else dt
-            with torch.no_grad():
-                y1, K, ratio_t = step(tt(t), tt(dt_try), y, k0, tol_shift, inv_rtol)
+            y1, K, ratio_t = step(tt(t), tt(dt_try), y, k0, tol_shift, inv_rtol)
             ratio = float(ratio_t)  # the loop's one host read per step
             rhs.nfe += method.stages - 1
             if ratio <= 1.0:
