@@ -36,8 +36,8 @@ class ODEBlock(nn.Module):
         regularization: ``{"kinetic": w, "jacobian": w}``: accumulate the kinetic energy and/or the Jacobian
             Frobenius norm (Hutchinson) inside the solve during training; ``reg_loss`` is their weighted sum
             (mean over the batch), to be added to the training loss.
-        compile: fuse each step with ``torch.compile`` in forward passes without gradients (evaluation);
-            training passes run eagerly.
+        compile: fuse each step with ``torch.compile`` (``solve(compile=...)``): inference, backprop training
+            and the adjoint's forward solve; the adjoint's backward solve runs eagerly.
         augment_dim: extra zero features (or channels) appended along dimension 1 before solving (augmented
             neural ODEs, Dupont et al. 2019), so that the flow can realise maps a plain ODE cannot.
 
@@ -66,7 +66,7 @@ class ODEBlock(nn.Module):
         compile: bool | str = False,
     ) -> None:
         super().__init__()
-        #: fuse each solver step with torch.compile where supported (inference: forward passes without grad)
+        #: fuse each solver step with torch.compile where supported (see ``solve(compile=...)``)
         self.compile = compile
         reg = dict(regularization or {})
         unknown = set(reg) - {"kinetic", "jacobian"}
@@ -119,7 +119,7 @@ class ODEBlock(nn.Module):
             params=params,
             adjoint_options=self.adjoint_options,
             dense=False,
-            compile=self.compile if not torch.is_grad_enabled() else False,
+            compile=self.compile,
         )
         self.stats = sol.stats
         return sol.ys if self.return_all else sol.ys[-1]
