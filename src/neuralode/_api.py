@@ -9,11 +9,10 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ._errors import SolverError, Status, exception_for
-from ._problem import DEFAULT_MAX_NUM_STEPS, Problem, prepare, run, stepper
+from ._problem import DEFAULT_MAX_NUM_STEPS, Problem, make_controller, prepare, run, stepper
 from .gradients.adjoint import adjoint_solve
 from .gradients.checkpoint import checkpoint_solve
 from .gradients.common import SolveStats, time_gradient_wrapper
-from .solvers.control import StepController
 from .solvers.tableaus import TABLEAUS
 
 __all__ = ["solve", "Solution", "odeint", "odeint_adjoint", "odeint_event", "odeint_dense"]
@@ -199,16 +198,7 @@ def _solve_per_sample(prob: Problem, stats: SolveStats, gradient: str, event_fn,
     if unsupported:
         raise ValueError(f"options {sorted(unsupported)} are not supported with per_sample=True")
     opts = prob.options
-    ctrl = StepController(
-        TABLEAUS[prob.method].order,
-        safety=opts.get("safety", 0.9),
-        ifactor=opts.get("ifactor", 10.0),
-        dfactor=opts.get("dfactor", 0.2),
-        pcoeff=opts.get("pcoeff", 0.0),
-        icoeff=opts.get("icoeff", 1.0),
-        min_step=float(opts.get("min_step", 0.0)),
-        max_step=float(opts.get("max_step", math.inf)),
-    )
+    ctrl = make_controller(TABLEAUS[prob.method].order, opts)
     rhs = prob.rhs()
     method = stepper(prob.method, rhs.n, rhs.dtype, rhs.device, "dense")
     y0 = prob.unflatten(prob.y0)

@@ -348,16 +348,7 @@ def run(
         )
     if method in ADAPTIVE_METHODS or method in ROSENBROCK:
         order = TABLEAUS[method].order if method in ADAPTIVE_METHODS else ROSENBROCK_METHODS[method].order
-        ctrl = StepController(
-            order,
-            safety=opts.get("safety", 0.9),
-            ifactor=opts.get("ifactor", 10.0),
-            dfactor=opts.get("dfactor", 0.2),
-            pcoeff=opts.get("pcoeff", 0.0),
-            icoeff=opts.get("icoeff", 1.0),
-            min_step=float(opts.get("min_step", 0.0)),
-            max_step=float(opts.get("max_step", math.inf)),
-        )
+        ctrl = make_controller(order, opts)
         step_t = _times(opts.get("step_t"))
         if method == "rosenbrock23":
             rk = Rosenbrock23(rhs.n, rhs.dtype, rhs.device, batch=_jacobian_batch(rhs, opts))
@@ -475,6 +466,20 @@ def stepper(method: str, n: int, dtype: torch.dtype, device: torch.device, inter
             _STEPPERS.clear()
         rk = _STEPPERS[key] = RungeKutta(TABLEAUS[method], n, dtype, device, interp=interp)
     return rk
+
+
+def make_controller(order: int, opts: dict) -> StepController:
+    """The step-size controller configured by a solve's options."""
+    return StepController(
+        order,
+        safety=opts.get("safety", 0.9),
+        ifactor=opts.get("ifactor", 10.0),
+        dfactor=opts.get("dfactor", 0.2),
+        pcoeff=opts.get("pcoeff", 0.0),
+        icoeff=opts.get("icoeff", 1.0),
+        min_step=float(opts.get("min_step", 0.0)),
+        max_step=float(opts.get("max_step", math.inf)),
+    )
 
 
 def _run_compiled(
