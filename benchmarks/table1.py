@@ -25,9 +25,24 @@ def main(argv=None) -> None:
     print("|---|---|---|---|---|---|---|---|")
     for name in ("odenet", "resnet", "rknet", "deq"):
         path = os.path.join(args.runs, name, "metrics.json")
-        if not os.path.exists(path):
+        ckpt = os.path.join(args.runs, name, "checkpoint.pt")
+        if os.path.exists(path):
+            m = json.load(open(path))
+        elif os.path.exists(ckpt):  # a run still going: the epochs it has finished
+            import torch
+
+            state = torch.load(ckpt, map_location="cpu", weights_only=False)
+            h = state["history"]
+            m = {
+                "history": h,
+                "test_error": h[-1]["test_error"],
+                "peak_memory_mib": h[-1]["peak_memory_mib"],
+                "seconds_per_epoch": sum(r["seconds"] for r in h) / len(h),
+                "parameters": sum(v.numel() for k, v in state["model"].items() if "running" not in k),
+            }
+            name = f"{name} ({len(h)} of {state['config']['epochs']} epochs)"
+        else:
             continue
-        m = json.load(open(path))
         b = bench.get(name, {})
         h = m["history"]
         nfe = f"{h[-1]['nfe_forward']:.1f} / {h[-1]['nfe_backward']:.1f}" if h[-1]["nfe_forward"] else "—"
