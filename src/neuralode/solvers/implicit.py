@@ -234,6 +234,7 @@ class ImplicitRK(FlatBuffers):
         self.b = torch.tensor(tableau.b, dtype=dtype, device=device)
         self.c = tableau.c
         self.newton_tol = newton_tol if newton_tol is not None else (1e-12 if dtype == torch.float64 else 1e-6)
+        self._explicit_first = tableau.c[0] == 0 and all(v == 0 for v in tableau.a[0])
         self.max_iters = max_iters
         # the loop's view: row 0 = f(t0, y0), row 1 = (y1 − y0)/h, row 2 = f(t1, y1) for cubic interpolation
         self.stages = 2
@@ -246,9 +247,14 @@ class ImplicitRK(FlatBuffers):
         self.nfe_newton = 0
 
     # --- the step
-    def _stage_values(self, rhs, t: float, dt: float, y: torch.Tensor, Z: torch.Tensor, perturb_last: bool):
+    def _stage_values(self, rhs, t: float, dt: float, y: torch.Tensor, Z: torch.Tensor, perturb_last: bool, f0=None):
+        """f at every stage; an explicit first stage (c = 0, zero row of ``a``: trapezoid, trbdf2) is f(t, y),
+        which the loop already evaluated (``f0``), so it is not evaluated again."""
         F = []
         for i in range(self.s):
+            if i == 0 and f0 is not None and self._explicit_first and not perturb_last:
+                F.append(f0)
+                continue
             ti = torch.scalar_tensor(t + self.c[i] * dt, dtype=self.dtype, device=self.device)
             if perturb_last and self.c[i] == 1.0:
                 ti = torch.nextafter(ti, torch.scalar_tensor(t, dtype=self.dtype, device=self.device))
@@ -278,7 +284,7 @@ class ImplicitRK(FlatBuffers):
         sol = torch.linalg.lu_solve(*lu, rhs)
         return sol.view(B, s, d).permute(1, 0, 2).reshape(s, B * d)
 
-    def _newton(self, rhs, t: float, dt: float, y_: torch.Tensor, perturb_last: bool):
+    def _newton(self, rhs, t: float, dt: float, y_: torch.Tensor, perturb_last: bool, f0=None):
         """Converged stage increments Z (s, n) and the Jacobian in use; raises NewtonError."""
         with torch.no_grad():
             J = self._jacobian(rhs, t, y_)
@@ -287,7 +293,7 @@ class ImplicitRK(FlatBuffers):
             scale = self.newton_tol * (1.0 + float(y_.abs().max()))
             prev = math.inf
             for _ in range(self.max_iters):
-                F = self._stage_values(rhs, t, dt, y_, Z, perturb_last)
+                F = self._stage_values(rhs, t, dt, y_, Z, perturb_last, f0)
                 G = Z - dt * (self.A @ F)
                 dZ = self._solve(lu, -G)
                 Z += dZ
@@ -310,7 +316,7 @@ class ImplicitRK(FlatBuffers):
             f"t={t:.6g} (last update {size:.3g} > {scale:.3g}); reduce step_size or raise max_iters"
         )
 
-    def _on_graph(self, rhs, t: float, dt: float, y: torch.Tensor, Z: torch.Tensor, perturb_last: bool):
+    def _on_graph(self, rhs, t: float, dt: float, y: torch.Tensor, Z: torch.Tensor, perturb_last: bool, f0=None):
         """One Newton step with the exact iteration matrix at the stages, on the graph: its derivative is the
         implicit-function-theorem derivative of the converged stages."""
         y_ = y.detach()
@@ -318,19 +324,20 @@ class ImplicitRK(FlatBuffers):
             Js = torch.stack([self._jacobian(rhs, t + self.c[i] * dt, y_ + Z[i]) for i in range(self.s)])
             lu_exact = torch.linalg.lu_factor(self._iteration_matrix(dt, Js))
         Zc = Z.detach()
-        F = self._stage_values(rhs, t, dt, y, Zc, perturb_last)
+        F = self._stage_values(rhs, t, dt, y, Zc, perturb_last, f0)
         G = Zc - dt * (self.A @ F)
         return Zc - self._solve(lu_exact, G)
 
     def step(self, rhs, t: float, dt: float, y: torch.Tensor, buf: StageBuffer, perturb_last: bool = False):
         grad = torch.is_grad_enabled()
-        Z, _ = self._newton(rhs, t, dt, y.detach(), perturb_last)
+        f0 = buf.K[0] if buf.grad else buf.rows[0]
+        Z, _ = self._newton(rhs, t, dt, y.detach(), perturb_last, f0.detach())
         if grad:
-            Z = self._on_graph(rhs, t, dt, y, Z, perturb_last)
+            Z = self._on_graph(rhs, t, dt, y, Z, perturb_last, f0)
         if self.tableau.stiffly_accurate:
             y1 = y + Z[-1]
         else:
-            F = self._stage_values(rhs, t, dt, y if grad else y.detach(), Z, perturb_last)
+            F = self._stage_values(rhs, t, dt, y if grad else y.detach(), Z, perturb_last, f0 if grad else f0.detach())
             y1 = y + dt * (self.b @ F)
         buf.set(1, (y1 - y) / dt)
         return y1, None
@@ -369,20 +376,21 @@ class AdaptiveTRBDF2(ImplicitRK):
     def step(self, rhs, t: float, dt: float, y: torch.Tensor, buf: StageBuffer, perturb_last: bool = False):
         grad = torch.is_grad_enabled()
         y_ = y.detach()
+        f0 = buf.K[0] if buf.grad else buf.rows[0]
         try:
-            Z, J = self._newton(rhs, t, dt, y_, perturb_last)
+            Z, J = self._newton(rhs, t, dt, y_, perturb_last, f0.detach())
         except NewtonError:
             buf.set(1, torch.zeros_like(y_))
             return y, torch.full_like(y_, math.inf)  # rejected: the loop shrinks the step
         with torch.no_grad():
-            F = self._stage_values(rhs, t, dt, y_, Z, perturb_last)
+            F = self._stage_values(rhs, t, dt, y_, Z, perturb_last, f0.detach())
             raw = dt * (self.b_err @ F)
             W = -(dt * _D) * J
             W.diagonal(dim1=1, dim2=2).add_(1.0)
             B, d = self.batch, self.d
             e = torch.linalg.solve(W, raw.view(B, d, 1)).reshape(-1) / dt
         if grad:
-            Z = self._on_graph(rhs, t, dt, y, Z, perturb_last)
+            Z = self._on_graph(rhs, t, dt, y, Z, perturb_last, f0)
         y1 = y + Z[-1]
         buf.set(1, (y1 - y) / dt)
         return y1, e
