@@ -69,3 +69,83 @@ def test_compile_falls_back_to_eager_with_a_warning_where_unsupported():
     torch.testing.assert_close(sol.ys, ref.ys)
     sol.ys[-1].sum().backward()
     assert y0.grad is not None
+
+
+def _no_fallback(caught):
+    bad = [w for w in caught if "compile=True" in str(w.message)]
+    assert not bad, bad[0].message
+
+
+@pytest.mark.parametrize("backwards", [False, True])
+def test_per_sample_compiled_loop_takes_each_samples_own_steps(backwards):
+    f, y0, t = _problem()
+    if backwards:  # van der Pol repels in reverse time: a damped oscillator with per-sample frequencies
+        w = torch.linspace(0.5, 4.0, y0.shape[0], dtype=torch.float64)
+
+        def f(t, y):
+            return torch.stack([w * y[..., 1], -w * y[..., 0] - 0.1 * y[..., 1]], -1)
+
+        t = t.flip(0)
+    with torch.no_grad():
+        eager = node.solve(f, y0, t, rtol=1e-7, atol=1e-9, per_sample=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            comp = node.solve(f, y0, t, rtol=1e-7, atol=1e-9, per_sample=True, compile="aot_eager")
+    _no_fallback(caught)
+    for k in ("n_steps", "n_rejected", "nfe"):
+        assert torch.equal(comp.sample_stats[k], eager.sample_stats[k]), k
+    assert comp.stats.nfe == eager.stats.nfe
+    torch.testing.assert_close(comp.ys, eager.ys, rtol=1e-10, atol=1e-11)
+
+
+def test_device_loop_matches_scipy_when_many_outputs_fall_in_one_step():
+    """More requested times than the output window in one step: the step is cut at the window's end, the
+    values stay right (scipy's DOP853 at rtol 1e-12 as the reference)."""
+    scipy_integrate = pytest.importorskip("scipy.integrate")
+    y0 = torch.tensor([[1.0, 0.0], [0.5, 0.5]], dtype=torch.float64)
+
+    def f(t, y):  # harmonic oscillator with slow damping: smooth, big steps
+        return torch.stack([y[..., 1], -y[..., 0] - 0.1 * y[..., 1]], -1)
+
+    t = torch.linspace(0, 10, 400, dtype=torch.float64)
+    with torch.no_grad():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            comp = node.solve(f, y0, t, rtol=1e-8, atol=1e-10, compile="aot_eager")
+            per = node.solve(f, y0, t, rtol=1e-8, atol=1e-10, compile="aot_eager", per_sample=True)
+        eager = node.solve(f, y0, t, rtol=1e-8, atol=1e-10)
+    _no_fallback(caught)
+    assert comp.stats.n_steps >= eager.stats.n_steps  # some steps were cut short, never longer
+    ref = scipy_integrate.solve_ivp(
+        lambda s, z: [z[1], -z[0] - 0.1 * z[1], z[3], -z[2] - 0.1 * z[3]],
+        (0, 10),
+        y0.flatten().tolist(),
+        t_eval=t.numpy(),
+        method="DOP853",
+        rtol=1e-12,
+        atol=1e-12,
+    ).y.T.reshape(-1, 2, 2)
+    ref = torch.from_numpy(ref)
+    for sol in (comp, per, eager):
+        assert float((sol.ys - ref).abs().max()) < 1e-6
+
+
+def test_device_loop_reports_max_num_steps_and_underflow():
+    f, y0, t = _problem()
+    with torch.no_grad():
+        with pytest.raises(node.MaxStepsError, match="max_num_steps"):
+            node.solve(f, y0, t, compile="aot_eager", options={"max_num_steps": 10})
+        sol = node.solve(f, y0, t, compile="aot_eager", options={"max_num_steps": 10}, on_failure="return")
+        assert sol.stats.n_steps + sol.stats.n_rejected == 10 and sol.ys.shape[0] < len(t)
+
+        def blowup(t, y):  # y' = y², y(0) = 1: the solution ends at t = 1
+            return y * y
+
+        with pytest.raises(node.StepSizeUnderflowError, match="underflow"):
+            node.solve(
+                blowup,
+                torch.ones(4, 1, dtype=torch.float64),
+                torch.tensor([0.0, 2.0], dtype=torch.float64),
+                compile="aot_eager",
+                per_sample=True,
+            )

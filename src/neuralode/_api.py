@@ -202,17 +202,44 @@ def _solve_per_sample(prob: Problem, stats: SolveStats, gradient: str, event_fn,
     rhs = prob.rhs()
     method = stepper(prob.method, rhs.n, rhs.dtype, rhs.device, "dense")
     y0 = prob.unflatten(prob.y0)
-    res, sample_stats = integrate_per_sample(
-        prob.func,
-        y0,
-        prob.t_out,
-        method,
-        ctrl,
-        rtol=prob.rtol,
-        atol=prob.atol,
-        first_step=opts.get("first_step"),
-        max_num_steps=int(opts.get("max_num_steps", DEFAULT_MAX_NUM_STEPS)),
-    )
+    got = None
+    if opts.get("compile") and not torch.is_grad_enabled():
+        from .solvers.device_loop import integrate_device_loop
+        from .solvers.device_loop import supports as device_loop_supports
+
+        if device_loop_supports(method, ctrl):
+            got = integrate_device_loop(
+                prob.func,
+                y0.reshape(y0.shape[0], -1),
+                y0.shape,
+                prob.t_out,
+                method,
+                ctrl,
+                per_sample=True,
+                rtol=prob.rtol,
+                atol=prob.atol,
+                first_step=opts.get("first_step"),
+                max_num_steps=int(opts.get("max_num_steps", DEFAULT_MAX_NUM_STEPS)),
+                backend=opts["compile"] if isinstance(opts["compile"], str) else "inductor",
+            )
+        if got is not None:
+            res, sample_stats = got
+            # batched calls of func: each attempt evaluates the whole batch (groups that are done included)
+            init = 1 + (opts.get("first_step") is None)
+            attempts = int((sample_stats["n_steps"] + sample_stats["n_rejected"]).max())
+            sample_stats["calls"] = init + (method.stages - 1) * attempts
+    if got is None:
+        res, sample_stats = integrate_per_sample(
+            prob.func,
+            y0,
+            prob.t_out,
+            method,
+            ctrl,
+            rtol=prob.rtol,
+            atol=prob.atol,
+            first_step=opts.get("first_step"),
+            max_num_steps=int(opts.get("max_num_steps", DEFAULT_MAX_NUM_STEPS)),
+        )
     stats.nfe += sample_stats["calls"]
     stats.n_steps += res.n_steps
     stats.n_rejected += res.n_rejected

@@ -488,6 +488,8 @@ def _run_compiled(
     """The compiled path (``options["compile"]``: True or a ``torch.compile`` backend name), or None with a
     one-line warning when this solve needs something it does not do yet."""
     from .solvers.compiled import _warn_once, integrate_compiled
+    from .solvers.device_loop import integrate_device_loop
+    from .solvers.device_loop import supports as device_loop_supports
 
     why = None
     if trace is not None:
@@ -504,6 +506,27 @@ def _run_compiled(
         _warn_once(f"compile=True does not support {why} yet; using the eager solver")
         return None
     backend = opts["compile"] if isinstance(opts["compile"], str) else "inductor"
+    if not torch.is_grad_enabled() and device_loop_supports(rk, ctrl):
+        got = integrate_device_loop(
+            rhs.func,
+            y0.reshape(1, -1),
+            rhs.buffer_shape,
+            t_out,
+            rk,
+            ctrl,
+            per_sample=False,
+            rtol=rtol,
+            atol=atol,
+            first_step=opts.get("first_step"),
+            max_num_steps=max_steps,
+            backend=backend,
+            f0=rhs.at(float(t_out[0]), y0).reshape(1, -1),
+        )
+        if got is not None:
+            res, counts = got
+            rhs.nfe += int(counts["nfe"][0])
+            res.method = rk
+            return res
     res = integrate_compiled(
         rhs,
         y0,

@@ -155,35 +155,47 @@ class LatentODE(nn.Module):
 
 
 class RNNBaseline(nn.Module):
-    """A GRU that reads the observations forwards in time and predicts the observation at any later time τ
-    from its state after the last observation before τ and the gap τ - t_last (time gaps as input).
+    """A GRU with time gaps as input (the paper's RNN baseline), read forwards in time.
 
-    The hidden state changes only at a sequence's own observations, so what it did not observe never enters.
+    At each of a sequence's observations the state takes (x_i, t_i - t_prev); a head predicts the observation
+    at any later time τ from the state and the gap τ - t_last. Training is one-step-ahead prediction of the
+    observed entries (teacher forcing). Prediction past the last observation is autoregressive: each predicted
+    value is fed back as if observed, so the RNN extrapolates with the same gaps the latent ODE is asked for.
+    What a sequence did not observe never enters its state.
     """
 
     def __init__(self, obs_dim: int = 2, hidden: int = 64) -> None:
         super().__init__()
-        self.cell = nn.GRUCell(2 * obs_dim + 1, hidden)
-        self.query_cell = nn.GRUCell(1, hidden)
-        self.out = nn.Linear(hidden, obs_dim)
+        self.cell = nn.GRUCell(obs_dim + 1, hidden)
+        self.head = _mlp(hidden + 1, hidden, obs_dim, layers=1)
         self.hidden = hidden
 
-    def forward(self, t: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Predictions at every time of ``t`` (T,) made before reading that time's observation: (T, B, D),
-        and whether an earlier observation existed to predict from: (T, B)."""
+    def forward(
+        self, t: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, autoregressive: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predictions at every time of ``t`` (T,) made before reading that time's observation: (T, B, D), and
+        whether an earlier observation existed to predict from: (T, B). With ``autoregressive``, times after a
+        sequence's last observation are fed its own prediction."""
         T, B, _ = x.shape
         h = x.new_zeros(B, self.hidden)
         last_t = torch.full((B,), float(t[0]), dtype=x.dtype, device=x.device)
         have = torch.zeros(B, dtype=torch.bool, device=x.device)
+        seen_all = mask.any(-1)  # (T, B)
+        # index of each sequence's last observation; later times are extrapolation
+        idx = torch.arange(T, device=x.device)[:, None].expand(T, B)
+        last_obs = torch.where(seen_all, idx, torch.full_like(idx, -1)).amax(0)
         preds, valid = [], []
         for i in range(T):
             gap = (t[i] - last_t).unsqueeze(-1)
-            preds.append(self.out(self.query_cell(gap, h)))
+            pred = self.head(torch.cat([h, gap], -1))
+            preds.append(pred)
             valid.append(have.clone())
-            seen = mask[i].any(-1)
-            h_new = self.cell(torch.cat([x[i] * mask[i], mask[i], torch.zeros_like(gap)], -1), h)
-            h = torch.where(seen[:, None], h_new, h)
-            last_t = torch.where(seen, t[i].expand(B), last_t)
+            seen = seen_all[i]
+            update = seen | (autoregressive & have & (i > last_obs))
+            value = torch.where(seen[:, None], x[i], pred)
+            h_new = self.cell(torch.cat([value, gap], -1), h)
+            h = torch.where(update[:, None], h_new, h)
+            last_t = torch.where(update, t[i].expand(B), last_t)
             have = have | seen
         return torch.stack(preds), torch.stack(valid)
 
@@ -195,8 +207,9 @@ class RNNBaseline(nn.Module):
 
     @torch.no_grad()
     def predict(self, t: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Predictions at every time of ``t`` (observed or not, inside or past the observations)."""
-        return self.forward(t, x, mask)[0]
+        """Predictions at every time of ``t``: between observations from the state after the last one, past
+        the last observation autoregressively."""
+        return self.forward(t, x, mask, autoregressive=True)[0]
 
 
 def _gaussian_loglik(x, pred, std, mask) -> torch.Tensor:

@@ -9,6 +9,7 @@ tolerances); everything else, or a failure to compile, falls back to the eager p
 from __future__ import annotations
 
 import math
+import types
 import warnings
 from typing import Callable, Sequence
 
@@ -23,6 +24,7 @@ __all__ = ["integrate_compiled", "compiled_step"]
 
 _CACHE: dict = {}
 _WARNED: set = set()
+_SERIAL = 0
 
 
 def _make_step(func: Callable, method: RungeKutta, shape: torch.Size, dtype: torch.dtype, device: torch.device):
@@ -64,12 +66,24 @@ def _make_step(func: Callable, method: RungeKutta, shape: torch.Size, dtype: tor
     return step
 
 
+def fresh_code(fn: Callable) -> Callable:
+    """``fn`` with a code object of its own. torch.compile keeps its cache (and counts recompilations, up to
+    ``recompile_limit``, after which it silently runs eagerly) per code object; every closure made by one
+    factory shares that object, so each compiled solver gets its own copy."""
+    global _SERIAL
+    _SERIAL += 1
+    name = f"{fn.__name__}_{_SERIAL}"
+    code = fn.__code__.replace(co_name=name, co_qualname=name)
+    return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+
+
 def compiled_step(func, method: RungeKutta, shape, dtype, device, backend: str):
     key = (id(func), method.tableau.name, tuple(shape), dtype, str(device), backend)
     hit = _CACHE.get(key)
     if hit is not None and hit[0] is func:
         return hit[1]
-    fn = torch.compile(_make_step(func, method, torch.Size(shape), dtype, device), backend=backend, dynamic=False)
+    step = fresh_code(_make_step(func, method, torch.Size(shape), dtype, device))
+    fn = torch.compile(step, backend=backend, dynamic=False)
     if len(_CACHE) > 64:
         _CACHE.clear()
     _CACHE[key] = (func, fn)

@@ -20,7 +20,27 @@ from .control import _MIN_RATIO, StepController
 from .integrate import IntegrationResult, _max_steps_message
 from .runge_kutta import RungeKutta
 
-__all__ = ["integrate_per_sample"]
+__all__ = ["integrate_per_sample", "initial_steps"]
+
+
+def _rms_rows(x: torch.Tensor) -> torch.Tensor:
+    """Per-sample RMS norm of a (batch, d) tensor, in float64 as the joint loop's Python floats."""
+    return (torch.linalg.vector_norm(x, dim=1) / math.sqrt(max(x.shape[1], 1))).double()
+
+
+def initial_steps(f, t, y, f0, direction: float, order: int, rtol: float, atol: float) -> torch.Tensor:
+    """Hairer's starting step (``control.initial_step``) for each row of ``y`` (batch, d) on its own;
+    ``f(t (batch,) float64, y)`` evaluates the batch. Positive step sizes, float64."""
+    dtype = y.dtype
+    scale = y.abs() * rtol + atol
+    d0, d1 = _rms_rows(y / scale), _rms_rows(f0 / scale)
+    h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
+    f1 = f(t + direction * h0, y + (direction * h0).to(dtype)[:, None] * f0)
+    d2 = _rms_rows((f1 - f0) / scale) / h0
+    dmax = torch.maximum(d1, d2)
+    h1 = torch.where(dmax <= 1e-15, torch.clamp(h0 * 1e-3, min=1e-6), (0.01 / dmax) ** (1.0 / (order + 1)))
+    dt = torch.minimum(100 * h0, h1)
+    return torch.where(torch.isfinite(dt) & (dt > 0), dt, torch.full_like(dt, 1e-6))
 
 
 def integrate_per_sample(
@@ -65,8 +85,7 @@ def integrate_per_sample(
         nfe = nfe + active.long()
         return func(t64.to(dtype), yy.view(shape)).reshape(B, d)
 
-    def rms(x: torch.Tensor) -> torch.Tensor:  # per sample, in float64 as the joint loop's Python floats
-        return (torch.linalg.vector_norm(x, dim=1) / math.sqrt(max(d, 1))).double()
+    rms = _rms_rows
 
     t = torch.full((B,), T[0], dtype=torch.float64, device=device)
     t_end = torch.full_like(t, T[-1])
@@ -74,16 +93,8 @@ def integrate_per_sample(
     K = torch.empty(max(method.rows, S), B, d, dtype=dtype, device=device)
     f0 = f(t, y, all_active)
     K[0] = f0
-    if first_step is None:  # Hairer's starting step, per sample (control.initial_step)
-        scale = y.abs() * rtol + atol
-        d0, d1 = rms(y / scale), rms(f0 / scale)
-        h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
-        f1 = f(t + direction * h0, y + (direction * h0).to(dtype)[:, None] * f0, all_active)
-        d2 = rms((f1 - f0) / scale) / h0
-        dmax = torch.maximum(d1, d2)
-        h1 = torch.where(dmax <= 1e-15, torch.clamp(h0 * 1e-3, min=1e-6), (0.01 / dmax) ** (1.0 / (tab.order + 1)))
-        dt = torch.minimum(100 * h0, h1)
-        dt = torch.where(torch.isfinite(dt) & (dt > 0), dt, torch.full_like(dt, 1e-6))
+    if first_step is None:
+        dt = initial_steps(lambda tt, yy: f(tt, yy, all_active), t, y, f0, direction, tab.order, rtol, atol)
     else:
         dt = torch.full_like(t, abs(float(first_step)))
     dt = torch.clamp(dt.detach(), max=ctrl.max_step) * direction

@@ -1,0 +1,312 @@
+"""The adaptive loop on the device: several step attempts fused into one compiled call.
+
+``compile=True`` without gradients runs here. One call of the compiled function makes ``unroll`` attempts;
+each computes all stages, the error ratio, the accept/reject decision, the next step size (the integral
+controller of ``control.StepController`` written with tensor ops), and writes the outputs the accepted step
+passes, from the method's continuous extension, straight into the output tensor. Accept/reject never goes to
+the host: the Python loop reads two flags (running, failed) once per call. Time and step size are float64
+tensors (the eager loop's Python floats), so steps and outputs match the eager solver up to floating-point
+reassociation.
+
+The same code serves joint stepping (one group: the whole state shares time and step size) and per-sample
+stepping (group = row of a ``(batch, ...)`` state; ``func`` gets a ``(batch,)`` tensor of times).
+
+Outputs are written through a window of ``window`` output indices per attempt; a step that would pass more
+requested times than that ends at the last one of the window instead (a shorter step, never a less accurate
+one). The window is 8 outputs, or (m - 1) / 16 for m requested times when that is more, so this happens only when
+many requested times fall within one step.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .._errors import Status
+from .compiled import fresh_code
+from .control import _MIN_RATIO, StepController, initial_step
+from .integrate import IntegrationResult, _max_steps_message, _underflow_message
+from .runge_kutta import RungeKutta
+
+__all__ = ["integrate_device_loop", "supports"]
+
+_CACHE: dict = {}
+_WARNED: set = set()
+_EPS = float(np.finfo(np.float64).eps)
+
+
+def supports(method: RungeKutta, ctrl: StepController) -> bool:
+    """Methods and controllers the device loop runs: first-same-as-last tableaus (dopri5, tsit5, bosh3, ...)
+    and the integral controller."""
+    return bool(method.fsal) and ctrl.beta2 == 0 and method.tableau.b_err is not None
+
+
+def _make_attempts(
+    func: Callable,
+    method: RungeKutta,
+    ctrl: StepController,
+    shape: torch.Size,
+    groups: int,
+    per_sample: bool,
+    direction: float,
+    rtol: float,
+    atol: float,
+    m: int,
+    window: int,
+    unroll: int,
+    max_num_steps: int,
+    transposed: bool,
+):
+    tab = method.tableau
+    S = tab.stages
+    A = [[float(v) for v in row] for row in tab.a]
+    c = [float(v) for v in tab.c]
+    b_err = [float(v) for v in tab.b_err]
+    rows_used = method.rows_used
+    Wm = np.asarray(method.W, dtype=np.float64)[:rows_used]  # (rows, degree)
+    degree = Wm.shape[1]
+    Wl = [[float(v) for v in row] for row in Wm]  # plain floats: constants in the compiled graph
+    tol_shift = atol / rtol
+    inv_rtol = 1.0 / rtol
+    safety, ifactor, dfactor, k = ctrl.safety, ctrl.ifactor, ctrl.dfactor, ctrl.k
+    beta1, max_step, min_step = ctrl.beta1, ctrl.max_step, ctrl.min_step
+    G = groups
+    tr = transposed  # state kept as (d, groups): per-group vectors run along the fast axis (small d)
+    gdim = 1 if tr else 0
+
+    def col(v: torch.Tensor) -> torch.Tensor:  # a per-group (G,) vector against the state
+        return v[None, :] if tr else v[:, None]
+
+    def rows_of(x: torch.Tensor) -> torch.Tensor:  # the state as (G, d)
+        return x.t() if tr else x
+
+    def F(t64: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        tt = t64.to(y.dtype) if per_sample else t64[0].to(y.dtype)
+        if tr:
+            return func(tt, y.t().reshape(shape)).reshape(G, -1).t()
+        return func(tt, y.view(shape)).reshape(y.shape)
+
+    def combo(coefs, K):
+        acc = None
+        for j, a in enumerate(coefs):
+            if a != 0.0:
+                acc = a * K[j] if acc is None else acc + a * K[j]
+        return acc
+
+    def attempt(t, dt, y, k0, next_k, running, failed, n_steps, n_rej, nfe, out, T_t, t_end, W_t, powers):
+        d = y.shape[1 - gdim]
+        active = running & (n_steps + n_rej < max_num_steps)  # a group out of attempts waits for the host
+        lands = direction * (t + dt - t_end) >= 0
+        dt_try = torch.where(lands, t_end - t, dt)
+        # at most `window` outputs per step: end at the window's last requested time if the step passes it
+        cap_idx = (next_k + (window - 1)).clamp(max=m - 1)
+        t_cap = T_t[cap_idx]
+        over = (cap_idx < m - 1) & (direction * (t + dt_try - t_cap) > 0)
+        dt_try = torch.where(over, t_cap - t, dt_try)
+        lands = lands & ~over
+        dt_try = torch.where(active, dt_try, torch.zeros_like(dt_try))
+        h = col(dt_try.to(y.dtype))
+        K = [k0]
+        yi = y
+        for i in range(1, S):
+            yi = y + h * combo(A[i][:i], K)
+            K.append(F(t + c[i] * dt_try, yi))
+        y1 = yi
+        e = combo(b_err, K)
+        scale = torch.maximum(y.abs(), y1.abs()) + tol_shift
+        err = (torch.linalg.vector_norm(e / scale, dim=1 - gdim) / math.sqrt(max(d, 1))).double()
+        ratio = dt_try.abs() * err * inv_rtol
+        finite = torch.isfinite(ratio)
+        accept = active & finite & (ratio <= 1.0)
+        t1 = torch.where(lands, t_end, torch.where(over, t_cap, t + dt_try))
+        # requested times passed by this step, within the window: the continuous extension
+        ks = next_k[:, None] + torch.arange(window, device=y.device)
+        ksc = ks.clamp(max=m - 1)
+        Tk = T_t[ksc]
+        valid = accept[:, None] & (ks < m) & (direction * (Tk - t1[:, None]) <= 0)
+        theta = ((Tk - t[:, None]) / torch.where(dt_try == 0, 1.0, dt_try)[:, None]).clamp(0.0, 1.0)
+        # y(t + θh) = y + h Σ_p θ^(p+1) Q_p with Q_p = Σ_r W[r, p] K_r: the stage sums once per step, then
+        # Horner in θ per requested time; elementwise, so the compiler fuses it (constants inlined)
+        Q = [combo([Wl[r][p] for r in range(rows_used)], K) for p in range(degree)]
+        Q = [rows_of(q if q is not None else torch.zeros_like(y))[:, None, :] for q in Q]
+        th = theta.to(y.dtype)[..., None]
+        acc = Q[degree - 1]
+        for p in range(degree - 2, -1, -1):
+            acc = acc * th + Q[p]
+        vals = rows_of(y)[:, None] + dt_try.to(y.dtype)[:, None, None] * (th * acc)
+        vals = torch.where((Tk == t1[:, None])[..., None], rows_of(y1)[:, None], vals)  # a step's end: its value
+        rows = torch.where(valid, ks, torch.full_like(ks, m))  # row m collects what is not written
+        cols = torch.arange(G, device=y.device)[:, None].expand(G, window)
+        out.index_put_((rows.reshape(-1), cols.reshape(-1)), vals.reshape(G * window, d))
+        next_k = next_k + valid.sum(1)
+        y = torch.where(col(accept), y1, y)
+        t = torch.where(accept, t1, t)
+        k0 = torch.where(col(accept), K[S - 1], k0)
+        r = ratio.clamp(min=_MIN_RATIO)
+        grow = torch.where(ratio == 0, torch.full_like(r, ifactor), (safety * r ** (-beta1)).clamp(1.0, ifactor))
+        shrink = (safety * r ** (-1.0 / k)).clamp(dfactor, 1.0)
+        factor = torch.where(accept, grow, torch.where(finite, shrink, torch.full_like(r, dfactor)))
+        new_dt = (dt_try.abs() * factor).clamp(max=max_step) * direction
+        dt = torch.where(active, new_dt, dt)
+        n_steps = n_steps + accept.long()
+        n_rej = n_rej + (active & ~accept).long()
+        nfe = nfe + active.long() * (S - 1)
+        running = running & ~(accept & lands)
+        tiny = active & running & ((dt.abs() < min_step) | (t + dt == t) | (dt.abs() < 4 * _EPS * t.abs()))
+        failed = failed | tiny
+        running = running & ~tiny
+        return t, dt, y, k0, next_k, running, failed, n_steps, n_rej, nfe
+
+    def attempts(t, dt, y, k0, next_k, active, failed, n_steps, n_rej, nfe, out, T_t, t_end, W_t, powers):
+        for _ in range(unroll):
+            t, dt, y, k0, next_k, active, failed, n_steps, n_rej, nfe = attempt(
+                t, dt, y, k0, next_k, active, failed, n_steps, n_rej, nfe, out, T_t, t_end, W_t, powers
+            )
+        out_of_steps = (active & (n_steps + n_rej >= max_num_steps)).any()
+        flags = torch.stack([active.any(), failed.any(), out_of_steps])
+        return t, dt, y, k0, next_k, active, failed, n_steps, n_rej, nfe, flags
+
+    return attempts, Wm, degree
+
+
+def integrate_device_loop(
+    func: Callable,
+    y0: torch.Tensor,
+    shape: torch.Size,
+    t_out: Sequence[float],
+    method: RungeKutta,
+    ctrl: StepController,
+    *,
+    per_sample: bool,
+    rtol: float,
+    atol: float,
+    first_step: float | None,
+    max_num_steps: int,
+    backend: str = "inductor",
+    unroll: int = 4,
+    window: int = 8,
+    f0: torch.Tensor | None = None,
+) -> tuple[IntegrationResult, dict] | None:
+    """Integrate with the compiled device loop. ``y0`` is flat ``(groups, d)`` (one group for joint stepping,
+    the batch for per-sample stepping). Returns the result (``ys``: ``(len(t_out), groups·d)``) and per-group
+    statistics (``nfe`` does not count ``f0`` when it is given: f(t0, y0) as ``(groups, d)``, evaluated and checked
+by the caller), or ``None`` when compilation is unavailable (the caller then runs the eager loop)."""
+    G, d = y0.shape
+    dtype, device = y0.dtype, y0.device
+    T = [float(v) for v in t_out]
+    m = len(T)
+    direction = 1.0 if T[-1] >= T[0] else -1.0
+    # outputs written per attempt: more when many times are requested, so that steps are rarely cut short
+    window = max(1, min(m - 1, max(window, -(-(m - 1) // 16))))
+    key = (id(func), method.tableau.name, tuple(shape), G, per_sample, direction, rtol, atol, m, window, unroll)
+    transposed = G > 1 and d < 16
+    key += (max_num_steps, transposed)
+    key += (ctrl.safety, ctrl.ifactor, ctrl.dfactor, ctrl.beta1, ctrl.min_step, ctrl.max_step, dtype, str(device))
+    key += (backend,)
+    hit = _CACHE.get(key)
+    if hit is not None and hit[0] is func:
+        fn, Wm, degree = hit[1]
+    else:
+        attempts, Wm, degree = _make_attempts(
+            func, method, ctrl, shape, G, per_sample, direction, rtol, atol, m, window, unroll, max_num_steps,
+            transposed,
+        )
+        try:
+            fn = torch.compile(fresh_code(attempts), backend=backend, dynamic=False, fullgraph=True)
+        except Exception as exc:  # pragma: no cover - depends on the platform's compiler
+            _warn_once(f"compile=True: torch.compile is unavailable ({type(exc).__name__}); using the eager solver")
+            return None
+        if len(_CACHE) > 32:
+            _CACHE.clear()
+        _CACHE[key] = (func, (fn, Wm, degree))
+
+    def F(t64: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        tt = t64.to(dtype) if per_sample else t64[0].to(dtype)
+        return func(tt, y.view(shape)).reshape(y.shape)
+
+    t = torch.full((G,), T[0], dtype=torch.float64, device=device)
+    t_end = torch.full_like(t, T[-1])
+    y = y0
+    k0 = F(t, y) if f0 is None else f0
+    if first_step is not None:
+        dt = torch.full_like(t, abs(float(first_step)))
+    elif per_sample:
+        from .per_sample import initial_steps
+
+        dt = initial_steps(F, t, y, k0, direction, method.tableau.order, rtol, atol)
+    else:
+        dt0, _ = initial_step(
+            lambda tt, yy: F(torch.full_like(t, tt), yy.view(G, d)).view(yy.shape),
+            T[0],
+            y,
+            k0,
+            direction,
+            method.tableau.order,
+            rtol,
+            atol,
+            lambda x: float(torch.linalg.vector_norm(x)) / math.sqrt(max(x.numel(), 1)),
+        )
+        dt = torch.full_like(t, abs(dt0))
+    init_nfe = (first_step is None) + (f0 is None)
+    dt = dt.clamp(max=ctrl.max_step) * direction
+    out = torch.empty(m + 1, G, d, dtype=dtype, device=device)
+    out[0] = y
+    if m == 1 or T[0] == T[-1]:
+        out[:m] = y
+        stats = {k: torch.zeros(G, dtype=torch.long, device=device) for k in ("n_steps", "n_rejected")}
+        stats["nfe"] = torch.full((G,), init_nfe, dtype=torch.long, device=device)
+        return IntegrationResult(out[:m].reshape(m, -1), Status.SUCCESS), stats
+    if transposed:
+        y, k0 = y.t().contiguous(), k0.t().contiguous()
+    next_k = torch.ones(G, dtype=torch.long, device=device)
+    active = torch.ones(G, dtype=torch.bool, device=device)
+    failed = torch.zeros_like(active)
+    n_steps = torch.zeros(G, dtype=torch.long, device=device)
+    n_rej = torch.zeros_like(n_steps)
+    nfe = torch.full_like(n_steps, init_nfe)
+    T_t = torch.tensor(T, dtype=torch.float64, device=device)
+    W_t = torch.from_numpy(Wm).to(device)
+    powers = torch.arange(1, degree + 1, dtype=torch.float64, device=device)
+    status, message, t_fail = Status.SUCCESS, "", None
+    try:
+        while True:
+            t, dt, y, k0, next_k, active, failed, n_steps, n_rej, nfe, flags = fn(
+                t, dt, y, k0, next_k, active, failed, n_steps, n_rej, nfe, out, T_t, t_end, W_t, powers
+            )
+            running, bad, out_of_steps = flags.tolist()  # the loop's one host read per call
+            if bad:
+                worst = int(failed.nonzero()[0])
+                status, t_fail = Status.DT_UNDERFLOW, float(t[worst])
+                message = _underflow_message(t_fail, float(dt[worst]), ctrl.min_step, rtol, atol)
+                if per_sample:
+                    message += f" (sample {worst} of the batch)"
+                break
+            if not running:
+                break
+            if out_of_steps:
+                worst = int(torch.argmin(torch.where(active, direction * t, torch.full_like(t, math.inf))))
+                status, t_fail = Status.MAX_STEPS, float(t[worst])
+                message = _max_steps_message(
+                    max_num_steps, t_fail, T[0], T[-1], int(n_steps[worst]), int(n_rej[worst])
+                )
+                if per_sample:
+                    message += f" (sample {worst} of the batch)"
+                break
+    except Exception as exc:  # pragma: no cover - a backend that compiles lazily may fail on the first call
+        _warn_once(f"compile=True: the compiled loop failed ({type(exc).__name__}: {exc}); using the eager solver")
+        return None
+    reached = int(next_k.min()) if status != Status.SUCCESS else m
+    res = IntegrationResult(
+        out[:reached].reshape(reached, -1), status, message, t_fail, int(n_steps.max()), int(n_rej.max())
+    )
+    return res, {"n_steps": n_steps, "n_rejected": n_rej, "nfe": nfe}
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
