@@ -191,10 +191,12 @@ def integrate_device_loop(
     window: int = 8,
     f0: torch.Tensor | None = None,
 ) -> tuple[IntegrationResult, dict] | None:
-    """Integrate with the compiled device loop. ``y0`` is flat ``(groups, d)`` (one group for joint stepping,
-    the batch for per-sample stepping). Returns the result (``ys``: ``(len(t_out), groups·d)``) and per-group
-    statistics (``nfe`` does not count ``f0`` when it is given: f(t0, y0) as ``(groups, d)``, evaluated and checked
-by the caller), or ``None`` when compilation is unavailable (the caller then runs the eager loop)."""
+    """Integrate with the compiled device loop. ``y0`` is flat ``(groups, d)``: one group for joint stepping,
+    the batch for per-sample stepping. ``f0``, if given, is f(t0, y0) as ``(groups, d)``, evaluated and checked
+    by the caller, and not counted in the statistics. Returns the result (``ys``: ``(len(t_out), groups·d)``)
+    and per-group statistics, or ``None`` when compilation is unavailable (the caller then runs the eager
+    loop). Function evaluations are counted for the groups still stepping; masked attempts after a group is
+    done (at most ``unroll - 1`` at the end) are computed but not counted."""
     G, d = y0.shape
     dtype, device = y0.dtype, y0.device
     T = [float(v) for v in t_out]
@@ -212,7 +214,19 @@ by the caller), or ``None`` when compilation is unavailable (the caller then run
         fn, Wm, degree = hit[1]
     else:
         attempts, Wm, degree = _make_attempts(
-            func, method, ctrl, shape, G, per_sample, direction, rtol, atol, m, window, unroll, max_num_steps,
+            func,
+            method,
+            ctrl,
+            shape,
+            G,
+            per_sample,
+            direction,
+            rtol,
+            atol,
+            m,
+            window,
+            unroll,
+            max_num_steps,
             transposed,
         )
         try:
@@ -290,9 +304,7 @@ by the caller), or ``None`` when compilation is unavailable (the caller then run
             if out_of_steps:
                 worst = int(torch.argmin(torch.where(active, direction * t, torch.full_like(t, math.inf))))
                 status, t_fail = Status.MAX_STEPS, float(t[worst])
-                message = _max_steps_message(
-                    max_num_steps, t_fail, T[0], T[-1], int(n_steps[worst]), int(n_rej[worst])
-                )
+                message = _max_steps_message(max_num_steps, t_fail, T[0], T[-1], int(n_steps[worst]), int(n_rej[worst]))
                 if per_sample:
                     message += f" (sample {worst} of the batch)"
                 break
