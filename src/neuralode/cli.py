@@ -40,6 +40,8 @@ def _bench(args: argparse.Namespace) -> int:
     argv = ["--threads", str(args.threads), "--out", args.out]
     if args.cases:
         argv += ["--cases", *args.cases]
+    if args.compile:
+        argv.append("--compile")
     bench_main(argv)
     return 0
 
@@ -263,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="solver overhead against torchdiffeq and torchode (those installed)")
     b.add_argument("--threads", type=int, default=1)
     b.add_argument("--cases", nargs="*", help="tiny tiny_long medium large (default: all)")
+    b.add_argument("--compile", action="store_true", help="also time neuralode with compile=True")
     b.add_argument("--out", default="runs/bench/overhead.json")
     b.set_defaults(fn=_bench)
     return p

@@ -11,14 +11,15 @@ reassociation.
 The same code serves joint stepping (one group: the whole state shares time and step size) and per-sample
 stepping (group = row of a ``(batch, ...)`` state; ``func`` gets a ``(batch,)`` tensor of times).
 
-Outputs are written through a window of ``window`` output indices per attempt; a step that would pass more
-requested times than that ends at the last one of the window instead (a shorter step, never a less accurate
-one). The window is 8 outputs, or (m - 1) / 16 for m requested times when that is more, so this happens only when
-many requested times fall within one step.
+Dense output costs the loop nothing: each attempt returns its step's continuous-extension coefficients, and
+the host evaluates them at the requested times once every group has passed them (one batched evaluation per
+call), so steps are never shortened to land on requested times and the compiled graph does not depend on how
+many there are.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 import warnings
 from typing import Callable, Sequence
@@ -37,6 +38,8 @@ __all__ = ["integrate_device_loop", "supports"]
 _CACHE: dict = {}
 _WARNED: set = set()
 _EPS = float(np.finfo(np.float64).eps)
+#: recorded step coefficients kept before the requested times they cover are evaluated (then dropped)
+_RECORD_BYTES = 64 * 2**20
 
 
 def supports(method: RungeKutta, ctrl: StepController) -> bool:
@@ -55,8 +58,6 @@ def _make_attempts(
     direction: float,
     rtol: float,
     atol: float,
-    m: int,
-    window: int,
     unroll: int,
     max_num_steps: int,
     transposed: bool,
@@ -97,17 +98,11 @@ def _make_attempts(
                 acc = a * K[j] if acc is None else acc + a * K[j]
         return acc
 
-    def attempt(t, dt, y, k0, next_k, running, failed, n_steps, n_rej, nfe, out, T_t, t_end, W_t, powers):
+    def attempt(t, dt, y, k0, running, failed, n_steps, n_rej, nfe, t_end):
         d = y.shape[1 - gdim]
         active = running & (n_steps + n_rej < max_num_steps)  # a group out of attempts waits for the host
         lands = direction * (t + dt - t_end) >= 0
         dt_try = torch.where(lands, t_end - t, dt)
-        # at most `window` outputs per step: end at the window's last requested time if the step passes it
-        cap_idx = (next_k + (window - 1)).clamp(max=m - 1)
-        t_cap = T_t[cap_idx]
-        over = (cap_idx < m - 1) & (direction * (t + dt_try - t_cap) > 0)
-        dt_try = torch.where(over, t_cap - t, dt_try)
-        lands = lands & ~over
         dt_try = torch.where(active, dt_try, torch.zeros_like(dt_try))
         h = col(dt_try.to(y.dtype))
         K = [k0]
@@ -122,27 +117,11 @@ def _make_attempts(
         ratio = dt_try.abs() * err * inv_rtol
         finite = torch.isfinite(ratio)
         accept = active & finite & (ratio <= 1.0)
-        t1 = torch.where(lands, t_end, torch.where(over, t_cap, t + dt_try))
-        # requested times passed by this step, within the window: the continuous extension
-        ks = next_k[:, None] + torch.arange(window, device=y.device)
-        ksc = ks.clamp(max=m - 1)
-        Tk = T_t[ksc]
-        valid = accept[:, None] & (ks < m) & (direction * (Tk - t1[:, None]) <= 0)
-        theta = ((Tk - t[:, None]) / torch.where(dt_try == 0, 1.0, dt_try)[:, None]).clamp(0.0, 1.0)
-        # y(t + θh) = y + h Σ_p θ^(p+1) Q_p with Q_p = Σ_r W[r, p] K_r: the stage sums once per step, then
-        # Horner in θ per requested time; elementwise, so the compiler fuses it (constants inlined)
+        t1 = torch.where(lands, t_end, t + dt_try)
+        # the step's continuous extension, y(t + θh) = y + h Σ_p θ^(p+1) Q_p with Q_p = Σ_r W[r, p] K_r,
+        # recorded for the host to evaluate at the requested times once they are passed
         Q = [combo([Wl[r][p] for r in range(rows_used)], K) for p in range(degree)]
-        Q = [rows_of(q if q is not None else torch.zeros_like(y))[:, None, :] for q in Q]
-        th = theta.to(y.dtype)[..., None]
-        acc = Q[degree - 1]
-        for p in range(degree - 2, -1, -1):
-            acc = acc * th + Q[p]
-        vals = rows_of(y)[:, None] + dt_try.to(y.dtype)[:, None, None] * (th * acc)
-        vals = torch.where((Tk == t1[:, None])[..., None], rows_of(y1)[:, None], vals)  # a step's end: its value
-        rows = torch.where(valid, ks, torch.full_like(ks, m))  # row m collects what is not written
-        cols = torch.arange(G, device=y.device)[:, None].expand(G, window)
-        out.index_put_((rows.reshape(-1), cols.reshape(-1)), vals.reshape(G * window, d))
-        next_k = next_k + valid.sum(1)
+        record = (t, dt_try, rows_of(y), [rows_of(q if q is not None else torch.zeros_like(y)) for q in Q])
         y = torch.where(col(accept), y1, y)
         t = torch.where(accept, t1, t)
         k0 = torch.where(col(accept), K[S - 1], k0)
@@ -159,16 +138,31 @@ def _make_attempts(
         tiny = active & running & ((dt.abs() < min_step) | (t + dt == t) | (dt.abs() < 4 * _EPS * t.abs()))
         failed = failed | tiny
         running = running & ~tiny
-        return t, dt, y, k0, next_k, running, failed, n_steps, n_rej, nfe
+        return (t, dt, y, k0, running, failed, n_steps, n_rej, nfe), record + (t,)
 
-    def attempts(t, dt, y, k0, next_k, active, failed, n_steps, n_rej, nfe, out, T_t, t_end, W_t, powers):
+    def attempts(t, dt, y, k0, active, failed, n_steps, n_rej, nfe, t_end):
+        recs = []
         for _ in range(unroll):
-            t, dt, y, k0, next_k, active, failed, n_steps, n_rej, nfe = attempt(
-                t, dt, y, k0, next_k, active, failed, n_steps, n_rej, nfe, out, T_t, t_end, W_t, powers
+            (t, dt, y, k0, active, failed, n_steps, n_rej, nfe), rec = attempt(
+                t, dt, y, k0, active, failed, n_steps, n_rej, nfe, t_end
             )
+            recs.append(rec)
+        t0s = torch.stack([r[0] for r in recs])  # (unroll, G) float64
+        hs = torch.stack([r[1] for r in recs])
+        ys = torch.stack([r[2] for r in recs])  # (unroll, G, d)
+        Qs = torch.stack([torch.stack(r[3], 1) for r in recs])  # (unroll, G, degree, d)
+        t_after = torch.stack([r[4] for r in recs])  # time of each group after each attempt
         out_of_steps = (active & (n_steps + n_rej >= max_num_steps)).any()
-        flags = torch.stack([active.any(), failed.any(), out_of_steps])
-        return t, dt, y, k0, next_k, active, failed, n_steps, n_rej, nfe, flags
+        flags = torch.stack(
+            [
+                active.any().double(),
+                failed.any().double(),
+                out_of_steps.double(),
+                (direction * t).min(),  # every group has passed this time
+                (direction * t_after).max(),  # no group of these attempts got further
+            ]
+        )
+        return (t, dt, y, k0, active, failed, n_steps, n_rej, nfe), (t0s, hs, ys, Qs, t_after), flags
 
     return attempts, Wm, degree
 
@@ -188,7 +182,6 @@ def integrate_device_loop(
     max_num_steps: int,
     backend: str = "inductor",
     unroll: int = 4,
-    window: int = 8,
     f0: torch.Tensor | None = None,
 ) -> tuple[IntegrationResult, dict] | None:
     """Integrate with the compiled device loop. ``y0`` is flat ``(groups, d)``: one group for joint stepping,
@@ -202,13 +195,10 @@ def integrate_device_loop(
     T = [float(v) for v in t_out]
     m = len(T)
     direction = 1.0 if T[-1] >= T[0] else -1.0
-    # outputs written per attempt: more when many times are requested, so that steps are rarely cut short
-    window = max(1, min(m - 1, max(window, -(-(m - 1) // 16))))
-    key = (id(func), method.tableau.name, tuple(shape), G, per_sample, direction, rtol, atol, m, window, unroll)
     transposed = G > 1 and d < 16
-    key += (max_num_steps, transposed)
-    key += (ctrl.safety, ctrl.ifactor, ctrl.dfactor, ctrl.beta1, ctrl.min_step, ctrl.max_step, dtype, str(device))
-    key += (backend,)
+    key = (id(func), method.tableau.name, tuple(shape), G, per_sample, direction, rtol, atol, unroll)
+    key += (max_num_steps, transposed, ctrl.safety, ctrl.ifactor, ctrl.dfactor, ctrl.beta1, ctrl.min_step)
+    key += (ctrl.max_step, dtype, str(device), backend)
     hit = _CACHE.get(key)
     if hit is not None and hit[0] is func:
         fn, Wm, degree = hit[1]
@@ -223,8 +213,6 @@ def integrate_device_loop(
             direction,
             rtol,
             atol,
-            m,
-            window,
             unroll,
             max_num_steps,
             transposed,
@@ -267,31 +255,29 @@ def integrate_device_loop(
         dt = torch.full_like(t, abs(dt0))
     init_nfe = (first_step is None) + (f0 is None)
     dt = dt.clamp(max=ctrl.max_step) * direction
-    out = torch.empty(m + 1, G, d, dtype=dtype, device=device)
+    out = torch.empty(m, G, d, dtype=dtype, device=device)
     out[0] = y
     if m == 1 or T[0] == T[-1]:
-        out[:m] = y
+        out[:] = y
         stats = {k: torch.zeros(G, dtype=torch.long, device=device) for k in ("n_steps", "n_rejected")}
         stats["nfe"] = torch.full((G,), init_nfe, dtype=torch.long, device=device)
-        return IntegrationResult(out[:m].reshape(m, -1), Status.SUCCESS), stats
+        return IntegrationResult(out.reshape(m, -1), Status.SUCCESS), stats
     if transposed:
         y, k0 = y.t().contiguous(), k0.t().contiguous()
-    next_k = torch.ones(G, dtype=torch.long, device=device)
     active = torch.ones(G, dtype=torch.bool, device=device)
     failed = torch.zeros_like(active)
     n_steps = torch.zeros(G, dtype=torch.long, device=device)
     n_rej = torch.zeros_like(n_steps)
     nfe = torch.full_like(n_steps, init_nfe)
-    T_t = torch.tensor(T, dtype=torch.float64, device=device)
-    W_t = torch.from_numpy(Wm).to(device)
-    powers = torch.arange(1, degree + 1, dtype=torch.float64, device=device)
+    state = (t, dt, y, k0, active, failed, n_steps, n_rej, nfe)
+    dense = _DenseOutput(T, direction, out, Wm.shape[1])
     status, message, t_fail = Status.SUCCESS, "", None
     try:
         while True:
-            t, dt, y, k0, next_k, active, failed, n_steps, n_rej, nfe, flags = fn(
-                t, dt, y, k0, next_k, active, failed, n_steps, n_rej, nfe, out, T_t, t_end, W_t, powers
-            )
-            running, bad, out_of_steps = flags.tolist()  # the loop's one host read per call
+            state, records, flags = fn(*state, t_end)
+            running, bad, out_of_steps, passed, reach = flags.tolist()  # the loop's one host read per call
+            dense.add(records, reach)
+            t, dt, y, k0, active, failed, n_steps, n_rej, nfe = state
             if bad:
                 worst = int(failed.nonzero()[0])
                 status, t_fail = Status.DT_UNDERFLOW, float(t[worst])
@@ -308,14 +294,80 @@ def integrate_device_loop(
                 if per_sample:
                     message += f" (sample {worst} of the batch)"
                 break
+            if dense.nbytes > _RECORD_BYTES:  # evaluate what is passed, drop what is no longer needed
+                dense.flush(passed)
     except Exception as exc:  # pragma: no cover - a backend that compiles lazily may fail on the first call
         _warn_once(f"compile=True: the compiled loop failed ({type(exc).__name__}: {exc}); using the eager solver")
         return None
-    reached = int(next_k.min()) if status != Status.SUCCESS else m
+    if status == Status.SUCCESS:
+        dense.flush(direction * T[-1])
+        out[m - 1] = y.t() if transposed else y  # the last step's end value itself
+        reached = m
+    else:
+        reached = dense.flush(passed)
     res = IntegrationResult(
         out[:reached].reshape(reached, -1), status, message, t_fail, int(n_steps.max()), int(n_rej.max())
     )
     return res, {"n_steps": n_steps, "n_rejected": n_rej, "nfe": nfe}
+
+
+class _DenseOutput:
+    """Requested times evaluated from the recorded steps once every group has passed them."""
+
+    def __init__(self, T: list[float], direction: float, out: torch.Tensor, degree: int) -> None:
+        self.S = [direction * v for v in T]  # increasing
+        self.direction = direction
+        self.out = out
+        self.degree = degree
+        self.T = torch.tensor(T, dtype=torch.float64, device=out.device)
+        self.done = 1  # out[0] is y0
+        self.records: list[tuple] = []  # (records, furthest time they reach)
+        self.nbytes = 0
+
+    def add(self, records: tuple, reach: float) -> None:
+        self.records.append((records, reach))
+        self.nbytes += records[3].numel() * records[3].element_size()
+
+    def flush(self, passed: float) -> int:
+        """Evaluate the requested times up to ``passed`` (direction-adjusted); returns how many are done."""
+        hi = bisect.bisect_right(self.S, passed)
+        if hi > self.done and self.records:
+            self._evaluate(self.done, hi)
+            self.done = hi
+        # recorded attempts that end before the next requested time are no longer needed
+        if self.done < len(self.S):
+            nxt = self.S[self.done]
+            self.records = [r for r in self.records if r[1] >= nxt]
+        else:
+            self.records = []
+        self.nbytes = sum(r[0][3].numel() * r[0][3].element_size() for r in self.records)
+        return self.done
+
+    def _evaluate(self, lo: int, hi: int) -> None:
+        t0 = torch.cat([r[0][0] for r in self.records])  # (A, G)
+        h = torch.cat([r[0][1] for r in self.records])
+        ys = torch.cat([r[0][2] for r in self.records])  # (A, G, d)
+        Qs = torch.cat([r[0][3] for r in self.records])  # (A, G, degree, d)
+        after = torch.cat([r[0][4] for r in self.records])  # (A, G)
+        G = t0.shape[1]
+        Tq = self.T[lo:hi]
+        # for each group, the first attempt whose end reaches the requested time: the accepted step over it
+        keys = (self.direction * after).t().contiguous()  # (G, A), non-decreasing
+        idx = torch.searchsorted(keys, (self.direction * Tq).expand(G, -1).contiguous())  # (G, K)
+        A = t0.shape[0]
+        flat = (idx.clamp(max=A - 1) * G + torch.arange(G, device=idx.device)[:, None]).reshape(-1)  # (G·K,)
+        h_sel = h.reshape(-1).index_select(0, flat)
+        t_sel = t0.reshape(-1).index_select(0, flat)
+        Tk = Tq.repeat(G)
+        theta = ((Tk - t_sel) / torch.where(h_sel == 0, 1.0, h_sel)).clamp(0.0, 1.0)
+        th = theta.to(ys.dtype)[:, None]
+        Qsel = Qs.reshape(A * G, self.degree, -1).index_select(0, flat)  # (G·K, degree, d)
+        acc = Qsel[:, self.degree - 1]
+        for p in range(self.degree - 2, -1, -1):
+            acc = torch.addcmul(Qsel[:, p], acc, th)
+        vals = ys.reshape(A * G, -1).index_select(0, flat) + (h_sel.to(ys.dtype)[:, None] * th) * acc
+        vals = vals.view(G, hi - lo, -1)
+        self.out[lo:hi] = vals.transpose(0, 1)
 
 
 def _warn_once(msg: str) -> None:
