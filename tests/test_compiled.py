@@ -107,7 +107,7 @@ def test_device_loop_matches_scipy_when_many_outputs_fall_in_one_step():
     def f(t, y):  # harmonic oscillator with slow damping: smooth, big steps
         return torch.stack([y[..., 1], -y[..., 0] - 0.1 * y[..., 1]], -1)
 
-    t = torch.linspace(0, 10, 400, dtype=torch.float64)
+    t = torch.linspace(0, 10, 2000, dtype=torch.float64)
     with torch.no_grad():
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -116,7 +116,7 @@ def test_device_loop_matches_scipy_when_many_outputs_fall_in_one_step():
         eager = node.solve(f, y0, t, rtol=1e-8, atol=1e-10)
     _no_fallback(caught)
     assert (comp.stats.n_steps, comp.stats.nfe) == (eager.stats.n_steps, eager.stats.nfe)
-    assert eager.stats.n_steps < len(t) / 4  # so that several requested times fall in each step
+    assert eager.stats.n_steps < len(t) / 10  # so that many requested times fall in each step
     ref = scipy_integrate.solve_ivp(
         lambda s, z: [z[1], -z[0] - 0.1 * z[1], z[3], -z[2] - 0.1 * z[3]],
         (0, 10),
