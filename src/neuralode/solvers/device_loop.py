@@ -325,6 +325,8 @@ class _DenseOutput:
         self.nbytes = 0
 
     def add(self, records: tuple, reach: float) -> None:
+        if len(self.S) <= 2:  # only the end is requested: it is the last step's value, no record needed
+            return
         self.records.append((records, reach))
         self.nbytes += records[3].numel() * records[3].element_size()
 
