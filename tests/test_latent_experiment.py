@@ -7,14 +7,16 @@ import torch
 from neuralode.experiments.latent import _observe, evaluate, spiral_dataset
 
 
-def test_spirals_turn_both_ways_and_change_radius_as_specified():
+def test_spirals_turn_both_ways_along_archimedean_spirals():
     t, clean, noisy = spiral_dataset(n_spirals=10, noise=0.1, seed=1)
-    assert clean.shape == (200, 10, 2) and t[0] == 0 and float(t[-1]) == 10.0
+    assert clean.shape == (200, 10, 2) and t[0] == 0 and abs(float(t[-1]) - 19.9) < 1e-5
     angle = torch.atan2(clean[..., 1], clean[..., 0])
     step = torch.remainder(angle[1] - angle[0] + math.pi, 2 * math.pi) - math.pi
     assert bool((step[0::2] < 0).all()) and bool((step[1::2] > 0).all())  # clockwise, counter-clockwise
-    radius = clean.norm(dim=-1)
-    assert bool((radius[-1, 0::2] > radius[0, 0::2]).all()) and bool((radius[-1, 1::2] < radius[0, 1::2]).all())
+    torch.testing.assert_close(step.abs(), torch.full((10,), 0.1), atol=1e-5, rtol=0)  # one radian per time unit
+    radius = clean.norm(dim=-1)  # r = 0.5 + 0.05 s: grows by 0.05 per time unit from a start in [0.5, 2]
+    torch.testing.assert_close(radius - radius[0], (0.05 * t)[:, None].expand(-1, 10), atol=1e-5, rtol=0)
+    assert bool((radius[0] >= 0.5).all()) and bool((radius[0] <= 2.0).all())
     assert 0.08 < float((noisy - clean).std()) < 0.12
 
 
