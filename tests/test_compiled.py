@@ -150,3 +150,28 @@ def test_device_loop_reports_max_num_steps_and_underflow():
                 compile="aot_eager",
                 per_sample=True,
             )
+
+
+@pytest.mark.parametrize("gradient", ["adjoint", "backprop"])
+def test_an_ode_block_is_compiled_once_not_every_training_iteration(gradient):
+    from neuralode.nn import ODEBlock
+    from neuralode.solvers import compiled, device_loop
+
+    class Field(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+
+        def forward(self, t, y):
+            return self.net(y)
+
+    torch.manual_seed(0)
+    block = ODEBlock(Field(), gradient=gradient, compile="aot_eager")
+    x = torch.randn(8, 3)
+    sizes = []
+    for _ in range(3):
+        block(x).pow(2).sum().backward()
+        sizes.append((len(device_loop._CACHE), len(compiled._CACHE)))
+    assert sizes[0] == sizes[1] == sizes[2]  # later iterations reuse what the first one compiled
+    fn = [v for v in list(device_loop._CACHE.values()) + list(compiled._CACHE.values()) if v[0] is block.func]
+    assert fn, "the block's field has a compiled entry"
