@@ -172,7 +172,9 @@ def integrate_compiled(
     except Exception as exc:  # pragma: no cover - a backend that compiles lazily may fail on the first call
         _warn_once(f"compile=True: the compiled step failed ({type(exc).__name__}: {exc}); using the eager solver")
         return None
-    return IntegrationResult(out.result(), status, message, t_fail, n_steps, n_rej)
+    res = IntegrationResult(out.result(), status, message, t_fail, n_steps, n_rej)
+    res.next_step = dt
+    return res
 
 
 def _warn_once(msg: str) -> None:

@@ -308,6 +308,8 @@ def integrate_device_loop(
     res = IntegrationResult(
         out[:reached].reshape(reached, -1), status, message, t_fail, int(n_steps.max()), int(n_rej.max())
     )
+    if G == 1:
+        res.next_step = float(dt[0])  # the controller's proposal after the last step (the adjoint starts there)
     return res, {"n_steps": n_steps, "n_rejected": n_rej, "nfe": nfe}
 
 
