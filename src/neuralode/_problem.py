@@ -492,9 +492,7 @@ def _run_compiled(
     from .solvers.device_loop import supports as device_loop_supports
 
     why = None
-    if trace is not None:
-        why = "checkpointed gradients"
-    elif rhs.buffer_shape is None:
+    if rhs.buffer_shape is None:
         why = "tuple states"
     elif not (isinstance(rtol, float) and isinstance(atol, float)):
         why = "tensor tolerances"
@@ -506,7 +504,7 @@ def _run_compiled(
         _warn_once(f"compile=True does not support {why} yet; using the eager solver")
         return None
     backend = opts["compile"] if isinstance(opts["compile"], str) else "inductor"
-    if not torch.is_grad_enabled() and device_loop_supports(rk, ctrl):
+    if trace is None and not torch.is_grad_enabled() and device_loop_supports(rk, ctrl):
         got = integrate_device_loop(
             rhs.func,
             y0.reshape(1, -1),
@@ -538,6 +536,7 @@ def _run_compiled(
         first_step=opts.get("first_step"),
         max_num_steps=max_steps,
         backend=backend,
+        trace=trace,
     )
     if res is not None:
         res.method = rk

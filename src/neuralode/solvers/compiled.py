@@ -2,8 +2,10 @@
 
 The Python loop stays as it is (one host read per step: the error ratio, for accept/reject); time and step size
 enter the compiled function as 0-d tensors, so a new step size never recompiles. Compiled steps are cached per
-(func, method, shape, dtype, device, backend). Forward solves without gradients only (tensor states, scalar
-tolerances); everything else, or a failure to compile, falls back to the eager path with a one-line warning.
+(func, method, shape, dtype, device, backend). This path serves solves with a graph (backprop through the
+compiled step) and checkpointed gradients (each accepted step is recorded; the backward pass recomputes it
+eagerly); solves without gradients run in ``device_loop``. Tensor states and scalar tolerances only; anything
+else, or a failure to compile, falls back to the eager path with a one-line warning.
 """
 
 from __future__ import annotations
@@ -102,6 +104,7 @@ def integrate_compiled(
     first_step: float | None,
     max_num_steps: int,
     backend: str = "inductor",
+    trace: list | None = None,
 ) -> IntegrationResult | None:
     """The adaptive loop around a compiled step; ``None`` when compilation is unavailable (the caller then runs
     the eager loop)."""
@@ -159,6 +162,8 @@ def integrate_compiled(
             if ratio <= 1.0:
                 t1 = t_end if lands else t + dt_try
                 n_steps += 1
+                if trace is not None:  # checkpointed gradients: enough to recompute this step exactly
+                    trace.append((t, t1, y, False, False))
                 rows = K if method.fsal else torch.cat([K, rhs.at(t1, y1)[None]]) if method.interp_needs_f1 else K
                 done = out.add(Segment(t, t1, y, y1, rows, method))
                 dt = ctrl.next_step(dt_try, ratio, True)
