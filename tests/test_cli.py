@@ -75,3 +75,29 @@ def test_latent_cli_writes_its_table_and_plots(tmp_path):
     assert all(r["rmse_extrapolation"] > 0 for r in rows)
     for name in ("results.csv", "table.md", "spirals.png", "prior_samples.png"):
         assert (out / name).stat().st_size > 0
+
+
+def test_augmented_cli_writes_metrics_and_plots(tmp_path):
+    from neuralode.cli import main
+
+    out = tmp_path / "aug"
+    assert main(["augmented", "--iters", "5", "--out", str(out), "--no-progress"]) == 0
+    import json
+
+    runs = json.loads((out / "metrics.json").read_text())["runs"]
+    assert [r["augment_dim"] for r in runs] == [0, 1]
+    assert all(len(r["history"]) == 5 and r["history"][-1]["nfe_forward"] > 0 for r in runs)
+    assert (out / "training.png").exists() and (out / "features.png").exists()
+
+
+def test_concentric_circles_have_the_stated_radii_and_labels():
+    import torch
+
+    from neuralode.experiments.augmented import concentric_circles
+
+    x, y = concentric_circles(1000, generator=torch.Generator().manual_seed(0))
+    r = x.norm(dim=1)
+    assert bool((r[y < 0] < 0.5).all()) and bool(((r[y > 0] > 1.0) & (r[y > 0] < 1.5)).all())
+    assert int((y < 0).sum()) == 500
+    # uniform in area: half of the disk's points lie within radius 0.5/√2
+    assert abs(float((r[y < 0] < 0.5 / 2**0.5).float().mean()) - 0.5) < 0.06

@@ -134,6 +134,19 @@ def _flow(args: argparse.Namespace) -> int:
     return 0
 
 
+def _augmented(args: argparse.Namespace) -> int:
+    from .experiments.augmented import compare
+
+    res = compare(iters=args.iters, out_dir=args.out, seed=args.seed, show_progress=not args.no_progress)
+    for r in res["runs"]:
+        print(
+            f"{r['model']:<10} test loss {r['test_loss']:.4f}  accuracy {r['test_accuracy']:.3f}  "
+            f"NFE forward {r['nfe_forward_last10pct']:.1f}  backward {r['nfe_backward_last10pct']:.1f}"
+        )
+    print(f"results in {args.out}/ (metrics.json, metrics.csv, training.png, features.png)")
+    return 0
+
+
 def _latent(args: argparse.Namespace) -> int:
     from .experiments.latent import table
 
@@ -251,6 +264,13 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", default="runs/flow")
     f.add_argument("--no-progress", action="store_true")
     f.set_defaults(fn=_flow)
+
+    au = sub.add_parser("augmented", help="plain vs augmented neural ODE on concentric circles (Dupont et al.)")
+    au.add_argument("--iters", type=int, default=400)
+    au.add_argument("--seed", type=int, default=0)
+    au.add_argument("--out", default="runs/augmented")
+    au.add_argument("--no-progress", action="store_true")
+    au.set_defaults(fn=_augmented)
 
     la = sub.add_parser("latent", help="latent ODE vs RNN on irregularly sampled spirals (Table 2 of the paper)")
     la.add_argument("--n", type=int, nargs="+", default=[30, 50, 100], help="observed points per sequence")
