@@ -113,7 +113,9 @@ def _flow(args: argparse.Namespace) -> int:
         print(json.dumps({k: v for k, v in m.items() if k != "history"}, indent=2))
         print(f"metrics and plot in {args.out}/ (metrics.json, metrics.csv, match.png)")
         return 0
+    reg = {k: v for k, v in (("kinetic", args.kinetic), ("jacobian", args.jac_fro)) if v}
     m = train_flow(
+        regularization=reg or None,
         data=args.data,
         iters=args.iters,
         batch_size=args.batch_size,
@@ -258,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--lr", type=float, default=1e-3)
     f.add_argument("--tol", type=float, default=1e-5, help="rtol = atol")
     f.add_argument("--gradient", default="adjoint", choices=["adjoint", "backprop", "checkpoint"])
+    f.add_argument("--kinetic", type=float, default=0.0, help="weight of ∫‖f‖² dt (Finlay et al. 2020)")
+    f.add_argument("--jac-fro", type=float, default=0.0, help="weight of ∫‖∂f/∂z‖_F² dt (Finlay et al. 2020)")
     f.add_argument("--n-test", type=int, default=5000, help="held-out samples (NLL with the exact trace)")
     f.add_argument("--eval-every", type=int, default=100)
     f.add_argument("--seed", type=int, default=0)
