@@ -268,3 +268,12 @@ def test_regularisers_integrate_kinetic_energy_and_jacobian_norm(trace):
 def test_regularisation_keys_are_checked():
     with pytest.raises(ValueError, match="regularization keys"):
         CNF(2, regularization={"kinetc": 1.0})
+
+
+def test_density_matching_table_compares_at_equal_parameter_count(tmp_path):
+    from neuralode.experiments.flow import match_table
+
+    rows = match_table(targets=("U1",), iters=3, hidden=8, layers=2, out_dir=str(tmp_path), show_progress=False)
+    cnf, planar = rows
+    assert abs(cnf["parameters"] - planar["parameters"]) <= 5  # K = CNF parameters / 5, rounded
+    assert (tmp_path / "table.md").read_text().count("| U1 |") == 1

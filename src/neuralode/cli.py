@@ -93,8 +93,19 @@ def _classify(args: argparse.Namespace) -> int:
 
 
 def _flow(args: argparse.Namespace) -> int:
-    from .experiments.flow import match_density, train_flow
+    from .experiments.flow import match_density, match_table, train_flow
 
+    if args.match_table:
+        match_table(
+            iters=args.iters,
+            hidden=args.hidden,
+            layers=args.layers,
+            out_dir=args.out,
+            seed=args.seed,
+            show_progress=not args.no_progress,
+        )
+        print(f"table in {args.out}/table.md")
+        return 0
     if args.target:
         m = match_density(
             target=args.target,
@@ -251,6 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="density matching: fit an unnormalised target by the reverse KL instead of data",
     )
     f.add_argument("--model", default="cnf", choices=["cnf", "planar"], help="with --target: the flow")
+    f.add_argument(
+        "--match-table",
+        action="store_true",
+        help="density matching on U1–U4, CNF (--hidden, --layers) against planar at equal parameter count",
+    )
     f.add_argument("--K", type=int, default=16, help="with --model planar: number of planar layers")
     f.add_argument("--iters", type=int, default=1000)
     f.add_argument("--batch-size", type=int, default=512)

@@ -223,3 +223,47 @@ def match_density(
         fig.savefig(os.path.join(out, "match.png"), dpi=110)
         plt.close(fig)
     return metrics
+
+
+def match_table(
+    targets=("U1", "U2", "U3", "U4"),
+    *,
+    iters: int = 2000,
+    hidden: int = 8,
+    layers: int = 2,
+    out_dir: str = "runs/flow_match_table",
+    seed: int = 0,
+    show_progress: bool = True,
+) -> list[dict]:
+    """CNF against the planar flow at equal parameter count on each target: K = CNF parameters / 5 planar
+    layers (w, u ∈ R², b per layer). Writes table.md, results.json and results.csv; lower ``kl`` is better."""
+    out = run_dir(out_dir)
+    cnf_params = sum(p.numel() for p in CNF(2, hidden, layers).parameters())
+    K = max(1, round(cnf_params / 5))
+    rows = []
+    for target in targets:
+        for model in ("cnf", "planar"):
+            m = match_density(
+                target=target,
+                model=model,
+                iters=iters,
+                hidden=hidden,
+                layers=layers,
+                K=K,
+                seed=seed,
+                out_dir=os.path.join(out, f"{target}-{model}"),
+                show_progress=show_progress,
+            )
+            rows.append({k: v for k, v in m.items() if k != "history"})
+    lines = ["| target | CNF KL − log Z | planar KL − log Z | parameters (CNF / planar) |", "|---|---|---|---|"]
+    for target in targets:
+        c = next(r for r in rows if r["target"] == target and r["model"] == "cnf")
+        p = next(r for r in rows if r["target"] == target and r["model"] == "planar")
+        cells = [f"**{r['kl']:.3f}**" if r["kl"] == min(c["kl"], p["kl"]) else f"{r['kl']:.3f}" for r in (c, p)]
+        lines.append(f"| {target} | {cells[0]} | {cells[1]} | {c['parameters']} / {p['parameters']} |")
+    with open(os.path.join(out, "table.md"), "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    write_json(os.path.join(out, "results.json"), {"iters": iters, "rows": rows})
+    write_csv(os.path.join(out, "results.csv"), rows)
+    print("\n".join(lines))
+    return rows
