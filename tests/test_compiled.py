@@ -201,3 +201,15 @@ def test_an_ode_block_is_compiled_once_not_every_training_iteration(gradient):
     assert sizes[0] == sizes[1] == sizes[2]  # later iterations reuse what the first one compiled
     fn = [v for v in list(device_loop._CACHE.values()) + list(compiled._CACHE.values()) if v[0] is block.func]
     assert fn, "the block's field has a compiled entry"
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_device_loop_names_a_state_that_turns_nan(per_sample):
+    def f(t, y):  # NaN from t = 0.5 on (per-sample stepping passes one time per sample)
+        t = t if t.ndim == 0 else t[:, None]
+        return torch.where(t < 0.5, -y, torch.full_like(y, float("nan")))
+
+    y0 = torch.ones(4, 2, dtype=torch.float64)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    with torch.no_grad(), pytest.raises(node.NonFiniteStateError, match=r"NaN or Inf just after t=0\.[45]"):
+        node.solve(f, y0, t, compile="aot_eager", per_sample=per_sample)

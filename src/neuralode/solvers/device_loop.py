@@ -136,7 +136,8 @@ def _make_attempts(
         nfe = nfe + active.long() * (S - 1)
         running = running & ~(accept & lands)
         tiny = active & running & ((dt.abs() < min_step) | (t + dt == t) | (dt.abs() < 4 * _EPS * t.abs()))
-        failed = failed | tiny
+        # 1: step-size underflow; 2: the same, reached by rejecting non-finite (NaN/Inf) steps
+        failed = torch.where(tiny & (failed == 0), torch.where(finite, 1, 2), failed)
         running = running & ~tiny
         return (t, dt, y, k0, running, failed, n_steps, n_rej, nfe), record + (t,)
 
@@ -156,7 +157,7 @@ def _make_attempts(
         flags = torch.stack(
             [
                 active.any().double(),
-                failed.any().double(),
+                (failed > 0).any().double(),
                 out_of_steps.double(),
                 (direction * t).min(),  # every group has passed this time
                 (direction * t_after).max(),  # no group of these attempts got further
@@ -265,7 +266,7 @@ def integrate_device_loop(
     if transposed:
         y, k0 = y.t().contiguous(), k0.t().contiguous()
     active = torch.ones(G, dtype=torch.bool, device=device)
-    failed = torch.zeros_like(active)
+    failed = torch.zeros(G, dtype=torch.long, device=device)
     n_steps = torch.zeros(G, dtype=torch.long, device=device)
     n_rej = torch.zeros_like(n_steps)
     nfe = torch.full_like(n_steps, init_nfe)
@@ -280,8 +281,16 @@ def integrate_device_loop(
             t, dt, y, k0, active, failed, n_steps, n_rej, nfe = state
             if bad:
                 worst = int(failed.nonzero()[0])
-                status, t_fail = Status.DT_UNDERFLOW, float(t[worst])
-                message = _underflow_message(t_fail, float(dt[worst]), ctrl.min_step, rtol, atol)
+                t_fail = float(t[worst])
+                if int(failed[worst]) == 2:
+                    status = Status.NONFINITE
+                    message = (
+                        f"the state became NaN or Inf just after t={t_fail:.10g}: every step from there produced "
+                        "non-finite values (func returned NaN/Inf, or the solution blows up there)"
+                    )
+                else:
+                    status = Status.DT_UNDERFLOW
+                    message = _underflow_message(t_fail, float(dt[worst]), ctrl.min_step, rtol, atol)
                 if per_sample:
                     message += f" (sample {worst} of the batch)"
                 break
