@@ -213,3 +213,25 @@ def test_device_loop_names_a_state_that_turns_nan(per_sample):
     t = torch.tensor([0.0, 1.0], dtype=torch.float64)
     with torch.no_grad(), pytest.raises(node.NonFiniteStateError, match=r"NaN or Inf just after t=0\.[45]"):
         node.solve(f, y0, t, compile="aot_eager", per_sample=per_sample)
+
+
+def test_per_sample_compiled_loop_on_wide_states():
+    """Samples of 16 entries (the loop keeps them row-major, unlike the 2-entry van der Pol states)."""
+    torch.manual_seed(0)
+    A = torch.randn(16, 16, dtype=torch.float64) / 4 - torch.eye(16, dtype=torch.float64)
+    rates = torch.linspace(0.5, 3.0, 6, dtype=torch.float64)
+
+    def f(t, y):
+        return rates[:, None] * torch.tanh(y @ A.T)
+
+    y0 = torch.randn(6, 16, dtype=torch.float64)
+    t = torch.linspace(0, 2, 7, dtype=torch.float64)
+    with torch.no_grad():
+        eager = node.solve(f, y0, t, rtol=1e-7, atol=1e-9, per_sample=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            comp = node.solve(f, y0, t, rtol=1e-7, atol=1e-9, per_sample=True, compile="aot_eager")
+    _no_fallback(caught)
+    assert torch.equal(comp.sample_stats["n_steps"], eager.sample_stats["n_steps"])
+    assert len(set(eager.sample_stats["n_steps"].tolist())) > 1  # the samples really step differently
+    torch.testing.assert_close(comp.ys, eager.ys, rtol=1e-10, atol=1e-11)
