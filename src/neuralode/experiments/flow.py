@@ -75,6 +75,7 @@ def train_flow(
         nfe_b = cnf.stats.nfe_backward
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(nll=f"{float(nll.detach()):.3f}", nfe=f"{nfe_f}/{nfe_b}")
+        reg_value = None if cnf.reg_loss is None else float(cnf.reg_loss.detach())
         if it % eval_every == 0 or it == iters:
             test_nll = heldout_nll(cnf, test)
             history.append(
@@ -83,7 +84,7 @@ def train_flow(
                     "train_nll": float(nll.detach()),
                     "test_nll": test_nll,
                     "test_nfe": cnf.stats.nfe,  # the last held-out batch's solve
-                    "reg_loss": None if cnf.reg_loss is None else float(cnf.reg_loss.detach()),
+                    "reg_loss": reg_value,  # the training batch's weighted regulariser
                     "nfe_forward": nfe_f,
                     "nfe_backward": nfe_b,
                     "seconds": time.perf_counter() - t0,
