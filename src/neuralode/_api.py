@@ -127,9 +127,10 @@ def solve(
         per_sample: adaptive methods: every sample of a ``(batch, ...)`` state keeps its own time, step size
             and accept/reject decision; ``func`` then receives ``t`` as a ``(batch,)`` tensor. Per-sample step
             counts and evaluations are in ``Solution.sample_stats`` (backprop gradients; no dense output).
-        compile: fuse each step (stages, error estimate, error norm) with ``torch.compile`` (True: inductor, or a
-            backend name); forward solves without gradients, tensor states; otherwise the eager solver runs
-            with a one-line warning.
+        compile: ``torch.compile`` the solver (True: inductor, or a backend name). Without gradients the whole
+            adaptive loop runs compiled (joint or per-sample); with backprop or checkpointed gradients each step
+            is compiled. Tensor states and scalar tolerances; no dense output (``dense`` is ignored). Anything
+            else runs the eager solver with a one-line warning.
 
     Returns:
         a :class:`Solution`.
@@ -224,10 +225,6 @@ def _solve_per_sample(prob: Problem, stats: SolveStats, gradient: str, event_fn,
             )
         if got is not None:
             res, sample_stats = got
-            # batched calls of func: each attempt evaluates the whole batch (groups that are done included)
-            init = 1 + (opts.get("first_step") is None)
-            attempts = int((sample_stats["n_steps"] + sample_stats["n_rejected"]).max())
-            sample_stats["calls"] = init + (method.stages - 1) * attempts
     if got is None:
         res, sample_stats = integrate_per_sample(
             prob.func,

@@ -42,6 +42,13 @@ _EPS = float(np.finfo(np.float64).eps)
 _RECORD_BYTES = 64 * 2**20
 
 
+def _evaluate(func: Callable, shape: torch.Size, per_sample: bool, t64: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``func`` on a flat ``(groups, d)`` state at float64 group times: the samples' own times (per-sample), or
+    the one shared time (joint) as a 0-d tensor of the state's dtype."""
+    tt = t64.to(y.dtype) if per_sample else t64[0].to(y.dtype)
+    return func(tt, y.reshape(shape)).reshape(y.shape)
+
+
 def supports(method: RungeKutta, ctrl: StepController) -> bool:
     """Methods and controllers the device loop runs: first-same-as-last tableaus (dopri5, tsit5, bosh3, ...)
     and the integral controller."""
@@ -53,7 +60,6 @@ def _make_attempts(
     method: RungeKutta,
     ctrl: StepController,
     shape: torch.Size,
-    groups: int,
     per_sample: bool,
     direction: float,
     rtol: float,
@@ -75,7 +81,6 @@ def _make_attempts(
     inv_rtol = 1.0 / rtol
     safety, ifactor, dfactor, k = ctrl.safety, ctrl.ifactor, ctrl.dfactor, ctrl.k
     beta1, max_step, min_step = ctrl.beta1, ctrl.max_step, ctrl.min_step
-    G = groups
     tr = transposed  # state kept as (d, groups): per-group vectors run along the fast axis (small d)
     gdim = 1 if tr else 0
 
@@ -86,10 +91,9 @@ def _make_attempts(
         return x.t() if tr else x
 
     def F(t64: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        tt = t64.to(y.dtype) if per_sample else t64[0].to(y.dtype)
         if tr:
-            return func(tt, y.t().reshape(shape)).reshape(G, -1).t()
-        return func(tt, y.view(shape)).reshape(y.shape)
+            return _evaluate(func, shape, per_sample, t64, y.t()).t()
+        return _evaluate(func, shape, per_sample, t64, y)
 
     def combo(coefs, K):
         acc = None
@@ -165,7 +169,7 @@ def _make_attempts(
         )
         return (t, dt, y, k0, active, failed, n_steps, n_rej, nfe), (t0s, hs, ys, Qs, t_after), flags
 
-    return attempts, Wm, degree
+    return attempts, degree
 
 
 def integrate_device_loop(
@@ -202,14 +206,13 @@ def integrate_device_loop(
     key += (ctrl.max_step, dtype, str(device), backend)
     hit = _CACHE.get(key)
     if hit is not None and hit[0] is func:
-        fn, Wm, degree = hit[1]
+        fn, degree = hit[1]
     else:
-        attempts, Wm, degree = _make_attempts(
+        attempts, degree = _make_attempts(
             func,
             method,
             ctrl,
             shape,
-            G,
             per_sample,
             direction,
             rtol,
@@ -225,12 +228,20 @@ def integrate_device_loop(
             return None
         if len(_CACHE) > 32:
             _CACHE.clear()
-        _CACHE[key] = (func, (fn, Wm, degree))
+        _CACHE[key] = (func, (fn, degree))
 
     def F(t64: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        tt = t64.to(dtype) if per_sample else t64[0].to(dtype)
-        return func(tt, y.view(shape)).reshape(y.shape)
+        return _evaluate(func, shape, per_sample, t64, y)
 
+    zeros = lambda: torch.zeros(G, dtype=torch.long, device=device)  # noqa: E731
+    if m == 1 or T[0] == T[-1]:  # nothing to integrate
+        ys = y0[None].expand(m, G, d).reshape(m, -1).clone()
+        return IntegrationResult(ys, Status.SUCCESS), {
+            "n_steps": zeros(),
+            "n_rejected": zeros(),
+            "nfe": zeros(),
+            "calls": 0,
+        }
     t = torch.full((G,), T[0], dtype=torch.float64, device=device)
     t_end = torch.full_like(t, T[-1])
     y = y0
@@ -258,20 +269,13 @@ def integrate_device_loop(
     dt = dt.clamp(max=ctrl.max_step) * direction
     out = torch.empty(m, G, d, dtype=dtype, device=device)
     out[0] = y
-    if m == 1 or T[0] == T[-1]:
-        out[:] = y
-        stats = {k: torch.zeros(G, dtype=torch.long, device=device) for k in ("n_steps", "n_rejected")}
-        stats["nfe"] = torch.full((G,), init_nfe, dtype=torch.long, device=device)
-        return IntegrationResult(out.reshape(m, -1), Status.SUCCESS), stats
     if transposed:
         y, k0 = y.t().contiguous(), k0.t().contiguous()
     active = torch.ones(G, dtype=torch.bool, device=device)
-    failed = torch.zeros(G, dtype=torch.long, device=device)
-    n_steps = torch.zeros(G, dtype=torch.long, device=device)
-    n_rej = torch.zeros_like(n_steps)
+    failed, n_steps, n_rej = zeros(), zeros(), zeros()
     nfe = torch.full_like(n_steps, init_nfe)
     state = (t, dt, y, k0, active, failed, n_steps, n_rej, nfe)
-    dense = _DenseOutput(T, direction, out, Wm.shape[1])
+    dense = _DenseOutput(T, direction, out, degree)
     status, message, t_fail = Status.SUCCESS, "", None
     try:
         while True:
@@ -319,7 +323,9 @@ def integrate_device_loop(
     )
     if G == 1:
         res.next_step = float(dt[0])  # the controller's proposal after the last step (the adjoint starts there)
-    return res, {"n_steps": n_steps, "n_rejected": n_rej, "nfe": nfe}
+    # batched calls of func: every attempt evaluates the whole batch, groups that are done included
+    calls = init_nfe + (method.stages - 1) * int((n_steps + n_rej).max())
+    return res, {"n_steps": n_steps, "n_rejected": n_rej, "nfe": nfe, "calls": calls}
 
 
 class _DenseOutput:
