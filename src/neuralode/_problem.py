@@ -134,7 +134,7 @@ def _check_t(t: Any) -> tuple[torch.Tensor, list[float]]:
         raise TypeError(f"`t` must be a floating point tensor, got dtype {t.dtype}; use e.g. t.double()")
     if len(t) == 0:
         raise ValueError("`t` is empty: give at least the initial time")
-    ts = t.detach().to("cpu", torch.float64).tolist()
+    ts = t.detach().tolist()  # exact Python floats for every floating dtype (no float64 copy needed)
     check_times(ts, "t")
     return t, ts
 

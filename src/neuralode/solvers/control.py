@@ -105,13 +105,21 @@ def initial_step(
     Returns:
         (step size with the sign of ``direction``, number of function evaluations used)
     """
-    scale = y0.abs().mul(rtol).add(atol)
-    d0 = norm(y0 / scale)
-    d1 = norm(f0 / scale)  # (the norm may be a user's callable: kept as two calls)
+    # scale = atol + rtol·|y0|. With scalar tolerances it is built as |y0| + atol/rtol and the 1/rtol
+    # folded into the (float) norms afterwards: tensor ⊕ Python scalar is a slow path in eager PyTorch on
+    # CPU (about twice a tensor ⊕ 0-d tensor), and this runs once per solve.
+    if isinstance(rtol, float) and isinstance(atol, float) and rtol > 0:
+        scale = y0.abs().add_(torch.scalar_tensor(atol / rtol, dtype=y0.dtype, device=y0.device))
+        unit = 1.0 / rtol
+    else:
+        scale = y0.abs().mul_(rtol).add_(atol)
+        unit = 1.0
+    d0 = norm(y0 / scale) * unit
+    d1 = norm(f0 / scale) * unit  # (the norm may be a user's callable: kept as two calls)
     h0 = 1e-6 if (d0 < 1e-5 or d1 < 1e-5) else 0.01 * d0 / d1
-    y1 = y0 + (direction * h0) * f0
+    y1 = torch.add(y0, f0, alpha=direction * h0)
     f1 = func(t0 + direction * h0, y1)
-    d2 = norm((f1 - f0) / scale) / h0
+    d2 = norm(torch.sub(f1, f0).div_(scale)) * unit / h0
     if max(d1, d2) <= 1e-15:
         h1 = max(1e-6, h0 * 1e-3)
     else:

@@ -28,7 +28,7 @@ class RHS:
     The first call checks ``func``'s output (shape, dtype, device) and raises a clear error.
     """
 
-    __slots__ = ("func", "shape", "n", "dtype", "device", "nfe", "_checked", "unflatten", "buffer_shape", "into")
+    __slots__ = ("func", "shape", "n", "dtype", "device", "nfe", "checked", "unflatten", "buffer_shape", "into")
 
     def __init__(
         self,
@@ -43,7 +43,7 @@ class RHS:
         self.n = int(math.prod(shape))
         self.dtype, self.device = dtype, device
         self.nfe = 0
-        self._checked = False
+        self.checked = False
         self.unflatten = unflatten if unflatten is not None else (lambda y: y.view(shape))
         #: the state's shape for stage buffers viewed in it (None for tuple states: they go through flat)
         self.buffer_shape = shape if unflatten is None else None
@@ -63,14 +63,14 @@ class RHS:
         """Evaluate on a state already in its own shape; the output is returned unflattened."""
         self.nfe += 1
         out = self.func(t, y)
-        if not self._checked:
+        if not self.checked:
             out = self._check(out)
         return out
 
     def __call__(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.nfe += 1
         out = self.func(t, self.unflatten(y))
-        if not self._checked:
+        if not self.checked:
             out = self._check(out)
         return out.reshape(-1) if torch.is_tensor(out) else self._flatten_tuple(out)
 
@@ -78,7 +78,7 @@ class RHS:
         return torch.cat([o.reshape(-1) for o in out])
 
     def _check(self, out):
-        self._checked = True
+        self.checked = True
         if (
             torch.is_tensor(out)
             and self.buffer_shape is not None
@@ -392,7 +392,8 @@ def integrate_adaptive(
     perturbed_start = False
     # scale = atol + rtol·max(|y0|, |y1|); with scalar tolerances it is rtol·(max + atol/rtol): one op fewer
     scalar_tol = isinstance(rtol, float) and isinstance(atol, float) and rtol > 0
-    tol_shift = atol / rtol if scalar_tol else 0.0
+    # (a 0-d tensor: adding a Python float to a tensor is a slower path in eager PyTorch than a 0-d tensor)
+    tol_shift = torch.scalar_tensor(atol / rtol, dtype=y0.dtype, device=y0.device) if scalar_tol else None
     inv_rtol = 1.0 / rtol if scalar_tol else 1.0
     low_memory = not fresh and buf.scratch is not None and buf.scratch.shape == y.shape and rhs.n >= _BLOCKWISE_FROM
     with torch.no_grad():
@@ -575,7 +576,8 @@ def _all_finite(x: torch.Tensor) -> bool:
     if x.is_complex():
         return bool(torch.isfinite(x).all())
     lo, hi = torch.aminmax(x)
-    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+    # (read as Python floats: isfinite on two 0-d tensors costs several times the reduction itself)
+    return math.isfinite(lo.item()) and math.isfinite(hi.item())
 
 
 def finite_rows_result(ys: torch.Tensor, t_out: Sequence[float], n_steps: int, segments) -> IntegrationResult:
