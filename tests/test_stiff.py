@@ -306,3 +306,80 @@ def test_adaptive_trbdf2_solves_robertson_against_scipy_radau():
     err = np.abs(sol.ys[:, 0].numpy() - ref.y.T) / (atol + rtol * np.abs(ref.y.T))
     assert err.max() < 50, err.max()  # an order-2 pair: a modest multiple of the local tolerance
     assert sol.stats.n_steps < 300
+
+
+# ------------------------------------------------------------------------------ rodas4, compile=True
+
+
+@pytest.mark.parametrize("d", [1, 2, 3, 5])
+def test_unrolled_small_lu_solves_like_lapack(d):
+    from neuralode.solvers.rosenbrock_compiled import small_lu, small_lu_solve
+
+    g = torch.Generator().manual_seed(d)
+    A = torch.randn(64, d, d, generator=g, dtype=torch.float64)
+    if d > 1:
+        A[::4, 0, 0] = 0.0  # a zero leading entry: solvable only with a row exchange
+        A[1::4, :, 0] = torch.tensor([1e-12] + [1.0] * (d - 1), dtype=torch.float64)  # tiny pivot candidate
+    b = torch.randn(64, d, generator=g, dtype=torch.float64)
+    x = small_lu_solve(small_lu(A), b)
+    ref = torch.linalg.solve(A, b)
+    torch.testing.assert_close(x, ref, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("small", [True, False])
+def test_compiled_rodas4_step_function_equals_the_eager_step(small, monkeypatch):
+    """The function that compile=True compiles, run uncompiled, against the eager stepper on one step; both the
+    unrolled elimination and the LAPACK branch (forced by lowering SMALL_D)."""
+    from neuralode.solvers import rosenbrock_compiled as rc
+    from neuralode.solvers.integrate import RHS
+    from neuralode.solvers.rosenbrock import RODAS4, Rosenbrock
+
+    if not small:
+        monkeypatch.setattr(rc, "SMALL_D", 0)
+    rates = torch.tensor([[0.04, 1e4, 3e7], [0.08, 2e4, 1e7]], dtype=torch.float64)
+    f = _robertson_batch(rates)
+    y = torch.tensor([[0.9, 1e-5, 0.1], [0.8, 2e-5, 0.2]], dtype=torch.float64)
+    t, h = 3.0, 0.05
+    rhs = RHS(f, y.shape, y.dtype, y.device)
+    eager = Rosenbrock(RODAS4, 6, torch.float64, y.device, batch=2)
+    buf = eager.new_buffer()
+    f0 = rhs.at(t, y.reshape(-1))
+    buf.set(0, f0)
+    y1, e = eager.step(rhs, t, h, y.reshape(-1), buf)
+    step = rc._make_step(f, RODAS4, y.shape, 2, torch.float64)
+    tt, hh = (torch.tensor(v, dtype=torch.float64) for v in (t, h))
+    y1c, ec, slope, f1 = step(tt, hh, y.reshape(-1), f0)
+    torch.testing.assert_close(y1c, y1, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(ec, e, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(slope, (y1 - y.reshape(-1)) / h, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(f1, f(None, y1.view(2, 3)).reshape(-1), rtol=1e-12, atol=1e-15)
+
+
+def test_rodas4_compile_true_matches_eager_and_scipy_radau():
+    pytest.importorskip("scipy.integrate")
+    import numpy as np
+
+    rates = torch.tensor([[0.04, 1e4, 3e7], [0.08, 2e4, 1e7], [0.02, 5e3, 5e7]], dtype=torch.float64)
+    y0 = torch.tensor([[1.0, 0.0, 0.0]] * 3, dtype=torch.float64)
+    t = torch.tensor([0.0, 1e-3, 1e-2, 1.0, 100.0, 1e4, 1e5], dtype=torch.float64)
+    rtol, atol = 1e-6, 1e-10
+    f = _robertson_batch(rates)
+    with torch.no_grad():
+        eager = node.solve(f, y0, t, method="rodas4", rtol=rtol, atol=atol)
+        comp = node.solve(f, y0, t, method="rodas4", rtol=rtol, atol=atol, options={"compile": True})
+    assert comp.stats.n_steps == eager.stats.n_steps and comp.stats.n_rejected == eager.stats.n_rejected
+    torch.testing.assert_close(comp.ys, eager.ys, rtol=1e-7, atol=1e-12)
+    for b in range(3):
+        ref = _radau_robertson(rates[b].tolist(), t.numpy())
+        err = np.abs(comp.ys[:, b].numpy() - ref.y.T) / (atol + rtol * np.abs(ref.y.T))
+        assert err.max() < 2, (b, err.max())
+
+
+def test_rodas4_compile_true_with_a_graph_falls_back_to_the_eager_step_with_a_warning():
+    rates = torch.tensor([[0.04, 1e4, 3e7]], dtype=torch.float64, requires_grad=True)
+    y0 = torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.0, 1e-2], dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="compile=True for rodas4"):
+        ys = node.odeint(_robertson_batch(rates), y0, t, method="rodas4", options={"compile": True})
+    ys[-1].sum().backward()
+    assert y0.grad is not None and torch.isfinite(y0.grad).all()

@@ -357,7 +357,10 @@ def run(
             rk = AdaptiveTRBDF2(rhs.n, rhs.dtype, rhs.device, batch=_jacobian_batch(rhs, opts), rtol=rt)
             step_t = step_t + [float(s) for s in t_out]  # step on the output times (no interpolation there)
         elif method in ROSENBROCK:
-            rk = Rosenbrock(RODAS4, rhs.n, rhs.dtype, rhs.device, batch=_jacobian_batch(rhs, opts))
+            batch = _jacobian_batch(rhs, opts)
+            rk = _compiled_rodas(rhs, y0, opts, batch) if opts.get("compile") else None
+            if rk is None:
+                rk = Rosenbrock(RODAS4, rhs.n, rhs.dtype, rhs.device, batch=batch)
             step_t = step_t + [float(s) for s in t_out]  # step on the output times (no interpolation there)
         else:
             rk = stepper(method, rhs.n, rhs.dtype, rhs.device, "dense")
@@ -541,6 +544,27 @@ def _run_compiled(
     if res is not None:
         res.method = rk
     return res
+
+
+def _compiled_rodas(rhs: RHS, y0: torch.Tensor, opts: dict, batch: int):
+    """rodas4's compiled stepper, or None (with a one-line warning) where the solve needs what it lacks."""
+    from .solvers.compiled import _warn_once
+    from .solvers.rosenbrock_compiled import CompiledRosenbrock
+
+    params = getattr(rhs.func, "parameters", None)
+    needs_graph = torch.is_grad_enabled() and (
+        y0.requires_grad or (callable(params) and any(p.requires_grad for p in params()))
+    )
+    why = None
+    if rhs.buffer_shape is None:
+        why = "tuple states"
+    elif rhs.into is not None or needs_graph:
+        why = "gradients (the compiled Rosenbrock step is for solves without a graph)"
+    if why is not None:
+        _warn_once(f"compile=True for rodas4 does not support {why} yet; using the eager solver")
+        return None
+    backend = opts["compile"] if isinstance(opts["compile"], str) else "inductor"
+    return CompiledRosenbrock(RODAS4, rhs.func, rhs.buffer_shape, rhs.dtype, rhs.device, batch=batch, backend=backend)
 
 
 def _jacobian_batch(rhs: RHS, opts: dict) -> int:

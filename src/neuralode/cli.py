@@ -127,6 +127,7 @@ def _flow(args: argparse.Namespace) -> int:
     reg = {k: v for k, v in (("kinetic", args.kinetic), ("jacobian", args.jac_fro)) if v}
     m = train_flow(
         regularization=reg or None,
+        lr_schedule=args.lr_schedule,
         data=args.data,
         iters=args.iters,
         batch_size=args.batch_size,
@@ -274,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--layers", type=int, default=3)
     f.add_argument("--trace", default="hutchinson", choices=["hutchinson", "exact"], help="during training")
     f.add_argument("--lr", type=float, default=1e-3)
+    f.add_argument(
+        "--lr-schedule", default="cosine", choices=["cosine", "constant"], help="cosine: decay to 0 over --iters"
+    )
     f.add_argument("--tol", type=float, default=1e-5, help="rtol = atol")
     f.add_argument("--gradient", default="adjoint", choices=["adjoint", "backprop", "checkpoint"])
     f.add_argument("--kinetic", type=float, default=0.0, help="weight of ∫‖f‖² dt (Finlay et al. 2020)")
