@@ -383,3 +383,36 @@ def test_rodas4_compile_true_with_a_graph_falls_back_to_the_eager_step_with_a_wa
         ys = node.odeint(_robertson_batch(rates), y0, t, method="rodas4", options={"compile": True})
     ys[-1].sum().backward()
     assert y0.grad is not None and torch.isfinite(y0.grad).all()
+
+
+@pytest.mark.parametrize("method, options", [("adaptive_trbdf2", None), ("radauIIA5", {"step_size": 0.05})])
+def test_jacobians_are_kept_across_steps_without_changing_the_solution(method, options, monkeypatch):
+    """Newton's method keeps a Jacobian while it converges quickly with it: fewer Jacobians than steps, and
+    the solution agrees with one that recomputes the Jacobian every step (REUSE_ITERS = 0)."""
+    from neuralode.solvers.implicit import ImplicitRK
+
+    calls = {"n": 0}
+    original = ImplicitRK._jacobian
+
+    def counted(self, *a, **k):
+        calls["n"] += 1
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(ImplicitRK, "_jacobian", counted)
+    if method == "adaptive_trbdf2":
+        f, y0 = _robertson, torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64)
+        t = torch.tensor([0.0, 1e-2, 1.0, 100.0, 1e5], dtype=torch.float64)
+    else:
+        f, y0 = _linear(-500.0)[0], torch.tensor([[2.0], [0.5]], dtype=torch.float64)
+        t = torch.tensor([0.0, 1.0, 3.0], dtype=torch.float64)
+    results = {}
+    for reuse in (0, ImplicitRK.REUSE_ITERS):
+        monkeypatch.setattr(ImplicitRK, "REUSE_ITERS", reuse)
+        calls["n"] = 0
+        with torch.no_grad():
+            sol = node.solve(f, y0, t, method=method, rtol=1e-4, atol=1e-8, options=options)
+        results[reuse] = (sol, calls["n"])
+    fresh, kept = results[0], results[ImplicitRK.REUSE_ITERS]
+    assert fresh[1] >= fresh[0].stats.n_steps  # the reference recomputes every step
+    assert kept[1] < 0.8 * kept[0].stats.n_steps, (kept[1], kept[0].stats.n_steps)
+    torch.testing.assert_close(kept[0].ys, fresh[0].ys, rtol=5e-4, atol=1e-7)

@@ -204,6 +204,10 @@ class FlatBuffers:
                     pool.append(b)
 
 
+class _Slow(Exception):
+    """Newton's method with a kept (stale) Jacobian contracts too slowly or diverges: recompute it."""
+
+
 class ImplicitRK(FlatBuffers):
     """An implicit tableau bound to a state size, dtype and device (the fixed-grid loop's stepper).
 
@@ -212,6 +216,10 @@ class ImplicitRK(FlatBuffers):
         newton_tol: relative tolerance on the Newton update (default: 1e-12 in float64, 1e-6 in float32).
         max_iters: Newton iterations before the step fails with ``NewtonError``.
     """
+
+    #: a Jacobian is kept for the next step when Newton's method converged with it in at most this many
+    #: iterations
+    REUSE_ITERS = 3
 
     def __init__(
         self,
@@ -245,6 +253,11 @@ class ImplicitRK(FlatBuffers):
         self.interp = interp
         self._pool: dict = {}
         self.nfe_newton = 0
+        # Jacobian kept across steps, and the last factorisation (step size, Jacobian, LU factors)
+        self._kept: tuple | None = None
+        self._lu: tuple | None = None
+        self.n_jac = 0  # Jacobian evaluations
+        self.n_lu = 0  # factorisations
 
     # --- the step
     def _stage_values(self, rhs, t: float, dt: float, y: torch.Tensor, Z: torch.Tensor, perturb_last: bool, f0=None):
@@ -285,32 +298,71 @@ class ImplicitRK(FlatBuffers):
         return sol.view(B, s, d).permute(1, 0, 2).reshape(s, B * d)
 
     def _newton(self, rhs, t: float, dt: float, y_: torch.Tensor, perturb_last: bool, f0=None):
-        """Converged stage increments Z (s, n) and the Jacobian in use; raises NewtonError."""
+        """Converged stage increments Z (s, n) and the Jacobian in use; raises NewtonError.
+
+        The Jacobian is kept across steps while Newton's method converges well with it (at most
+        ``REUSE_ITERS`` iterations last time, as RADAU5 and scipy's Radau do), and the factorisation of the
+        iteration matrix while the step size is unchanged too. When a kept Jacobian makes the iteration slow
+        or fail, it is recomputed at the step's start and the iteration restarts; only a fresh Jacobian's
+        failure is an error."""
         with torch.no_grad():
+            cached = self._kept
+            if cached is not None:
+                try:
+                    return self._iterate(rhs, t, dt, y_, perturb_last, f0, cached[0], stale=True)
+                except _Slow:
+                    pass
+                except NewtonError:
+                    pass
             J = self._jacobian(rhs, t, y_)
+            self.n_jac += 1
+            try:
+                return self._iterate(rhs, t, dt, y_, perturb_last, f0, J, stale=False)
+            except NewtonError:
+                self._kept = None
+                raise
+
+    def _iterate(self, rhs, t, dt, y_, perturb_last, f0, J, stale: bool):
+        if self._lu is not None and self._lu[0] == dt and self._lu[1] is J:
+            lu = self._lu[2]
+        else:
             lu = torch.linalg.lu_factor(self._iteration_matrix(dt, J))
-            Z = torch.zeros(self.s, self.n, dtype=self.dtype, device=self.device)
-            scale = self.newton_tol * (1.0 + float(y_.abs().max()))
-            prev = math.inf
-            for _ in range(self.max_iters):
-                F = self._stage_values(rhs, t, dt, y_, Z, perturb_last, f0)
-                G = Z - dt * (self.A @ F)
-                dZ = self._solve(lu, -G)
-                Z += dZ
-                size = float(dZ.abs().max())
-                if not math.isfinite(size):
-                    raise NewtonError(
-                        f"{self.tableau.name}: the stage equations produced NaN/Inf at t={t:.6g} with step "
-                        f"{dt:.3g}; reduce step_size"
-                    )
-                if size <= scale:
-                    return Z, J
-                if size > 0.5 * prev:
-                    # slow contraction: the Jacobian at the step's start is too far from the stages' (a fast
-                    # transient); refresh it at the end-of-step stage and refactor
-                    J = self._jacobian(rhs, t + self.c[-1] * dt, y_ + Z[-1])
-                    lu = torch.linalg.lu_factor(self._iteration_matrix(dt, J))
-                prev = size
+            self.n_lu += 1
+            self._lu = (dt, J, lu)
+        Z = torch.zeros(self.s, self.n, dtype=self.dtype, device=self.device)
+        scale = self.newton_tol * (1.0 + float(y_.abs().max()))
+        prev = math.inf
+        size = math.inf
+        for it in range(1, self.max_iters + 1):
+            F = self._stage_values(rhs, t, dt, y_, Z, perturb_last, f0)
+            G = Z - dt * (self.A @ F)
+            dZ = self._solve(lu, -G)
+            Z += dZ
+            size = float(dZ.abs().max())
+            if not math.isfinite(size):
+                if stale:
+                    raise _Slow
+                raise NewtonError(
+                    f"{self.tableau.name}: the stage equations produced NaN/Inf at t={t:.6g} with step "
+                    f"{dt:.3g}; reduce step_size"
+                )
+            if size <= scale:
+                # keep this Jacobian for the next step only if it did its job quickly
+                self._kept = (J,) if it <= self.REUSE_ITERS else None
+                return Z, J
+            if size > 0.5 * prev:
+                if stale:
+                    raise _Slow  # a kept Jacobian no longer fits: recompute it at this step's start
+                # slow contraction with a fresh Jacobian: the step's start is too far from the stages' (a fast
+                # transient); refresh it at the end-of-step stage and refactor
+                J = self._jacobian(rhs, t + self.c[-1] * dt, y_ + Z[-1])
+                self.n_jac += 1
+                lu = torch.linalg.lu_factor(self._iteration_matrix(dt, J))
+                self.n_lu += 1
+                self._lu = (dt, J, lu)
+            prev = size
+        if stale:
+            raise _Slow
         raise NewtonError(
             f"{self.tableau.name}: Newton's method did not converge in {self.max_iters} iterations at "
             f"t={t:.6g} (last update {size:.3g} > {scale:.3g}); reduce step_size or raise max_iters"
@@ -371,12 +423,18 @@ class AdaptiveTRBDF2(ImplicitRK):
             max_iters=8,
         )
         self.tableau = _AdaptiveInfo("adaptive_trbdf2", 3, TRBDF2.c, TRBDF2.stiffly_accurate, TRBDF2.stages)
+        self._last_t: float | None = None
         self.b_err = self.b - torch.tensor(((1 - _W) / 3, (3 * _W + 1) / 3, _D / 3), dtype=dtype, device=device)
 
     def step(self, rhs, t: float, dt: float, y: torch.Tensor, buf: StageBuffer, perturb_last: bool = False):
         grad = torch.is_grad_enabled()
         y_ = y.detach()
         f0 = buf.K[0] if buf.grad else buf.rows[0]
+        if t == self._last_t:
+            # a retry: the last attempt from here was rejected. Its error estimate was filtered with the
+            # Jacobian in use; a kept one may be why it failed, so (as scipy's Radau does) start afresh.
+            self._kept = None
+        self._last_t = t
         try:
             Z, J = self._newton(rhs, t, dt, y_, perturb_last, f0.detach())
         except NewtonError:
