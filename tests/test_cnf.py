@@ -279,6 +279,21 @@ def test_density_matching_table_compares_at_equal_parameter_count(tmp_path):
     assert (tmp_path / "table.md").read_text().count("| U1 |") == 1
 
 
+def test_density_matching_table_resumes_from_finished_runs(tmp_path, monkeypatch):
+    from neuralode.experiments import flow
+
+    first = flow.match_table(targets=("U1",), iters=2, hidden=4, layers=1, out_dir=str(tmp_path), show_progress=False)
+
+    def no_training(**kwargs):
+        raise AssertionError(f"retrained {kwargs['model']} although its run was on disk")
+
+    monkeypatch.setattr(flow, "match_density", no_training)
+    again = flow.match_table(targets=("U1",), iters=2, hidden=4, layers=1, out_dir=str(tmp_path), show_progress=False)
+    assert [r["kl"] for r in again] == [r["kl"] for r in first]
+    with pytest.raises(AssertionError, match="retrained"):  # other settings are not taken from disk
+        flow.match_table(targets=("U1",), iters=3, hidden=4, layers=1, out_dir=str(tmp_path), show_progress=False)
+
+
 def test_target_normaliser_matches_the_closed_form_for_u2():
     """U2 with the |z1| ≤ 4 wall integrates in closed form: over z2 a Gaussian of width 0.4 whatever z1, over
     z1 the box plus two Gaussian half-tails of width 0.05."""
