@@ -215,20 +215,29 @@ def _robertson_batch(rates):
     return f
 
 
-def test_rodas4_robertson_batch_within_the_tolerance_of_scipy_radau():
-    pytest.importorskip("scipy.integrate")
-    import numpy as np
-
+def _three_robertson_problems():
     rates = torch.tensor([[0.04, 1e4, 3e7], [0.08, 2e4, 1e7], [0.02, 5e3, 5e7]], dtype=torch.float64)
     y0 = torch.tensor([[1.0, 0.0, 0.0]] * 3, dtype=torch.float64)
     t = torch.tensor([0.0, 1e-3, 1e-2, 1.0, 100.0, 1e4, 1e5], dtype=torch.float64)
+    return rates, y0, t
+
+
+def _assert_within_radau(ys: torch.Tensor, rates, t, rtol: float, atol: float, bound: float) -> None:
+    import numpy as np
+
+    for b in range(len(rates)):
+        ref = _radau_robertson(rates[b].tolist(), t.numpy())
+        err = np.abs(ys[:, b].numpy() - ref.y.T) / (atol + rtol * np.abs(ref.y.T))
+        assert err.max() < bound, (b, err.max())
+
+
+def test_rodas4_robertson_batch_within_the_tolerance_of_scipy_radau():
+    pytest.importorskip("scipy.integrate")
+    rates, y0, t = _three_robertson_problems()
     rtol, atol = 1e-6, 1e-10
     with torch.no_grad():
         sol = node.solve(_robertson_batch(rates), y0, t, method="rodas4", rtol=rtol, atol=atol)
-    for b in range(3):
-        ref = _radau_robertson(rates[b].tolist(), t.numpy())
-        err = np.abs(sol.ys[:, b].numpy() - ref.y.T) / (atol + rtol * np.abs(ref.y.T))
-        assert err.max() < 2, (b, err.max())
+    _assert_within_radau(sol.ys, rates, t, rtol, atol, 2)
 
 
 def test_rodas4_van_der_pol_mu_1000_batch_against_scipy_radau():
@@ -357,11 +366,7 @@ def test_compiled_rodas4_step_function_equals_the_eager_step(small, monkeypatch)
 
 def test_rodas4_compile_true_matches_eager_and_scipy_radau():
     pytest.importorskip("scipy.integrate")
-    import numpy as np
-
-    rates = torch.tensor([[0.04, 1e4, 3e7], [0.08, 2e4, 1e7], [0.02, 5e3, 5e7]], dtype=torch.float64)
-    y0 = torch.tensor([[1.0, 0.0, 0.0]] * 3, dtype=torch.float64)
-    t = torch.tensor([0.0, 1e-3, 1e-2, 1.0, 100.0, 1e4, 1e5], dtype=torch.float64)
+    rates, y0, t = _three_robertson_problems()
     rtol, atol = 1e-6, 1e-10
     f = _robertson_batch(rates)
     with torch.no_grad():
@@ -369,10 +374,7 @@ def test_rodas4_compile_true_matches_eager_and_scipy_radau():
         comp = node.solve(f, y0, t, method="rodas4", rtol=rtol, atol=atol, options={"compile": True})
     assert comp.stats.n_steps == eager.stats.n_steps and comp.stats.n_rejected == eager.stats.n_rejected
     torch.testing.assert_close(comp.ys, eager.ys, rtol=1e-7, atol=1e-12)
-    for b in range(3):
-        ref = _radau_robertson(rates[b].tolist(), t.numpy())
-        err = np.abs(comp.ys[:, b].numpy() - ref.y.T) / (atol + rtol * np.abs(ref.y.T))
-        assert err.max() < 2, (b, err.max())
+    _assert_within_radau(comp.ys, rates, t, rtol, atol, 2)
 
 
 def test_rodas4_compile_true_with_a_graph_falls_back_to_the_eager_step_with_a_warning():
