@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     la = sub.add_parser("latent", help="latent ODE vs RNN on irregularly sampled spirals (Table 2 of the paper)")
     la.add_argument("--n", type=int, nargs="+", default=[30, 50, 100], help="observed points per sequence")
     la.add_argument("--iters", type=int, default=5000)
-    la.add_argument("--encoder", default="gru", choices=["gru", "odernn"])
+    la.add_argument("--encoder", default="odernn", choices=["gru", "odernn"], help="recognition network")
     la.add_argument("--n-spirals", type=int, default=1000)
     la.add_argument("--seed", type=int, default=0)
     la.add_argument("--out", default="runs/latent")

@@ -134,7 +134,7 @@ def table(
     ns=(30, 50, 100),
     iters: int = 5000,
     out_dir: str = "runs/latent",
-    encoder: str = "gru",
+    encoder: str = "odernn",
     n_spirals: int = 1000,
     seed: int = 0,
     show_progress: bool = True,
