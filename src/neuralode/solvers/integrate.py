@@ -28,7 +28,7 @@ class RHS:
     The first call checks ``func``'s output (shape, dtype, device) and raises a clear error.
     """
 
-    __slots__ = ("func", "shape", "n", "dtype", "device", "nfe", "checked", "unflatten", "buffer_shape", "into")
+    __slots__ = ("func", "shape", "n", "dtype", "device", "nfe", "_checked", "unflatten", "buffer_shape", "into")
 
     def __init__(
         self,
@@ -43,7 +43,7 @@ class RHS:
         self.n = int(math.prod(shape))
         self.dtype, self.device = dtype, device
         self.nfe = 0
-        self.checked = False
+        self._checked = False
         self.unflatten = unflatten if unflatten is not None else (lambda y: y.view(shape))
         #: the state's shape for stage buffers viewed in it (None for tuple states: they go through flat)
         self.buffer_shape = shape if unflatten is None else None
@@ -63,14 +63,14 @@ class RHS:
         """Evaluate on a state already in its own shape; the output is returned unflattened."""
         self.nfe += 1
         out = self.func(t, y)
-        if not self.checked:
+        if not self._checked:
             out = self._check(out)
         return out
 
     def __call__(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.nfe += 1
         out = self.func(t, self.unflatten(y))
-        if not self.checked:
+        if not self._checked:
             out = self._check(out)
         return out.reshape(-1) if torch.is_tensor(out) else self._flatten_tuple(out)
 
@@ -78,7 +78,7 @@ class RHS:
         return torch.cat([o.reshape(-1) for o in out])
 
     def _check(self, out):
-        self.checked = True
+        self._checked = True
         if (
             torch.is_tensor(out)
             and self.buffer_shape is not None

@@ -116,11 +116,9 @@ class RungeKutta:
             ``(y1, e)`` where the local error estimate is ``dt · e`` (``e`` is ``None`` for fixed-step
             methods). For FSAL methods ``buf.rows[-1]`` holds ``f(t + dt, y1)`` afterwards.
         """
-        shaped = buf.rows_shaped
-        if shaped is not None and not perturb_last and rhs.into is None and rhs.checked:
-            return self._step_shaped(rhs, t, dt, y, buf)
         S, c, dtype, device = self.stages, self.c, self.dtype, self.device
         pre, grad, a = buf.prefix_t, buf.grad, self.a
+        shaped = buf.rows_shaped
         yi = y
         for i in range(1, S):
             ti = torch.scalar_tensor(t + c[i] * dt, dtype=dtype, device=device)
@@ -143,31 +141,6 @@ class RungeKutta:
             y1 = yi
         else:
             y1 = torch.addmv(y, pre[S], self.b, alpha=dt)
-        e = torch.mv(pre[S], self.b_err) if self.b_err is not None else None
-        return y1, e
-
-    def _step_shaped(
-        self, rhs: RHS, t: float, dt: float, y: torch.Tensor, buf: StageBuffer
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``step`` without a graph, for a tensor state whose ``func`` has passed its first-call check: the
-        same operations with the Python around them cut to the minimum (this is the hot loop of small
-        solves, where that Python is a measurable share of the wall time)."""
-        func, pre, a, c, shaped = rhs.func, buf.prefix_t, self.a, self.c, buf.rows_shaped
-        scratch, scratch_shaped, shape = buf.scratch, buf.scratch_shaped, buf.shape
-        dtype, device = self.dtype, self.device
-        S = self.stages
-        last = S - 1 if self.fsal else S  # the stage whose input is the new state (FSAL), if any
-        yi = y
-        for i in range(1, S):
-            ti = torch.scalar_tensor(t + c[i] * dt, dtype=dtype, device=device)
-            if i == last:
-                yi = torch.addmv(y, pre[i], a[i], alpha=dt)
-                shaped[i].copy_(func(ti, yi.view(shape)))
-            else:
-                torch.addmv(y, pre[i], a[i], alpha=dt, out=scratch)
-                shaped[i].copy_(func(ti, scratch_shaped))
-            rhs.nfe += 1
-        y1 = yi if self.fsal else torch.addmv(y, pre[S], self.b, alpha=dt)
         e = torch.mv(pre[S], self.b_err) if self.b_err is not None else None
         return y1, e
 
