@@ -45,6 +45,17 @@ def test_compiled_solve_matches_the_eager_solve(backend, method):
     torch.testing.assert_close(comp.ys, eager.ys, rtol=1e-10, atol=1e-11)
 
 
+def _per_sample_eager_and_compiled(f, y0, t):
+    """Per-sample solves, eager and through the compiled loop (which must not fall back)."""
+    with torch.no_grad():
+        eager = node.solve(f, y0, t, rtol=1e-7, atol=1e-9, per_sample=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            comp = node.solve(f, y0, t, rtol=1e-7, atol=1e-9, per_sample=True, compile="aot_eager")
+    _no_fallback(caught)
+    return eager, comp
+
+
 def _no_fallback(caught):
     bad = [w for w in caught if "compile=True" in str(w.message)]
     assert not bad, bad[0].message
@@ -102,12 +113,7 @@ def test_per_sample_compiled_loop_takes_each_samples_own_steps(backwards):
             return torch.stack([w * y[..., 1], -w * y[..., 0] - 0.1 * y[..., 1]], -1)
 
         t = t.flip(0)
-    with torch.no_grad():
-        eager = node.solve(f, y0, t, rtol=1e-7, atol=1e-9, per_sample=True)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            comp = node.solve(f, y0, t, rtol=1e-7, atol=1e-9, per_sample=True, compile="aot_eager")
-    _no_fallback(caught)
+    eager, comp = _per_sample_eager_and_compiled(f, y0, t)
     for k in ("n_steps", "n_rejected", "nfe"):
         assert torch.equal(comp.sample_stats[k], eager.sample_stats[k]), k
     assert comp.stats.nfe == eager.stats.nfe
@@ -216,12 +222,7 @@ def test_per_sample_compiled_loop_on_wide_states():
 
     y0 = torch.randn(6, 16, dtype=torch.float64)
     t = torch.linspace(0, 2, 7, dtype=torch.float64)
-    with torch.no_grad():
-        eager = node.solve(f, y0, t, rtol=1e-7, atol=1e-9, per_sample=True)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            comp = node.solve(f, y0, t, rtol=1e-7, atol=1e-9, per_sample=True, compile="aot_eager")
-    _no_fallback(caught)
+    eager, comp = _per_sample_eager_and_compiled(f, y0, t)
     assert torch.equal(comp.sample_stats["n_steps"], eager.sample_stats["n_steps"])
     assert len(set(eager.sample_stats["n_steps"].tolist())) > 1  # the samples really step differently
     torch.testing.assert_close(comp.ys, eager.ys, rtol=1e-10, atol=1e-11)

@@ -310,9 +310,7 @@ class ImplicitRK(FlatBuffers):
             if cached is not None:
                 try:
                     return self._iterate(rhs, t, dt, y_, perturb_last, f0, cached[0], stale=True)
-                except _Slow:
-                    pass
-                except NewtonError:
+                except _Slow:  # (every failure with a kept Jacobian is reported as _Slow)
                     pass
             J = self._jacobian(rhs, t, y_)
             self.n_jac += 1
