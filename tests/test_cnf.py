@@ -27,6 +27,33 @@ def test_exact_trace_equals_the_trace_of_the_full_jacobian():
         assert abs(float(tr[b]) - float(torch.trace(J))) < 1e-12
 
 
+@pytest.mark.parametrize("trace", ["exact", "hutchinson"])
+def test_the_built_in_nets_forward_mode_field_matches_the_full_jacobian(trace):
+    # the built-in MLP carries its own Jacobian–vector products; check f, the trace, the Frobenius norm and
+    # Hutchinson's εᵀJε against autograd's full Jacobian, and against the generic (autograd) field
+    from neuralode.models.cnf import CNFField
+
+    net, z, t = _field_and_state(seed=2)
+    field = CNFField(net, trace=trace)
+    z = z.detach()
+    with torch.no_grad():
+        f, neg_tr, reg = field(t, (z, z[:, 0], torch.zeros(z.shape[0], 2, dtype=z.dtype)))
+    for b in range(z.shape[0]):
+        J = torch.autograd.functional.jacobian(lambda v: net(t, v[None])[0], z[b])
+        torch.testing.assert_close(f[b], net(t, z[b : b + 1])[0], rtol=0, atol=1e-14)
+        e = field.eps[b] if trace == "hutchinson" else None
+        want_tr = torch.trace(J) if e is None else e @ J @ e
+        want_frob = (J**2).sum() if e is None else ((J @ e) ** 2).sum()
+        assert abs(float(-neg_tr[b]) - float(want_tr)) < 1e-12
+        assert abs(float(reg[b, 0]) - float((f[b] ** 2).sum())) < 1e-12
+        assert abs(float(reg[b, 1]) - float(want_frob)) < 1e-12
+    generic = CNFField(lambda tt, zz: net(tt, zz), trace=trace)  # a plain callable: the autograd path
+    generic.eps = field.eps
+    with torch.no_grad():
+        _, neg_tr_generic = generic(t, (z, z[:, 0]))
+    torch.testing.assert_close(neg_tr_generic, neg_tr, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("noise", ["rademacher", "gaussian"])
 def test_hutchinson_is_unbiased(noise):
     net, z, t = _field_and_state(seed=1)
@@ -134,6 +161,13 @@ def test_flow_cli_runs_end_to_end(tmp_path):
     assert math.isfinite(m["test_nll"])
     for name in ("metrics.csv", "density.png", "transport.png"):
         assert (out / name).stat().st_size > 0
+    ref = tmp_path / "ref"
+    tiny = argv[argv.index("--n-test") : -2]  # the same small model and data sizes
+    short = ["--iters", "2", "--factor", "2", "--eval-every", "1"]
+    assert main(["flow", "--nll-reference", *short, *tiny, "--out", str(ref)]) == 0
+    table = (ref / "table.md").read_text()
+    assert all(f"| {d} |" in table for d in ("circles", "moons", "8gaussians"))
+    assert (ref / "curves.png").stat().st_size > 0
 
 
 def test_a_short_flow_fit_beats_the_best_gaussian(tmp_path):
@@ -292,6 +326,27 @@ def test_density_matching_table_resumes_from_finished_runs(tmp_path, monkeypatch
     assert [r["kl"] for r in again] == [r["kl"] for r in first]
     with pytest.raises(AssertionError, match="retrained"):  # other settings are not taken from disk
         flow.match_table(targets=("U1",), iters=3, hidden=4, layers=1, out_dir=str(tmp_path), show_progress=False)
+
+
+def test_nll_reference_table_compares_the_default_with_a_longer_run_and_resumes(tmp_path, monkeypatch):
+    import json
+
+    from neuralode.experiments import flow
+
+    kw = dict(iters=2, factor=2, out_dir=str(tmp_path), show_progress=False, hidden=4, layers=1, n_test=100)
+    kw.update(batch_size=32, eval_every=1)
+    (row,) = flow.nll_reference(datasets=("moons",), **kw)
+    runs = {n: json.load(open(tmp_path / f"moons_{n}" / "metrics.json")) for n in (2, 4)}
+    assert [len(runs[n]["history"]) for n in (2, 4)] == [2, 4]  # the reference really ran twice as long
+    assert row["gap"] == pytest.approx(runs[2]["test_nll"] - runs[4]["test_nll"])
+    assert (tmp_path / "table.md").read_text().count("| moons |") == 1
+
+    def no_training(**kwargs):
+        raise AssertionError("retrained a finished run")
+
+    monkeypatch.setattr(flow, "train_flow", no_training)
+    (again,) = flow.nll_reference(datasets=("moons",), **kw)
+    assert again == row
 
 
 def test_target_normaliser_matches_the_closed_form_for_u2():

@@ -93,8 +93,28 @@ def _classify(args: argparse.Namespace) -> int:
 
 
 def _flow(args: argparse.Namespace) -> int:
-    from .experiments.flow import match_density, match_table, train_flow
+    from .experiments.flow import match_density, match_table, nll_reference, train_flow
 
+    if args.nll_reference:
+        nll_reference(
+            iters=args.iters,
+            factor=args.factor,
+            lr=args.lr,
+            out_dir=args.out,
+            seed=args.seed,
+            eval_every=args.eval_every,
+            show_progress=not args.no_progress,
+            batch_size=args.batch_size,
+            hidden=args.hidden,
+            layers=args.layers,
+            trace=args.trace,
+            tol=args.tol,
+            gradient=args.gradient,
+            n_test=args.n_test,
+            lr_schedule=args.lr_schedule,
+        )
+        print(f"table in {args.out}/table.md, curves in {args.out}/curves.png")
+        return 0
     if args.match_table:
         match_table(
             iters=args.iters,
@@ -268,6 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="density matching on U1–U4, CNF (--hidden, --layers) against planar at equal parameter count",
     )
+    f.add_argument(
+        "--nll-reference",
+        action="store_true",
+        help="held-out NLL on circles, moons, 8gaussians: --iters against a --factor times longer reference run",
+    )
+    f.add_argument("--factor", type=int, default=4, help="with --nll-reference: reference length / --iters")
     f.add_argument("--K", type=int, default=16, help="with --model planar: number of planar layers")
     f.add_argument("--iters", type=int, default=1000)
     f.add_argument("--batch-size", type=int, default=512)

@@ -36,6 +36,13 @@ class ConcatSquashLinear(nn.Module):
         tt = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(1, 1)
         return self.linear(x) * torch.sigmoid(self.gate(tt)) + self.shift(tt)
 
+    def forward_tangents(self, tt: torch.Tensor, x: torch.Tensor, v: torch.Tensor):
+        """The layer and its directional derivatives: ``x`` (batch, in), ``v`` (batch, k, in) → (batch, out),
+        (batch, k, out). The layer is affine in x, so a tangent goes through the weight and the gate only."""
+        s = torch.sigmoid(self.gate(tt))
+        w = self.linear.weight
+        return torch.addmm(self.linear.bias, x, w.t()) * s + self.shift(tt), torch.matmul(v, w.t()) * s
+
 
 class _MLP(nn.Module):
     def __init__(self, dim: int, hidden: int, layers: int) -> None:
@@ -49,6 +56,19 @@ class _MLP(nn.Module):
             if i < len(self.layers) - 1:
                 z = torch.tanh(z)
         return z
+
+    def forward_tangents(self, t: torch.Tensor, z: torch.Tensor, v: torch.Tensor):
+        """f(t, z) and the Jacobian–vector products (∂f/∂z) vₖ in one forward pass (forward-mode by hand):
+        ``v`` is (batch, k, D), the result (batch, D), (batch, k, D). No nested autograd call, so a solve's
+        backward pass differentiates it once instead of twice."""
+        tt = torch.as_tensor(t, dtype=z.dtype, device=z.device).reshape(1, 1)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            z, v = layer.forward_tangents(tt, z, v)
+            if i < last:
+                z = torch.tanh(z)
+                v = v * (1 - z * z).unsqueeze(1)  # tanh' = 1 − tanh²
+        return z, v
 
 
 def _jacobian_rows(f: torch.Tensor, z: torch.Tensor, create_graph: bool) -> torch.Tensor:
@@ -91,6 +111,8 @@ class CNFField(nn.Module):
     def forward(self, t: torch.Tensor, state):
         z = state[0]
         regularize = len(state) > 2  # (z, log p, [∫‖f‖², ∫‖∂f/∂z‖_F²])
+        if hasattr(self.net, "forward_tangents") and z.dim() == 2:
+            return self._forward_mode(t, z, regularize)
         keep = torch.is_grad_enabled()
         with torch.enable_grad():
             z_ = z if z.requires_grad else z.detach().requires_grad_(True)
@@ -109,6 +131,27 @@ class CNFField(nn.Module):
             return f, -tr
         kinetic = f.pow(2).reshape(z.shape[0], -1).sum(1)
         return f, -tr, torch.stack([kinetic, frob], 1)
+
+    def _forward_mode(self, t, z: torch.Tensor, regularize: bool):
+        """For nets that carry their own Jacobian–vector products (the built-in MLP): the exact trace from the
+        D columns (∂f/∂z) eᵢ, or Hutchinson's εᵀ(∂f/∂z)ε from one product; ‖(∂f/∂z)ε‖² (unbiased for the
+        squared Frobenius norm) or the full sum of squares for the regulariser."""
+        b, d = z.shape
+        if self.trace == "exact":
+            v = torch.eye(d, dtype=z.dtype, device=z.device).expand(b, d, d)
+        else:
+            if self.eps is None or self.eps.shape != z.shape:
+                self.sample_noise(z)
+            v = self.eps.unsqueeze(1)
+        f, jv = self.net.forward_tangents(t, z, v)
+        if self.trace == "exact":
+            tr = jv.diagonal(dim1=1, dim2=2).sum(-1)  # jv[b, i, j] = ∂f_j/∂z_i
+        else:
+            tr = (jv[:, 0] * self.eps).sum(1)
+        if not regularize:
+            return f, -tr
+        frob = jv.pow(2).sum((1, 2))
+        return f, -tr, torch.stack([f.pow(2).sum(1), frob], 1)
 
 
 def _flow_rms(e) -> torch.Tensor:
