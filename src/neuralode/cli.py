@@ -293,14 +293,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="held-out NLL on circles, moons, 8gaussians: --iters against a --factor times longer reference run",
     )
-    f.add_argument("--factor", type=int, default=4, help="with --nll-reference: reference length / --iters")
+    f.add_argument("--factor", type=int, default=2, help="with --nll-reference: reference length / --iters")
     f.add_argument("--K", type=int, default=16, help="with --model planar: number of planar layers")
-    f.add_argument("--iters", type=int, default=1000)
+    f.add_argument("--iters", type=int, default=2000)
     f.add_argument("--batch-size", type=int, default=512)
     f.add_argument("--hidden", type=int, default=64)
     f.add_argument("--layers", type=int, default=3)
     f.add_argument("--trace", default="hutchinson", choices=["hutchinson", "exact"], help="during training")
-    f.add_argument("--lr", type=float, default=1e-3)
+    f.add_argument("--lr", type=float, default=5e-3)
     f.add_argument(
         "--lr-schedule", default="cosine", choices=["cosine", "constant"], help="cosine: decay to 0 over --iters"
     )

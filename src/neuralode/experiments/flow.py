@@ -40,12 +40,12 @@ def heldout_nll(cnf: CNF, x: torch.Tensor, batch: int = 1000) -> float:
 
 def train_flow(
     data: str = "moons",
-    iters: int = 1000,
+    iters: int = 2000,
     batch_size: int = 512,
     hidden: int = 64,
     layers: int = 3,
     trace: str = "hutchinson",
-    lr: float = 1e-3,
+    lr: float = 5e-3,
     tol: float = 1e-5,
     gradient: str = "adjoint",
     n_test: int = 5000,
@@ -136,7 +136,7 @@ def nll_reference(
     datasets=("circles", "moons", "8gaussians"),
     *,
     iters: int = 2000,
-    factor: int = 4,
+    factor: int = 2,
     lr: float = 5e-3,
     out_dir: str = "runs/flow_nll",
     eval_every: int = 250,

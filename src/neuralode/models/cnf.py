@@ -3,7 +3,9 @@
 A sample moves by dz/dt = f(z, t) from the base distribution at t = 0 to the data at t = T, and its
 log-density by the instantaneous change of variables, d log p(z(t))/dt = −tr(∂f/∂z). The trace is exact
 (one vector–Jacobian product per dimension, evaluated together; for small D) or Hutchinson's estimate
-εᵀ (∂f/∂z) ε with ε Rademacher or Gaussian, drawn once per solve (FFJORD).
+εᵀ (∂f/∂z) ε with ε Rademacher or Gaussian, drawn once per solve (FFJORD). The built-in MLP computes its
+Jacobian–vector products in its own forward pass (forward mode by hand), so the trace needs no nested autograd
+call; any other ``net(t, z)`` gets the vector–Jacobian products from autograd.
 
 ``regularization={"kinetic": λ_K, "jacobian": λ_J}`` adds Finlay et al.'s (2020, RNODE) penalties
 λ_K ∫‖f‖² dt + λ_J ∫‖∂f/∂z‖_F² dt, integrated in the same solve (the Frobenius norm from the trace's own
