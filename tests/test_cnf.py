@@ -364,3 +364,40 @@ def test_match_density_reports_a_non_negative_kl_for_the_base_itself(tmp_path):
 
     m = match_density(target="U1", model="planar", K=2, iters=2, out_dir=str(tmp_path), show_progress=False)
     assert m["kl"] > -3 * m["kl_se"] and m["kl_se"] > 0
+
+
+@pytest.mark.parametrize("name", ["8gaussians", "circles", "moons"])
+def test_true_density_of_a_toy_dataset_integrates_to_one_and_matches_its_sampler(name):
+    from neuralode.data.toy2d import log_density_2d, sample_2d
+
+    xs = torch.linspace(-4, 4, 401, dtype=torch.float64)
+    X, Y = torch.meshgrid(xs, xs, indexing="ij")
+    grid = torch.stack([X.reshape(-1), Y.reshape(-1)], 1)
+    dens = log_density_2d(name, grid, n_quad=1000).exp().reshape(401, 401)
+    cell = float(xs[1] - xs[0]) ** 2
+    assert abs(float(dens.sum()) * cell - 1) < 1e-6
+    # the probability of unit boxes by the density (midpoint rule) against the fraction of the sampler's draws
+    x = sample_2d(name, 100_000, seed=3, dtype=torch.float64)
+    mid = (torch.arange(200, dtype=torch.float64) + 0.5) / 200
+    for lo0, lo1 in [(-1.0, -1.0), (0.0, 0.0), (-2.0, 0.5), (0.5, -1.5)]:
+        M0, M1 = torch.meshgrid(lo0 + mid, lo1 + mid, indexing="ij")
+        p = float(log_density_2d(name, torch.stack([M0.reshape(-1), M1.reshape(-1)], 1), n_quad=1000).exp().mean())
+        hit = (x[:, 0] >= lo0) & (x[:, 0] < lo0 + 1) & (x[:, 1] >= lo1) & (x[:, 1] < lo1 + 1)
+        freq = float(hit.double().mean())
+        se = math.sqrt(max(p * (1 - p), 1e-12) / len(x))
+        assert abs(freq - p) < 4 * se + 1e-3, (lo0, lo1, freq, p)
+
+
+def test_toy_entropies_match_thin_shape_formulas():
+    # well-separated Gaussians / thin rings and curves: H ≈ log(mass split) + log(length) + ½ log(2πeσ²)
+    from neuralode.data.toy2d import entropy_2d
+
+    half_log_gauss = lambda s: 0.5 * math.log(2 * math.pi * math.e * s**2)  # noqa: E731
+    want = {
+        "8gaussians": math.log(8) + 2 * half_log_gauss(0.1 / 1.414),
+        "circles": math.log(2) + 0.5 * (math.log(2 * math.pi) + math.log(4 * math.pi)) + half_log_gauss(0.08),
+        "moons": math.log(2 * math.pi * 1.5) + half_log_gauss(0.075),
+    }
+    for name, h in want.items():
+        got, se = entropy_2d(name, n=40_000)
+        assert abs(got - h) < 0.03 + 3 * se, (name, got, h)
