@@ -95,24 +95,25 @@ def _classify(args: argparse.Namespace) -> int:
 def _flow(args: argparse.Namespace) -> int:
     from .experiments.flow import match_density, match_table, nll_reference, train_flow
 
+    reg = {k: v for k, v in (("kinetic", args.kinetic), ("jacobian", args.jac_fro)) if v}
+    train_args = dict(  # maximum likelihood: one run, or the default against a longer reference
+        regularization=reg or None,
+        lr_schedule=args.lr_schedule,
+        batch_size=args.batch_size,
+        hidden=args.hidden,
+        layers=args.layers,
+        trace=args.trace,
+        lr=args.lr,
+        tol=args.tol,
+        gradient=args.gradient,
+        n_test=args.n_test,
+        eval_every=args.eval_every,
+        seed=args.seed,
+        out_dir=args.out,
+        show_progress=not args.no_progress,
+    )
     if args.nll_reference:
-        nll_reference(
-            iters=args.iters,
-            factor=args.factor,
-            lr=args.lr,
-            out_dir=args.out,
-            seed=args.seed,
-            eval_every=args.eval_every,
-            show_progress=not args.no_progress,
-            batch_size=args.batch_size,
-            hidden=args.hidden,
-            layers=args.layers,
-            trace=args.trace,
-            tol=args.tol,
-            gradient=args.gradient,
-            n_test=args.n_test,
-            lr_schedule=args.lr_schedule,
-        )
+        nll_reference(iters=args.iters, factor=args.factor, **train_args)
         print(f"table in {args.out}/table.md, curves in {args.out}/curves.png")
         return 0
     if args.match_table:
@@ -144,25 +145,7 @@ def _flow(args: argparse.Namespace) -> int:
         print(json.dumps({k: v for k, v in m.items() if k != "history"}, indent=2))
         print(f"metrics and plot in {args.out}/ (metrics.json, metrics.csv, match.png)")
         return 0
-    reg = {k: v for k, v in (("kinetic", args.kinetic), ("jacobian", args.jac_fro)) if v}
-    m = train_flow(
-        regularization=reg or None,
-        lr_schedule=args.lr_schedule,
-        data=args.data,
-        iters=args.iters,
-        batch_size=args.batch_size,
-        hidden=args.hidden,
-        layers=args.layers,
-        trace=args.trace,
-        lr=args.lr,
-        tol=args.tol,
-        gradient=args.gradient,
-        n_test=args.n_test,
-        eval_every=args.eval_every,
-        seed=args.seed,
-        out_dir=args.out,
-        show_progress=not args.no_progress,
-    )
+    m = train_flow(data=args.data, iters=args.iters, **train_args)
     print(json.dumps({k: v for k, v in m.items() if k != "history"}, indent=2))
     print(f"metrics and plots in {args.out}/ (metrics.json, metrics.csv, density.png, transport.png)")
     return 0

@@ -122,13 +122,15 @@ def train_flow(
     return metrics
 
 
-def _finished_flow_run(path: str, **settings) -> dict | None:
-    """A finished ``train_flow`` run's metrics when ``path`` holds one with these settings, else None."""
+def _finished_run(path: str, **settings) -> dict | None:
+    """The metrics of a finished run in ``path`` when its settings are these (runs from before the learning-rate
+    schedule was an option used the cosine one), else None."""
     try:
         with open(os.path.join(path, "metrics.json")) as fh:
             m = json.load(fh)
     except (OSError, ValueError):
         return None
+    m.setdefault("lr_schedule", "cosine")
     return m if all(m.get(k) == v for k, v in settings.items()) else None
 
 
@@ -154,7 +156,8 @@ def nll_reference(
         got = {}
         for n in (iters, factor * iters):
             path = os.path.join(out, f"{data}_{n}")
-            m = _finished_flow_run(path, data=data, iters=n, lr=lr)
+            recorded = {k: train_kwargs[k] for k in ("regularization", "lr_schedule", "trace") if k in train_kwargs}
+            m = _finished_run(path, data=data, iters=n, lr=lr, **recorded)
             if m is None:
                 m = train_flow(
                     data=data,
@@ -379,17 +382,11 @@ def match_density(
 def _load_run(path: str, **settings) -> dict | None:
     """A finished density-matching run's metrics when ``path`` holds one with these settings (so that an
     interrupted table resumes where it stopped), else None."""
-    try:
-        with open(os.path.join(path, "metrics.json")) as fh:
-            m = json.load(fh)
-    except (OSError, ValueError):
+    k = settings.pop("K", None)
+    m = _finished_run(path, **settings)
+    if m is None or (k is not None and m.get("parameters") != 5 * k):
         return None
-    m.setdefault("lr_schedule", "cosine")
-    if settings.get("K") is None:
-        settings.pop("K", None)
-    elif m.get("parameters") != 5 * settings.pop("K"):
-        return None
-    return m if all(m.get(k) == v for k, v in settings.items()) else None
+    return m
 
 
 def match_table(
