@@ -7,12 +7,17 @@ import pytest
 import torch
 from torch import nn
 
-from neuralode.models.cnf import _MLP, CNF, exact_trace, hutchinson_trace
+from neuralode.models.cnf import _MLP, CNF, PlanarCNFNet, exact_trace, hutchinson_trace
 
 
-def _field_and_state(seed=0, dim=3, batch=4):
+def _field_and_state(seed=0, dim=3, batch=4, kind="mlp"):
     torch.manual_seed(seed)
-    net = _MLP(dim, 16, 2).double()
+    if kind == "mlp":
+        net = _MLP(dim, 16, 2).double()
+    else:  # the planar CNF; its time slopes start at zero, so give them values to exercise t
+        net = PlanarCNFNet(dim, 7).double()
+        with torch.no_grad():
+            net.theta1.normal_()
     z = torch.randn(batch, dim, dtype=torch.float64, requires_grad=True)
     t = torch.tensor(0.3, dtype=torch.float64)
     return net, z, t
@@ -27,13 +32,14 @@ def test_exact_trace_equals_the_trace_of_the_full_jacobian():
         assert abs(float(tr[b]) - float(torch.trace(J))) < 1e-12
 
 
+@pytest.mark.parametrize("kind", ["mlp", "planar"])
 @pytest.mark.parametrize("trace", ["exact", "hutchinson"])
-def test_the_built_in_nets_forward_mode_field_matches_the_full_jacobian(trace):
+def test_the_built_in_nets_forward_mode_field_matches_the_full_jacobian(trace, kind):
     # the built-in MLP carries its own Jacobian–vector products; check f, the trace, the Frobenius norm and
     # Hutchinson's εᵀJε against autograd's full Jacobian, and against the generic (autograd) field
     from neuralode.models.cnf import CNFField
 
-    net, z, t = _field_and_state(seed=2)
+    net, z, t = _field_and_state(seed=2, kind=kind)
     field = CNFField(net, trace=trace)
     z = z.detach()
     with torch.no_grad():
@@ -212,7 +218,7 @@ def test_cnf_density_of_its_own_samples_agrees_forward_and_backward():
         torch.testing.assert_close(cnf.log_prob(x), lq, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("which", ["planar", "cnf"])
+@pytest.mark.parametrize("which", ["planar", "cnf", "planar_cnf"])
 def test_density_matching_lowers_the_reverse_kl(which):
     from neuralode.data.potentials import log_target
     from neuralode.models.planar import PlanarFlow
@@ -220,6 +226,8 @@ def test_density_matching_lowers_the_reverse_kl(which):
     torch.manual_seed(0)
     if which == "planar":
         model = PlanarFlow(2, K=8)
+    elif which == "planar_cnf":
+        model = CNF(2, net=PlanarCNFNet(2, 8), rtol=1e-4, atol=1e-4, gradient="backprop")
     else:
         model = CNF(2, hidden=8, layers=2, rtol=1e-4, atol=1e-4, gradient="backprop")
     opt = torch.optim.Adam(model.parameters(), 1e-2)
@@ -240,7 +248,7 @@ def test_density_matching_lowers_the_reverse_kl(which):
     assert after < before - 0.2, (before, after)
 
 
-@pytest.mark.parametrize("model", ["cnf", "planar"])
+@pytest.mark.parametrize("model", ["cnf", "planar_cnf", "planar"])
 def test_density_matching_cli_runs(tmp_path, model):
     import json
 
@@ -259,6 +267,8 @@ def test_density_matching_cli_runs(tmp_path, model):
         "8",
         "--K",
         "4",
+        "--width",
+        "3",
         "--batch-size",
         "64",
         "--no-progress",
@@ -268,6 +278,7 @@ def test_density_matching_cli_runs(tmp_path, model):
     assert main(argv) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["model"] == model and math.isfinite(m["kl"]) and (out / "match.png").stat().st_size > 0
+    assert model != "planar_cnf" or m["parameters"] == 3 * 10  # (w, u ∈ R², b) × (value, slope in t)
 
 
 @pytest.mark.parametrize("trace", ["exact", "hutchinson"])
@@ -308,8 +319,10 @@ def test_density_matching_table_compares_at_equal_parameter_count(tmp_path):
     from neuralode.experiments.flow import match_table
 
     rows = match_table(targets=("U1",), iters=3, hidden=8, layers=2, out_dir=str(tmp_path), show_progress=False)
-    cnf, planar = rows
+    cnf, planar_cnf, planar = rows
+    assert [r["model"] for r in rows] == ["cnf", "planar_cnf", "planar"]
     assert abs(cnf["parameters"] - planar["parameters"]) <= 5  # K = CNF parameters / 5, rounded
+    assert abs(cnf["parameters"] - planar_cnf["parameters"]) <= 10  # width = CNF parameters / 10, rounded
     assert (tmp_path / "table.md").read_text().count("| U1 |") == 1
 
 

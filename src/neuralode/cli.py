@@ -136,6 +136,7 @@ def _flow(args: argparse.Namespace) -> int:
             hidden=args.hidden,
             layers=args.layers,
             K=args.K,
+            width=args.width,
             lr=args.lr,
             tol=args.tol,
             seed=args.seed,
@@ -265,11 +266,17 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["U1", "U2", "U3", "U4"],
         help="density matching: fit an unnormalised target by the reverse KL instead of data",
     )
-    f.add_argument("--model", default="cnf", choices=["cnf", "planar"], help="with --target: the flow")
+    f.add_argument(
+        "--model",
+        default="cnf",
+        choices=["cnf", "planar_cnf", "planar"],
+        help="with --target: the flow (MLP CNF, the paper's planar CNF of --width units, planar flow of --K layers)",
+    )
     f.add_argument(
         "--match-table",
         action="store_true",
-        help="density matching on U1–U4, CNF (--hidden, --layers) against planar at equal parameter count",
+        help="density matching on U1–U4: MLP CNF (--hidden, --layers), planar CNF and planar flow at equal "
+        "parameter count",
     )
     f.add_argument(
         "--nll-reference",
@@ -278,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     f.add_argument("--factor", type=int, default=2, help="with --nll-reference: reference length / --iters")
     f.add_argument("--K", type=int, default=16, help="with --model planar: number of planar layers")
+    f.add_argument("--width", type=int, default=16, help="with --model planar_cnf: number of planar units")
     f.add_argument("--iters", type=int, default=2000)
     f.add_argument("--batch-size", type=int, default=512)
     f.add_argument("--hidden", type=int, default=64)

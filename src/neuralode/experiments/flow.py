@@ -15,7 +15,7 @@ import time
 import torch
 
 from ..data.toy2d import entropy_2d, sample_2d
-from ..models.cnf import CNF
+from ..models.cnf import CNF, PlanarCNFNet
 from ._io import progress, pyplot, run_dir, write_csv, write_json
 
 __all__ = ["train_flow", "heldout_nll", "gaussian_nll_floor", "match_density", "nll_reference"]
@@ -295,9 +295,12 @@ def match_density(
     show_progress: bool = True,
     anneal: float = 0.5,
     lr_schedule: str = "cosine",
+    width: int = 16,
 ) -> dict:
     """Density matching (Chen et al. 2018 §4, Rezende & Mohamed 2015): minimise KL(q ‖ p) for an unnormalised
-    2-D target by the reverse KL on samples of the flow; ``model`` is ``"cnf"`` or the ``"planar"`` baseline.
+    2-D target by the reverse KL on samples of the flow; ``model`` is ``"cnf"`` (concat-squash MLP, ``hidden`` ×
+    ``layers``), ``"planar_cnf"`` (the paper's planar CNF, ``width`` units) or the ``"planar"`` flow baseline
+    (``K`` layers).
 
     The loss is E_q[log q − β log p̃] with β rising linearly from 0.01 to 1 over the first ``anneal`` fraction
     of the iterations (Rezende & Mohamed's annealed free energy: a flat start keeps the flow from locking
@@ -312,10 +315,12 @@ def match_density(
     out = run_dir(out_dir)
     if model == "cnf":
         flow = CNF(2, hidden, layers, trace="exact", rtol=tol, atol=tol, gradient="backprop")
+    elif model == "planar_cnf":
+        flow = CNF(2, net=PlanarCNFNet(2, width), trace="exact", rtol=tol, atol=tol, gradient="backprop")
     elif model == "planar":
         flow = PlanarFlow(2, K)
     else:
-        raise ValueError(f"model={model!r} must be 'cnf' or 'planar'")
+        raise ValueError(f"model={model!r} must be 'cnf', 'planar_cnf' or 'planar'")
     opt = torch.optim.Adam(flow.parameters(), lr=lr)
     if lr_schedule not in ("cosine", "constant"):
         raise ValueError(f"`lr_schedule` must be 'cosine' or 'constant', got {lr_schedule!r}")
@@ -379,12 +384,11 @@ def match_density(
     return metrics
 
 
-def _load_run(path: str, **settings) -> dict | None:
-    """A finished density-matching run's metrics when ``path`` holds one with these settings (so that an
-    interrupted table resumes where it stopped), else None."""
-    k = settings.pop("K", None)
+def _load_run(path: str, parameters: int | None = None, **settings) -> dict | None:
+    """A finished density-matching run's metrics when ``path`` holds one with these settings (and, when given,
+    this parameter count), so that an interrupted table resumes where it stopped; else None."""
     m = _finished_run(path, **settings)
-    if m is None or (k is not None and m.get("parameters") != 5 * k):
+    if m is None or (parameters is not None and m.get("parameters") != parameters):
         return None
     return m
 
@@ -400,8 +404,10 @@ def match_table(
     show_progress: bool = True,
     anneals: tuple = (0.0, 0.5),
 ) -> list[dict]:
-    """CNF against the planar flow at equal parameter count on each target: K = CNF parameters / 5 planar
-    layers (w, u ∈ R², b per layer). Each model is trained with and without annealing (``anneals``;
+    """CNFs against the planar flow at equal parameter count on each target: the concat-squash MLP CNF
+    (``hidden`` × ``layers``), the paper's planar CNF with width = MLP parameters / 10 units (w, u ∈ R², b per
+    unit, each affine in t) and K = MLP parameters / 5 planar flow layers (w, u ∈ R², b per layer). Each model
+    is trained with and without annealing (``anneals``;
     annealing helps the CNF keep both modes of a two-mode target but can leave a planar flow stuck in the
     wide state it reaches at small β), each with a cosine-decayed and a constant learning rate, and keeps its
     best run. Writes table.md, results.json (every run)
@@ -409,16 +415,16 @@ def match_table(
     out = run_dir(out_dir)
     cnf_params = sum(p.numel() for p in CNF(2, hidden, layers).parameters())
     K = max(1, round(cnf_params / 5))
+    width = max(1, round(cnf_params / 10))
+    expected = {"cnf": None, "planar_cnf": 10 * width, "planar": 5 * K}
     runs, rows = [], []
     for target in targets:
-        for model in ("cnf", "planar"):
+        for model in ("cnf", "planar_cnf", "planar"):
             tried = []
             for anneal in anneals:
                 for schedule in ("cosine", "constant"):
                     run = os.path.join(out, f"{target}-{model}-anneal{anneal:g}" + ("-const" * (schedule != "cosine")))
-                    m = _load_run(
-                        run, iters=iters, anneal=anneal, lr_schedule=schedule, K=K if model == "planar" else None
-                    )
+                    m = _load_run(run, expected[model], iters=iters, anneal=anneal, lr_schedule=schedule, model=model)
                     if m is None:
                         m = match_density(
                             target=target,
@@ -427,6 +433,7 @@ def match_table(
                             hidden=hidden,
                             layers=layers,
                             K=K,
+                            width=width,
                             seed=seed,
                             anneal=anneal,
                             lr_schedule=schedule,
@@ -437,19 +444,16 @@ def match_table(
             runs.extend(tried)
             rows.append(min(tried, key=lambda r: r["kl"]))
     lines = [
-        "| target | log Z | CNF KL(q ‖ p) | planar KL(q ‖ p) | parameters (CNF / planar) |",
-        "|---|---|---|---|---|",
+        "| target | log Z | MLP CNF KL(q ‖ p) | planar CNF KL(q ‖ p) | planar flow KL(q ‖ p) "
+        "| parameters (MLP CNF / planar CNF / planar flow) |",
+        "|---|---|---|---|---|---|",
     ]
     for target in targets:
-        c = next(r for r in rows if r["target"] == target and r["model"] == "cnf")
-        p = next(r for r in rows if r["target"] == target and r["model"] == "planar")
-        best = min(c["kl"], p["kl"])
-        cells = [
-            (f"**{r['kl']:.3f}**" if r["kl"] == best else f"{r['kl']:.3f}") + f" ± {r['kl_se']:.3f}" for r in (c, p)
-        ]
-        lines.append(
-            f"| {target} | {c['log_z']:.3f} | {cells[0]} | {cells[1]} | {c['parameters']} / {p['parameters']} |"
-        )
+        got = [next(r for r in rows if r["target"] == target and r["model"] == m) for m in expected]
+        best = min(r["kl"] for r in got)
+        cells = [(f"**{r['kl']:.3f}**" if r["kl"] == best else f"{r['kl']:.3f}") + f" ± {r['kl_se']:.3f}" for r in got]
+        counts = " / ".join(str(r["parameters"]) for r in got)
+        lines.append(f"| {target} | {got[0]['log_z']:.3f} | {' | '.join(cells)} | {counts} |")
     lines.append("")
     tried = ", ".join(f"{a:g}" for a in anneals)
     lines.append(

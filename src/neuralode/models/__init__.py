@@ -1,6 +1,6 @@
 """Models built on ODE solves."""
 
-from .cnf import CNF, ConcatSquashLinear
+from .cnf import CNF, ConcatSquashLinear, PlanarCNFNet
 from .deq import DEQBlock, DEQNet
 from .latent_ode import GRUEncoder, LatentODE, ODERNNEncoder, RNNBaseline
 from .planar import PlanarFlow
@@ -12,6 +12,7 @@ __all__ = [
     "RNNBaseline",
     "CNF",
     "ConcatSquashLinear",
+    "PlanarCNFNet",
     "DEQBlock",
     "DEQNet",
     "PlanarFlow",

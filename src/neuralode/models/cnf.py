@@ -22,7 +22,7 @@ from torch import nn
 
 from .._api import solve
 
-__all__ = ["ConcatSquashLinear", "CNFField", "CNF", "exact_trace", "hutchinson_trace"]
+__all__ = ["ConcatSquashLinear", "PlanarCNFNet", "CNFField", "CNF", "exact_trace", "hutchinson_trace"]
 
 
 class ConcatSquashLinear(nn.Module):
@@ -71,6 +71,40 @@ class _MLP(nn.Module):
                 z = torch.tanh(z)
                 v = v * (1 - z * z).unsqueeze(1)  # tanh' = 1 − tanh²
         return z, v
+
+
+class PlanarCNFNet(nn.Module):
+    """The planar CNF of Chen et al. (2018, §4.1): f(z, t) = Σₘ uₘ(t) tanh(wₘ(t)ᵀz + bₘ(t)), the continuous
+    counterpart of a planar flow with ``width`` layers. The paper generates uₘ, wₘ, bₘ with a hypernetwork of
+    t; here each is affine in t (θ(t) = θ₀ + t θ₁), which keeps the parameter count at 2·(2D + 1)·width, the
+    same order as a planar flow's (2D + 1)·K. Carries its own Jacobian–vector products like the built-in MLP."""
+
+    def __init__(self, dim: int, width: int) -> None:
+        super().__init__()
+        self.dim, self.width = dim, width
+        # rows: [w (D) | b (1) | u (D)] per unit, at t = 0 and its slope in t
+        self.theta0 = nn.Parameter(torch.empty(width, 2 * dim + 1))
+        self.theta1 = nn.Parameter(torch.zeros(width, 2 * dim + 1))
+        with torch.no_grad():
+            self.theta0[:, :dim].normal_(0.0, 1.0 / math.sqrt(dim))
+            self.theta0[:, dim].uniform_(-1.0, 1.0)
+            self.theta0[:, dim + 1 :].normal_(0.0, 0.1 / math.sqrt(width))
+
+    def _params(self, t, z: torch.Tensor):
+        tt = torch.as_tensor(t, dtype=z.dtype, device=z.device)
+        theta = self.theta0 + tt * self.theta1
+        d = self.dim
+        return theta[:, :d], theta[:, d], theta[:, d + 1 :]  # W (M, D), b (M,), U (M, D)
+
+    def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        w, b, u = self._params(t, z)
+        return torch.tanh(torch.addmm(b, z, w.t())) @ u
+
+    def forward_tangents(self, t: torch.Tensor, z: torch.Tensor, v: torch.Tensor):
+        """f(t, z) (batch, D) and (∂f/∂z) vₖ (batch, k, D) for ``v`` (batch, k, D), in one pass."""
+        w, b, u = self._params(t, z)
+        h = torch.tanh(torch.addmm(b, z, w.t()))
+        return h @ u, (torch.matmul(v, w.t()) * (1 - h * h).unsqueeze(1)) @ u
 
 
 def _jacobian_rows(f: torch.Tensor, z: torch.Tensor, create_graph: bool) -> torch.Tensor:
