@@ -138,6 +138,8 @@ def _flow(args: argparse.Namespace) -> int:
             K=args.K,
             width=args.width,
             lr=args.lr,
+            lr_schedule=args.lr_schedule,
+            anneal=args.anneal,
             tol=args.tol,
             seed=args.seed,
             out_dir=args.out,
@@ -286,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--factor", type=int, default=2, help="with --nll-reference: reference length / --iters")
     f.add_argument("--K", type=int, default=16, help="with --model planar: number of planar layers")
     f.add_argument("--width", type=int, default=16, help="with --model planar_cnf: number of planar units")
+    f.add_argument(
+        "--anneal", type=float, default=0.5, help="with --target: fraction of --iters over which β rises to 1"
+    )
     f.add_argument("--iters", type=int, default=2000)
     f.add_argument("--batch-size", type=int, default=512)
     f.add_argument("--hidden", type=int, default=64)
