@@ -99,8 +99,12 @@ def initial_step(
     rtol,
     atol,
     norm: Callable[[torch.Tensor], float],
+    y0_abs: torch.Tensor | None = None,
+    tol_shift: torch.Tensor | None = None,
 ) -> tuple[float, int]:
     """Hairer's starting step (HNW I, §II.4 "Starting step size"); costs one evaluation of ``func``.
+
+    ``y0_abs`` (|y0|) and ``tol_shift`` (atol/rtol as a 0-d tensor) may be passed where the caller has them.
 
     Returns:
         (step size with the sign of ``direction``, number of function evaluations used)
@@ -109,10 +113,12 @@ def initial_step(
     # folded into the (float) norms afterwards: tensor ⊕ Python scalar is a slow path in eager PyTorch on
     # CPU (about twice a tensor ⊕ 0-d tensor), and this runs once per solve.
     if isinstance(rtol, float) and isinstance(atol, float) and rtol > 0:
-        scale = y0.abs().add_(torch.scalar_tensor(atol / rtol, dtype=y0.dtype, device=y0.device))
+        if tol_shift is None:
+            tol_shift = torch.scalar_tensor(atol / rtol, dtype=y0.dtype, device=y0.device)
+        scale = y0.abs().add_(tol_shift) if y0_abs is None else torch.add(y0_abs, tol_shift)
         unit = 1.0 / rtol
     else:
-        scale = y0.abs().mul_(rtol).add_(atol)
+        scale = (y0.abs() if y0_abs is None else y0_abs).mul(rtol).add_(atol)
         unit = 1.0
     d0 = norm(y0 / scale) * unit
     d1 = norm(f0 / scale) * unit  # (the norm may be a user's callable: kept as two calls)

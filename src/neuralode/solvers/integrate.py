@@ -188,7 +188,9 @@ class Outputs:
         self.t_out = t_out
         self.direction = direction
         self.next = 1
-        self.chunks = [y0[None]]
+        #: single states (1-D) and interpolated blocks (2-D), stacked once at the end
+        self.chunks = [y0]
+        self._blocks = False
         self.segments = [] if keep_segments else None
         self.event = event
         self.done = len(t_out) <= 1 and event is None
@@ -214,15 +216,19 @@ class Outputs:
             if ts[-1] == seg.t1:
                 if len(ts) > 1:
                     self.chunks.append(seg(ts[:-1]))
-                self.chunks.append(seg.y1[None])
+                    self._blocks = True
+                self.chunks.append(seg.y1)
             else:
                 self.chunks.append(seg(ts))
+                self._blocks = True
             self.next = j
         self.done = j >= n
         return self.done
 
     def result(self) -> torch.Tensor:
-        return torch.cat(self.chunks, 0) if len(self.chunks) > 1 else self.chunks[0]
+        if not self._blocks:  # only states at step ends: one stack (no per-row unsqueeze)
+            return torch.stack(self.chunks)
+        return torch.cat([c if c.ndim == 2 else c[None] for c in self.chunks], 0)
 
 
 class EventLocator:
@@ -304,6 +310,16 @@ class HermiteSegment:
         return self.y0 + h01 * dy + h * (h10 * self.f0 + h11 * self.f1)
 
 
+def _l2_norm(x: torch.Tensor) -> float:
+    """‖x‖₂ of a flat vector as a float: one dot product (``vector_norm`` costs an extra pass and kernel
+    for |x|), falling back to ``vector_norm`` where the sum of squares overflows or the dtype is complex."""
+    if not x.is_complex():
+        sq = float(torch.dot(x, x))
+        if sq < math.inf:
+            return math.sqrt(sq)
+    return float(torch.linalg.vector_norm(x))
+
+
 def _callbacks(func: Any, names: Sequence[str]) -> list:
     return [getattr(func, n, None) for n in names]
 
@@ -350,13 +366,13 @@ def integrate_adaptive(
     S, fsal = method.stages, method.fsal
     inv_sqrt_n = 1.0 / math.sqrt(max(rhs.n, 1))
     if norm is None:
-
-        def ratio_of(x: torch.Tensor) -> torch.Tensor:
-            return torch.linalg.vector_norm(x)
-
+        ratio_of = _l2_norm
         norm_scale = inv_sqrt_n
     else:
-        ratio_of = norm
+
+        def ratio_of(x: torch.Tensor) -> float:
+            return float(norm(x))
+
         norm_scale = 1.0
 
     # Grid points (step_t) and discontinuities (jump_t) strictly inside the interval, then the end.
@@ -373,13 +389,24 @@ def integrate_adaptive(
     buf = method.new_buffer() if fresh else method.acquire(shape)
     f0 = rhs.at(t, y)
     buf.set(0, f0)
+    # scale = atol + rtol·max(|y0|, |y1|); with scalar tolerances it is rtol·(max + atol/rtol): one op fewer
+    scalar_tol = isinstance(rtol, float) and isinstance(atol, float) and rtol > 0
+    # (a 0-d tensor: adding a Python float to a tensor is a slower path in eager PyTorch than a 0-d tensor)
+    tol_shift = torch.scalar_tensor(atol / rtol, dtype=y0.dtype, device=y0.device) if scalar_tol else None
+    inv_rtol = 1.0 / rtol if scalar_tol else 1.0
+    low_memory = not fresh and buf.scratch is not None and buf.scratch.shape == y.shape and rhs.n >= _BLOCKWISE_FROM
+    y_abs = None if low_memory else y.detach().abs()
     if first_step is None:
 
         def scale_norm(x: torch.Tensor) -> float:
-            return float(ratio_of(x)) * norm_scale
+            return ratio_of(x) * norm_scale
 
-        with torch.no_grad():
-            dt, _ = initial_step(rhs.at, t, y, f0, direction, method.tableau.order, rtol, atol, scale_norm)
+        order = method.tableau.order
+        if fresh:  # (entering no_grad costs a few µs: only where a graph is being recorded)
+            with torch.no_grad():
+                dt, _ = initial_step(rhs.at, t, y, f0, direction, order, rtol, atol, scale_norm, y_abs, tol_shift)
+        else:
+            dt, _ = initial_step(rhs.at, t, y, f0, direction, order, rtol, atol, scale_norm, y_abs, tol_shift)
     else:
         dt = direction * abs(float(first_step))
     del f0  # its copy lives in the buffer; a state-sized tensor less for the rest of the solve
@@ -390,14 +417,28 @@ def integrate_adaptive(
     n_steps = n_rej = 0
     nonfinite_rejects = 0
     perturbed_start = False
-    # scale = atol + rtol·max(|y0|, |y1|); with scalar tolerances it is rtol·(max + atol/rtol): one op fewer
-    scalar_tol = isinstance(rtol, float) and isinstance(atol, float) and rtol > 0
-    # (a 0-d tensor: adding a Python float to a tensor is a slower path in eager PyTorch than a 0-d tensor)
-    tol_shift = torch.scalar_tensor(atol / rtol, dtype=y0.dtype, device=y0.device) if scalar_tol else None
-    inv_rtol = 1.0 / rtol if scalar_tol else 1.0
-    low_memory = not fresh and buf.scratch is not None and buf.scratch.shape == y.shape and rhs.n >= _BLOCKWISE_FROM
-    with torch.no_grad():
-        y_abs = None if low_memory else y.abs()
+
+    def error_ratio(y, y_abs, y1, e, buf):
+        """‖e / scale‖ / rtol (the step's error is dt · e) and |y1| for the next step's scale."""
+        if low_memory:
+            # large states: max(|y|, |y1|) is built in the stage scratch (free between steps) without a
+            # stored |y|: s = |y1|; s = max(s, y); s = -min(-s, y) = max(s, -y). Nothing state-sized is
+            # allocated for error control.
+            scale = torch.abs(y1, out=buf.scratch)
+            torch.maximum(scale, y, out=scale)
+            scale.neg_()
+            torch.minimum(scale, y, out=scale)
+            scale.neg_()
+            y1_abs = None
+        else:
+            y1_abs = y1.abs()
+            scale = torch.maximum(y_abs, y1_abs)
+        if scalar_tol:
+            scale.add_(tol_shift)
+        else:
+            scale.mul_(rtol).add_(atol)
+        return ratio_of(e.div_(scale)) * norm_scale * inv_rtol, y1_abs
+
     status, message, t_fail = Status.SUCCESS, "", None
     while True:
         if n_steps + n_rej >= max_num_steps:
@@ -424,25 +465,13 @@ def integrate_adaptive(
         if cb_step is not None:
             cb_step(rhs.time(t), rhs.unflatten(y), rhs.time(dt_try))
         y1, e = method.step(rhs, t, dt_try, y, buf, perturb_last=lands and is_jump)
-        with torch.no_grad():
-            if low_memory:
-                # large states: max(|y|, |y1|) is built in the stage scratch (free between steps) without a
-                # stored |y|: s = |y1|; s = max(s, y); s = -min(-s, y) = max(s, -y). Nothing state-sized is
-                # allocated for error control.
-                scale = torch.abs(y1, out=buf.scratch)
-                torch.maximum(scale, y, out=scale)
-                scale.neg_()
-                torch.minimum(scale, y, out=scale)
-                scale.neg_()
-            else:
-                y1_abs = y1.abs()
-                scale = torch.maximum(y_abs, y1_abs)
-            if scalar_tol:
-                scale.add_(tol_shift)
-            else:
-                scale.mul_(rtol).add_(atol)
-            ratio = abs(dt_try) * float(ratio_of(e.div_(scale))) * norm_scale * inv_rtol
-        e = scale = None  # consumed: do not hold them through the next step
+        if fresh:  # (entering no_grad costs a few µs: only where a graph is being recorded)
+            with torch.no_grad():
+                ratio, y1_abs = error_ratio(y, y_abs, y1, e, buf)
+        else:
+            ratio, y1_abs = error_ratio(y, y_abs, y1, e, buf)
+        ratio *= abs(dt_try)
+        e = None  # consumed: do not hold it through the next step
         if ratio <= 1.0:
             t1 = target if lands else t + dt_try
             n_steps += 1

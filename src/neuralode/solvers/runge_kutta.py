@@ -8,6 +8,7 @@ about three tensor operations per stage besides ``func`` itself. The step return
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import numpy as np
@@ -76,6 +77,7 @@ class RungeKutta:
         self.a = [None] + [as_t(row) for row in tableau.a[1:]]
         self.c = tableau.c
         self.c_is_one = [c == 1.0 for c in tableau.c]
+        self.c_repeats = [i > 1 and tableau.c[i] == tableau.c[i - 1] for i in range(len(tableau.c))]
         self.b = as_t(tableau.b)
         self.b_err = as_t(tableau.b_err) if tableau.b_err is not None else None
         self.W = tableau.interpolation_matrix(interp)  # numpy (rows, D)
@@ -89,6 +91,12 @@ class RungeKutta:
         self.rows_used = self.W.shape[0]
         self.powers = np.arange(1, self.W.shape[1] + 1)
         self._pool: dict = {}
+        #: a float to a 0-d time tensor (on CPU without the device argument: its parsing costs ~0.5 µs a call)
+        self.time = (
+            functools.partial(torch.scalar_tensor, dtype=dtype)
+            if torch.device(device).type == "cpu"
+            else functools.partial(torch.scalar_tensor, dtype=dtype, device=device)
+        )
 
     def new_buffer(self, shape: torch.Size | None = None) -> StageBuffer:
         return StageBuffer(self.rows, self.n, self.dtype, self.device, shape)
@@ -116,14 +124,16 @@ class RungeKutta:
             ``(y1, e)`` where the local error estimate is ``dt · e`` (``e`` is ``None`` for fixed-step
             methods). For FSAL methods ``buf.rows[-1]`` holds ``f(t + dt, y1)`` afterwards.
         """
-        S, c, dtype, device = self.stages, self.c, self.dtype, self.device
+        S, c, time = self.stages, self.c, self.time
         pre, grad, a = buf.prefix_t, buf.grad, self.a
         shaped = buf.rows_shaped
         yi = y
+        ti = None
         for i in range(1, S):
-            ti = torch.scalar_tensor(t + c[i] * dt, dtype=dtype, device=device)
-            if perturb_last and c[i] == 1.0:  # a discontinuity follows: evaluate just before the end point
-                ti = torch.nextafter(ti, torch.scalar_tensor(t, dtype=dtype, device=device))
+            if not self.c_repeats[i]:  # (dopri5, tsit5: two stages at c = 1 share one time tensor)
+                ti = time(t + c[i] * dt)
+                if perturb_last and c[i] == 1.0:  # a discontinuity follows: evaluate just before the end point
+                    ti = torch.nextafter(ti, time(t))
             if shaped is not None:  # no graph, tensor state: stage input in scratch, output straight into K
                 if i == S - 1 and self.fsal:
                     yi = torch.addmv(y, pre[i], a[i], alpha=dt)
