@@ -21,6 +21,7 @@ from .._errors import Status
 from .control import StepController, initial_step
 from .integrate import IntegrationResult, Outputs, _max_steps_message, _underflow, _underflow_message
 from .runge_kutta import RungeKutta, Segment
+from .small_gemm import backend_for
 
 __all__ = ["integrate_compiled", "compiled_step"]
 
@@ -85,7 +86,7 @@ def compiled_step(func, method: RungeKutta, shape, dtype, device, backend: str):
     if hit is not None and hit[0] is func:
         return hit[1]
     step = fresh_code(_make_step(func, method, torch.Size(shape), dtype, device))
-    fn = torch.compile(step, backend=backend, dynamic=False)
+    fn = torch.compile(step, backend=backend_for(backend, device), dynamic=False)
     if len(_CACHE) > 64:
         _CACHE.clear()
     _CACHE[key] = (func, fn)

@@ -20,6 +20,7 @@ many there are.
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 import warnings
 from typing import Callable, Sequence
@@ -30,8 +31,9 @@ import torch
 from .._errors import Status
 from .compiled import fresh_code
 from .control import _MIN_RATIO, StepController, initial_step
-from .integrate import IntegrationResult, _max_steps_message, _underflow_message
+from .integrate import IntegrationResult, _l2_norm, _max_steps_message, _underflow_message
 from .runge_kutta import RungeKutta
+from .small_gemm import backend_for
 
 __all__ = ["integrate_device_loop", "supports"]
 
@@ -222,7 +224,12 @@ def integrate_device_loop(
             transposed,
         )
         try:
-            fn = torch.compile(fresh_code(attempts), backend=backend, dynamic=False, fullgraph=True)
+            fn = torch.compile(
+                fresh_code(attempts),
+                backend=backend_for(backend, device, cpp_wrapper=True),
+                dynamic=False,
+                fullgraph=True,
+            )
         except Exception as exc:  # pragma: no cover - depends on the platform's compiler
             _warn_once(f"compile=True: torch.compile is unavailable ({type(exc).__name__}); using the eager solver")
             return None
@@ -253,8 +260,9 @@ def integrate_device_loop(
 
         dt = initial_steps(F, t, y, k0, direction, method.tableau.order, rtol, atol)
     else:
+        time = functools.partial(torch.scalar_tensor, dtype=dtype, device=device)
         dt0, _ = initial_step(
-            lambda tt, yy: F(torch.full_like(t, tt), yy.view(G, d)).view(yy.shape),
+            lambda tt, yy: func(time(tt), yy.view(shape)).reshape(yy.shape),  # (one group: a 0-d time)
             T[0],
             y,
             k0,
@@ -262,7 +270,7 @@ def integrate_device_loop(
             method.tableau.order,
             rtol,
             atol,
-            lambda x: float(torch.linalg.vector_norm(x)) / math.sqrt(max(x.numel(), 1)),
+            lambda x: _l2_norm(x.reshape(-1)) / math.sqrt(max(x.numel(), 1)),
         )
         dt = torch.full_like(t, abs(dt0))
     init_nfe = (first_step is None) + (f0 is None)

@@ -28,6 +28,7 @@ import torch
 
 from .compiled import fresh_code
 from .rosenbrock import Rosenbrock, RosenbrockTableau
+from .small_gemm import backend_for
 
 __all__ = ["CompiledRosenbrock", "small_lu", "small_lu_solve"]
 
@@ -148,7 +149,9 @@ def compiled_rosenbrock_step(func, tab: RosenbrockTableau, shape, batch: int, dt
     hit = _CACHE.get(key)
     if hit is not None and hit[0] is func:
         return hit[1]
-    fn = torch.compile(fresh_code(_make_step(func, tab, torch.Size(shape), batch, dtype)), backend=backend)
+    fn = torch.compile(
+        fresh_code(_make_step(func, tab, torch.Size(shape), batch, dtype)), backend=backend_for(backend, device)
+    )
     if len(_CACHE) > 64:
         _CACHE.clear()
     _CACHE[key] = (func, fn)

@@ -1,0 +1,83 @@
+"""Small matrix products fused by the compiled path on CPU: the graph rewrite keeps the values of torch's own
+``mm``/``addmm`` (float64, every beta/alpha case), touches only small products, and a compiled solve of a small
+MLP through it takes the eager solver's steps and values."""
+
+import warnings
+
+import pytest
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import neuralode as node
+from neuralode.solvers import small_gemm
+from neuralode.solvers.small_gemm import SMALL_GEMM_MACS, _rewrite
+
+aten = torch.ops.aten
+
+
+def _targets(gm):
+    return [n.target for n in gm.graph.nodes if n.op == "call_function"]
+
+
+@pytest.mark.parametrize(
+    "beta, alpha",
+    [(1, 1), (0, 1), (2.5, 1), (1, -0.5), (0, 3.0)],
+)
+def test_rewritten_addmm_and_mm_equal_torch(beta, alpha):
+    g = torch.Generator().manual_seed(0)
+    bias = torch.randn(7, generator=g, dtype=torch.float64)
+    a = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(3, 7, generator=g, dtype=torch.float64)
+    c = torch.randn(7, 4, generator=g, dtype=torch.float64)
+
+    def fn(bias, a, b, c):
+        return torch.tanh(torch.addmm(bias, a, b, beta=beta, alpha=alpha)) @ c
+
+    gm = make_fx(fn, tracing_mode="fake")(bias, a, b, c)
+    assert aten.addmm.default in _targets(gm) and aten.mm.default in _targets(gm)
+    _rewrite(gm.graph)
+    gm.recompile()
+    assert aten.addmm.default not in _targets(gm) and aten.mm.default not in _targets(gm)
+    if beta == 0:  # torch.addmm ignores the bias then, NaN included
+        bias = torch.full_like(bias, float("nan"))
+    torch.testing.assert_close(gm(bias, a, b, c), fn(bias, a, b, c), rtol=1e-13, atol=1e-13)
+
+
+def test_large_products_keep_the_library_call():
+    m = 64
+    k = n = int((SMALL_GEMM_MACS / m) ** 0.5) + 8  # m·k·n just above the threshold
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    gm = make_fx(lambda a, b: a @ b, tracing_mode="fake")(a, b)
+    _rewrite(gm.graph)
+    assert aten.mm.default in _targets(gm)
+    small = make_fx(lambda a, b: a @ b, tracing_mode="fake")(a[:4, :8], b[:8, :8])
+    _rewrite(small.graph)
+    assert aten.mm.default not in _targets(small)
+
+
+def test_backend_is_inductor_with_the_rewrite_on_cpu_only():
+    assert callable(small_gemm.backend_for("inductor", torch.device("cpu")))
+    assert small_gemm.backend_for("aot_eager", torch.device("cpu")) == "aot_eager"
+    assert small_gemm.backend_for("inductor", torch.device("meta")) == "inductor"
+
+
+def test_compiled_small_mlp_solve_matches_the_eager_solve():
+    """One inductor compilation: a small MLP field (products fused by the rewrite, C++ wrapper)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(2, 32), torch.nn.Tanh(), torch.nn.Linear(32, 2))
+    y0 = torch.randn(16, 2)
+    t = torch.tensor([0.0, 0.5, 1.0])
+    with torch.no_grad():
+        eager = node.solve(lambda t, y: net(y), y0, t, rtol=1e-6, atol=1e-6, dense=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            comp = node.solve(lambda t, y: net(y), y0, t, rtol=1e-6, atol=1e-6, compile=True)
+    fell_back = [w for w in caught if "compile=True" in str(w.message)]
+    if fell_back:
+        pytest.skip(f"torch.compile unavailable here: {fell_back[0].message}")
+    assert (comp.stats.nfe, comp.stats.n_steps, comp.stats.n_rejected) == (
+        eager.stats.nfe,
+        eager.stats.n_steps,
+        eager.stats.n_rejected,
+    )
+    torch.testing.assert_close(comp.ys, eager.ys, rtol=1e-5, atol=1e-6)
