@@ -42,6 +42,8 @@ _WARNED: set = set()
 _EPS = float(np.finfo(np.float64).eps)
 #: recorded step coefficients kept before the requested times they cover are evaluated (then dropped)
 _RECORD_BYTES = 64 * 2**20
+#: state rows at least this wide are interpolated by embedding_bag, narrower ones by gather and sum
+_BAG_MIN_WIDTH = 32
 
 
 def _evaluate(func: Callable, shape: torch.Size, per_sample: bool, t64: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -378,23 +380,40 @@ class _DenseOutput:
         after = torch.cat([r[0][4] for r in self.records])  # (A, G)
         G = t0.shape[1]
         Tq = self.T[lo:hi]
+        K = hi - lo
         # for each group, the first attempt whose end reaches the requested time: the accepted step over it
         keys = (self.direction * after).t().contiguous()  # (G, A), non-decreasing
         idx = torch.searchsorted(keys, (self.direction * Tq).expand(G, -1).contiguous())  # (G, K)
         A = t0.shape[0]
-        flat = (idx.clamp(max=A - 1) * G + torch.arange(G, device=idx.device)[:, None]).reshape(-1)  # (G·K,)
+        # one entry per (requested time, group), in the output's own order, so results land without a transpose
+        flat = (idx.t().clamp(max=A - 1) * G + torch.arange(G, device=idx.device)).reshape(-1)  # (K·G,)
         h_sel = h.reshape(-1).index_select(0, flat)
         t_sel = t0.reshape(-1).index_select(0, flat)
-        Tk = Tq.repeat(G)
+        Tk = Tq[:, None].expand(K, G).reshape(-1)
         theta = ((Tk - t_sel) / torch.where(h_sel == 0, 1.0, h_sel)).clamp(0.0, 1.0)
-        th = theta.to(ys.dtype)[:, None]
-        Qsel = Qs.reshape(A * G, self.degree, -1).index_select(0, flat)  # (G·K, degree, d)
-        acc = Qsel[:, self.degree - 1]
-        for p in range(self.degree - 2, -1, -1):
-            acc = torch.addcmul(Qsel[:, p], acc, th)
-        vals = ys.reshape(A * G, -1).index_select(0, flat) + (h_sel.to(ys.dtype)[:, None] * th) * acc
-        vals = vals.view(G, hi - lo, -1)
-        self.out[lo:hi] = vals.transpose(0, 1)
+        # y(t0 + θh) = y0 + Σ_p w_p Q_p with w_p = h θ^(p+1): a weighted sum of the step's `degree` recorded rows
+        deg = self.degree
+        hp, pows = h_sel * theta, []  # h θ^(p+1), p = 0 … degree-1, by repeated products of 1-D vectors
+        for _ in range(deg):
+            pows.append(hp)
+            hp = hp * theta
+        w = torch.stack(pows, 1).to(ys.dtype)  # (K·G, degree)
+        d = ys.shape[-1]
+        if d >= _BAG_MIN_WIDTH:
+            # wide rows (joint stepping): embedding_bag sums the weighted rows in one pass without gathering them
+            # first (requested times outnumber steps, so a gather would copy each step's rows several times)
+            rows = flat[:, None] * deg + torch.arange(deg, device=flat.device)
+            acc = torch.nn.functional.embedding_bag(rows, Qs.reshape(A * G * deg, d), per_sample_weights=w, mode="sum")
+        else:
+            # narrow rows (per-sample stepping, small states): gather each output's (degree·d) coefficients as one
+            # contiguous row, weight them, and sum over the degree by one matrix product with stacked identities
+            # (reductions over a short middle axis are a slow path in eager PyTorch)
+            q = Qs.reshape(A * G, deg * d).index_select(0, flat)
+            q.view(-1, deg, d).mul_(w[:, :, None])
+            acc = q @ torch.eye(d, dtype=q.dtype, device=q.device).repeat(deg, 1)
+        dest = self.out[lo:hi].view(K * G, d)  # (a contiguous block of the output)
+        torch.index_select(ys.reshape(A * G, d), 0, flat, out=dest)
+        dest.add_(acc)
 
 
 def _warn_once(msg: str) -> None:
