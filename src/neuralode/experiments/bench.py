@@ -103,8 +103,8 @@ def torchode_solver(field: torch.nn.Module, rtol: float, atol: float):
 
 CASES = {  # name: (state dim, hidden, batch, t1, repeats)
     "tiny": (2, 32, 16, 1.0, 200),
-    "tiny_long": (2, 32, 16, 10.0, 60),
-    "medium": (32, 256, 128, 1.0, 60),
+    "tiny_long": (2, 32, 16, 10.0, 100),
+    "medium": (32, 256, 128, 1.0, 200),
     "large": (256, 1024, 512, 1.0, 10),
 }
 
