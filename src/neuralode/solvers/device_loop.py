@@ -42,8 +42,6 @@ _WARNED: set = set()
 _EPS = float(np.finfo(np.float64).eps)
 #: recorded step coefficients kept before the requested times they cover are evaluated (then dropped)
 _RECORD_BYTES = 64 * 2**20
-#: state rows at least this wide are interpolated by embedding_bag, narrower ones by gather and sum
-_BAG_MIN_WIDTH = 32
 
 
 def _evaluate(func: Callable, shape: torch.Size, per_sample: bool, t64: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -285,7 +283,7 @@ def integrate_device_loop(
     failed, n_steps, n_rej = zeros(), zeros(), zeros()
     nfe = torch.full_like(n_steps, init_nfe)
     state = (t, dt, y, k0, active, failed, n_steps, n_rej, nfe)
-    dense = _DenseOutput(T, direction, out, degree)
+    dense = _DenseOutput(T, direction, out, degree, backend_for(backend, device))
     status, message, t_fail = Status.SUCCESS, "", None
     try:
         while True:
@@ -341,8 +339,9 @@ def integrate_device_loop(
 class _DenseOutput:
     """Requested times evaluated from the recorded steps once every group has passed them."""
 
-    def __init__(self, T: list[float], direction: float, out: torch.Tensor, degree: int) -> None:
+    def __init__(self, T: list[float], direction: float, out: torch.Tensor, degree: int, backend=None) -> None:
         self.S = [direction * v for v in T]  # increasing
+        self.backend = backend  # a torch.compile backend for the interpolation, or None
         self.direction = direction
         self.out = out
         self.degree = degree
@@ -380,40 +379,55 @@ class _DenseOutput:
         after = torch.cat([r[0][4] for r in self.records])  # (A, G)
         G = t0.shape[1]
         Tq = self.T[lo:hi]
-        K = hi - lo
         # for each group, the first attempt whose end reaches the requested time: the accepted step over it
         keys = (self.direction * after).t().contiguous()  # (G, A), non-decreasing
         idx = torch.searchsorted(keys, (self.direction * Tq).expand(G, -1).contiguous())  # (G, K)
-        A = t0.shape[0]
-        # one entry per (requested time, group), in the output's own order, so results land without a transpose
-        flat = (idx.t().clamp(max=A - 1) * G + torch.arange(G, device=idx.device)).reshape(-1)  # (K·G,)
-        h_sel = h.reshape(-1).index_select(0, flat)
-        t_sel = t0.reshape(-1).index_select(0, flat)
-        Tk = Tq[:, None].expand(K, G).reshape(-1)
-        theta = ((Tk - t_sel) / torch.where(h_sel == 0, 1.0, h_sel)).clamp(0.0, 1.0)
-        # y(t0 + θh) = y0 + Σ_p w_p Q_p with w_p = h θ^(p+1): a weighted sum of the step's `degree` recorded rows
-        deg = self.degree
-        hp, pows = h_sel * theta, []  # h θ^(p+1), p = 0 … degree-1, by repeated products of 1-D vectors
-        for _ in range(deg):
-            pows.append(hp)
-            hp = hp * theta
-        w = torch.stack(pows, 1).to(ys.dtype)  # (K·G, degree)
-        d = ys.shape[-1]
-        if d >= _BAG_MIN_WIDTH:
-            # wide rows (joint stepping): embedding_bag sums the weighted rows in one pass without gathering them
-            # first (requested times outnumber steps, so a gather would copy each step's rows several times)
-            rows = flat[:, None] * deg + torch.arange(deg, device=flat.device)
-            acc = torch.nn.functional.embedding_bag(rows, Qs.reshape(A * G * deg, d), per_sample_weights=w, mode="sum")
-        else:
-            # narrow rows (per-sample stepping, small states): gather each output's (degree·d) coefficients as one
-            # contiguous row, weight them, and sum over the degree by one matrix product with stacked identities
-            # (reductions over a short middle axis are a slow path in eager PyTorch)
-            q = Qs.reshape(A * G, deg * d).index_select(0, flat)
-            q.view(-1, deg, d).mul_(w[:, :, None])
-            acc = q @ torch.eye(d, dtype=q.dtype, device=q.device).repeat(deg, 1)
-        dest = self.out[lo:hi].view(K * G, d)  # (a contiguous block of the output)
-        torch.index_select(ys.reshape(A * G, d), 0, flat, out=dest)
-        dest.add_(acc)
+        a = idx.t().clamp(max=t0.shape[0] - 1)  # (K, G): the output's own order
+        args = (a, t0, h, ys, Qs, Tq)
+        fn = _interpolator(self.backend)
+        if fn is not _interpolate:
+            try:
+                self.out[lo:hi] = fn(*args)
+                return
+            except Exception as exc:  # pragma: no cover - depends on the platform's compiler
+                _FAILED_INTERP.add(self.backend)
+                _warn_once(f"compile=True: dense output runs uncompiled ({type(exc).__name__}: {exc})")
+        self.out[lo:hi] = _interpolate(*args)
+
+
+def _interpolate(
+    a: torch.Tensor, t0: torch.Tensor, h: torch.Tensor, ys: torch.Tensor, Qs: torch.Tensor, Tq: torch.Tensor
+) -> torch.Tensor:
+    """The solution at the requested times ``Tq`` (K,) for every group from the recorded attempts: ``a`` (K, G)
+    the attempt over each (time, group), ``t0``/``h`` (A, G) their start and step, ``ys`` (A, G, d) their start
+    value and ``Qs`` (A, G, degree, d) their continuous extension, y(t0 + θh) = y0 + Σ_p h θ^(p+1) Q_p.
+
+    Requested times outnumber steps (several per step), so this is gathers and a short sum per output;
+    compiled, it is one fused loop over the outputs with indirect loads (no gathered copies)."""
+    g = torch.arange(t0.shape[1], device=t0.device)
+    h_sel = h[a, g]
+    theta = ((Tq[:, None] - t0[a, g]) / torch.where(h_sel == 0, 1.0, h_sel)).clamp(0.0, 1.0)
+    w = h_sel * theta
+    acc = ys[a, g]
+    for p in range(Qs.shape[2]):
+        acc = acc + w.to(ys.dtype)[..., None] * Qs[a, g, p]
+        w = w * theta
+    return acc
+
+
+_INTERP: dict = {}
+_FAILED_INTERP: set = set()
+
+
+def _interpolator(backend) -> Callable:
+    """``_interpolate`` compiled once per backend, with dynamic shapes (the numbers of attempts and requested
+    times change from call to call); the plain function where there is no backend or compiling failed."""
+    if backend is None or backend in _FAILED_INTERP:
+        return _interpolate
+    fn = _INTERP.get(backend)
+    if fn is None:
+        fn = _INTERP[backend] = torch.compile(_interpolate, backend=backend, dynamic=True)
+    return fn
 
 
 def _warn_once(msg: str) -> None:
