@@ -10,7 +10,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 import neuralode as node
 from neuralode.solvers import small_gemm
-from neuralode.solvers.small_gemm import SMALL_GEMM_MACS, _rewrite
+from neuralode.solvers.small_gemm import SMALL_GEMM_MACS, SMALL_GEMM_MIN_K, _rewrite
 
 aten = torch.ops.aten
 
@@ -25,10 +25,10 @@ def _targets(gm):
 )
 def test_rewritten_addmm_and_mm_equal_torch(beta, alpha):
     g = torch.Generator().manual_seed(0)
-    bias = torch.randn(7, generator=g, dtype=torch.float64)
-    a = torch.randn(5, 3, generator=g, dtype=torch.float64)
-    b = torch.randn(3, 7, generator=g, dtype=torch.float64)
-    c = torch.randn(7, 4, generator=g, dtype=torch.float64)
+    bias = torch.randn(20, generator=g, dtype=torch.float64)
+    a = torch.randn(5, 16, generator=g, dtype=torch.float64)
+    b = torch.randn(16, 20, generator=g, dtype=torch.float64)
+    c = torch.randn(20, 4, generator=g, dtype=torch.float64)
 
     def fn(bias, a, b, c):
         return torch.tanh(torch.addmm(bias, a, b, beta=beta, alpha=alpha)) @ c
@@ -43,16 +43,21 @@ def test_rewritten_addmm_and_mm_equal_torch(beta, alpha):
     torch.testing.assert_close(gm(bias, a, b, c), fn(bias, a, b, c), rtol=1e-13, atol=1e-13)
 
 
-def test_large_products_keep_the_library_call():
+def test_large_products_and_short_inner_dimensions_keep_the_library_call():
     m = 64
     k = n = int((SMALL_GEMM_MACS / m) ** 0.5) + 8  # m·k·n just above the threshold
     a, b = torch.randn(m, k), torch.randn(k, n)
     gm = make_fx(lambda a, b: a @ b, tracing_mode="fake")(a, b)
     _rewrite(gm.graph)
     assert aten.mm.default in _targets(gm)
-    small = make_fx(lambda a, b: a @ b, tracing_mode="fake")(a[:4, :8], b[:8, :8])
+    small = make_fx(lambda a, b: a @ b, tracing_mode="fake")(a[:4, :SMALL_GEMM_MIN_K], b[:SMALL_GEMM_MIN_K, :8])
     _rewrite(small.graph)
     assert aten.mm.default not in _targets(small)
+    short = make_fx(lambda a, b: a @ b, tracing_mode="fake")(
+        a[:4, : SMALL_GEMM_MIN_K - 1], b[: SMALL_GEMM_MIN_K - 1, :8]
+    )
+    _rewrite(short.graph)
+    assert aten.mm.default in _targets(short)
 
 
 def test_backend_is_inductor_with_the_rewrite_on_cpu_only():

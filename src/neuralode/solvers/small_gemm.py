@@ -3,29 +3,35 @@
 ``torch.compile`` on CPU keeps every ``mm``/``addmm`` as a call into the BLAS library ("extern kernel").
 For the small vector fields of many neural-ODE problems (a 2-D state, 32 hidden units, a batch of 16)
 each such call costs several microseconds of fixed overhead for a few thousand multiply–adds, and a fused
-solver step makes dozens of them: they, not the arithmetic, set the step's time. Below ``SMALL_GEMM_MACS``
-multiply–adds, the products are decomposed into a broadcast multiply and a sum, which Inductor fuses with
-the surrounding pointwise code (bias, activation, stage combination) into its own C++ loops. Larger
-products keep the library call, which is faster there.
+solver step makes dozens of them: they, not the arithmetic, set the step's time. Products of at most
+``SMALL_GEMM_MACS`` multiply–adds over an inner dimension of at least ``SMALL_GEMM_MIN_K`` are rewritten
+into a broadcast multiply and a sum, which Inductor fuses with the surrounding pointwise code (bias,
+activation, stage combination) into its own vectorised C++ loops. Larger products keep the library call,
+which is faster there.
 
-The decompositions enter through ``compile_fx(decompositions=...)``, which Inductor's on-disk FX graph
-cache does not see; a no-op graph pass with a ``uuid`` (``CustomGraphPass``, the interface Inductor
-provides for this) puts them into the cache key, so a graph compiled with them is never served to a
-compile without them, or the other way round.
+The rewrite is a graph pass on the post-autograd graph of every forward and backward graph Inductor
+lowers (``post_grad_custom_pre_pass``, a ``CustomGraphPass``); its ``uuid`` (a hash of this file) enters
+Inductor's cache keys, so the on-disk cache still serves these graphs and never mixes them with graphs
+compiled without the pass.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
-__all__ = ["SMALL_GEMM_MACS", "backend_for", "small_mm", "small_addmm"]
+__all__ = ["SMALL_GEMM_MACS", "SMALL_GEMM_MIN_K", "backend_for"]
 
 #: products with at most this many multiply–adds (m·k·n) are fused instead of calling BLAS
 SMALL_GEMM_MACS = 1 << 16
+#: ... and an inner (summed) dimension at least this long. The fused sum is vectorised along that dimension,
+#: contiguous in both operands; for a short one Inductor vectorises along the output's columns, which are
+#: strided in ``W.t()``, gives up, and runs the whole fused kernel (activation included) in scalar code: a
+#: (64×2)·(2×64) product with tanh ran 2.6× slower than the BLAS call it replaced
+SMALL_GEMM_MIN_K = 16
 
 _aten = torch.ops.aten
 
@@ -37,36 +43,9 @@ def _is_small(a: torch.Tensor, b: torch.Tensor) -> bool:
         and b.dim() == 2
         and a.dtype == b.dtype
         and a.is_floating_point()
+        and a.shape[1] >= SMALL_GEMM_MIN_K
         and a.shape[0] * a.shape[1] * b.shape[1] <= SMALL_GEMM_MACS
     )
-
-
-def _product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a.unsqueeze(2) * b.unsqueeze(0)).sum(1)
-
-
-def small_mm(a: torch.Tensor, b: torch.Tensor, fallback: Callable | None = None) -> Any:
-    """``a @ b`` as a fusable broadcast-and-sum when small; otherwise ``fallback`` (Inductor's own rule) or
-    ``NotImplemented`` (keep the library call)."""
-    if _is_small(a, b):
-        return _product(a, b)
-    return fallback(a, b) if fallback is not None else NotImplemented
-
-
-def small_addmm(
-    bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, beta=1, alpha=1, fallback: Callable | None = None
-) -> Any:
-    """``beta·bias + alpha·(a @ b)`` (``beta = 0`` ignores ``bias``, NaN included, as ``torch.addmm`` does)."""
-    if _is_small(a, b):
-        p = _product(a, b)
-        if alpha != 1:
-            p = p * alpha
-        if beta == 0:
-            return p
-        return p + (bias if beta == 1 else bias * beta)
-    if fallback is not None:
-        return fallback(bias, a, b, beta=beta, alpha=alpha)
-    return NotImplemented
 
 
 def _emit(graph: torch.fx.Graph, fake, target, args: tuple, fn: Callable) -> torch.fx.Node:
