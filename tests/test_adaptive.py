@@ -162,3 +162,17 @@ def test_low_memory_error_control_matches_the_default_path(monkeypatch):
     a, b = results
     assert (a.stats.nfe, a.stats.n_steps, a.stats.n_rejected) == (b.stats.nfe, b.stats.n_steps, b.stats.n_rejected)
     torch.testing.assert_close(a.ys, b.ys, rtol=0, atol=1e-14)
+
+
+def test_error_norm_is_the_two_norm_and_survives_overflowing_squares():
+    """The loop's norm is one dot product; where the sum of squares overflows float32 (entries of 1e20) it
+    scales by the largest entry and keeps the finite answer; NaN and Inf stay non-finite."""
+    from neuralode.solvers.integrate import _l2_norm
+
+    x = torch.tensor([3.0, 4.0, 12.0])
+    assert _l2_norm(x) == pytest.approx(13.0)
+    big = torch.full((100,), 1e20, dtype=torch.float32)
+    assert float(torch.dot(big, big)) == math.inf
+    assert _l2_norm(big) == pytest.approx(1e21, rel=1e-5)
+    assert math.isnan(_l2_norm(torch.tensor([1.0, float("nan")])))
+    assert _l2_norm(torch.tensor([1.0, float("inf")])) == math.inf

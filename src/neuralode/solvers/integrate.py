@@ -312,12 +312,19 @@ class HermiteSegment:
 
 def _l2_norm(x: torch.Tensor) -> float:
     """‖x‖₂ of a flat vector as a float: one dot product (``vector_norm`` costs an extra pass and kernel
-    for |x|), falling back to ``vector_norm`` where the sum of squares overflows or the dtype is complex."""
-    if not x.is_complex():
-        sq = float(torch.dot(x, x))
-        if sq < math.inf:
-            return math.sqrt(sq)
-    return float(torch.linalg.vector_norm(x))
+    for |x|). Where the sum of squares overflows (float32 entries beyond ~1e19) the norm is taken of x
+    scaled by its largest entry, so a huge but finite error stays finite (a rejected step, not a
+    non-finite state); NaN stays NaN."""
+    if x.is_complex():
+        return float(torch.linalg.vector_norm(x))
+    sq = float(torch.dot(x, x))
+    if sq < math.inf:
+        return math.sqrt(sq)
+    m = float(x.abs().max())
+    if not 0 < m < math.inf:  # NaN or an infinite entry
+        return m
+    y = x / m
+    return m * math.sqrt(float(torch.dot(y, y)))
 
 
 def _callbacks(func: Any, names: Sequence[str]) -> list:
