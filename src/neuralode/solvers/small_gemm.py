@@ -100,7 +100,7 @@ def _backend(cpp_wrapper: bool) -> Callable:
             _rewrite(graph)
 
         def uuid(self) -> str:
-            return f"{get_hash_for_files((__file__,)).hex()}-{SMALL_GEMM_MACS}"
+            return f"{get_hash_for_files((__file__,)).hex()}-{SMALL_GEMM_MACS}-{SMALL_GEMM_MIN_K}"
 
     patches = {"post_grad_custom_pre_pass": SmallGemmPass()}
     if cpp_wrapper:
