@@ -1,7 +1,10 @@
 """An ODE-Net training step (issue 4's model: Fashion-MNIST-sized input, batch 128, dopri5 at 1e-3, adjoint
 gradients) with ``compile=True`` against the eager solver, in one process. With the adjoint, the forward
 solve runs without a graph, so ``compile=True`` runs it in the compiled device loop; the backward (adjoint)
-solve stays eager. Prints first-step seconds (compilation), median seconds per step and the ratio.
+solve runs there too where func is cheap, and eagerly on CPU where one augmented call takes ≥ 3 ms, as this
+model's does (see ``gradients.adjoint``). Prints first-step seconds (compilation), median seconds per step,
+the ratio, and the share of an eager step spent in convolution kernels (which compiling does not speed up,
+apart from Inductor's channels-last layout in the forward solve): that share bounds the possible speed-up.
 
     python benchmarks/odenet_compile.py [--batch 128] [--steps 6] [--out runs/bench/odenet_compile.json]
 """
@@ -57,13 +60,33 @@ def main(argv=None) -> None:
             }
         )
     ratio = rows[0]["median_step_s"] / rows[1]["median_step_s"]
+    conv_share = _conv_share(x, y)
     for r in rows:
         print(
             f"compile={str(r['compile']):<5} first step {r['first_step_s']:7.2f} s, "
             f"median {r['median_step_s']:.3f} s/step, NFE f/b {r['nfe_forward_backward']}"
         )
     print(f"speed-up of compile=True: {ratio:.2f}×")
-    save_json({"machine": machine(), "batch": args.batch, "rows": rows, "speedup": ratio}, args.out)
+    print(f"share of an eager step in convolution kernels (forward and backward): {conv_share:.0%}")
+    save_json(
+        {"machine": machine(), "batch": args.batch, "rows": rows, "speedup": ratio, "conv_share_eager": conv_share},
+        args.out,
+    )
+
+
+def _conv_share(x, y) -> float:
+    """Self CPU time of convolution ops (forward and backward) over all ops', in one eager step."""
+    from torch.profiler import profile
+
+    torch.manual_seed(0)
+    model = ODENet()
+    _steps(model, x, y, 0)
+    with profile() as prof:
+        _steps(model, x, y, 0)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    conv = sum(e.self_cpu_time_total for e in events if "conv" in e.key)
+    return conv / total
 
 
 if __name__ == "__main__":

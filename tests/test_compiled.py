@@ -226,3 +226,91 @@ def test_per_sample_compiled_loop_on_wide_states():
     assert torch.equal(comp.sample_stats["n_steps"], eager.sample_stats["n_steps"])
     assert len(set(eager.sample_stats["n_steps"].tolist())) > 1  # the samples really step differently
     torch.testing.assert_close(comp.ys, eager.ys, rtol=1e-10, atol=1e-11)
+
+
+@pytest.mark.parametrize("norm", [None, "seminorm"])
+def test_adjoint_backward_in_the_compiled_loop_equals_the_eager_adjoint(norm):
+    """compile=True runs the adjoint's backward solve (func and its vector-Jacobian products by torch.func)
+    in the fused loop: the same steps and, up to reassociation, the same gradients as the eager adjoint."""
+    from neuralode.gradients import adjoint
+    from neuralode.solvers import device_loop
+
+    class Field(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+
+        def forward(self, t, y):
+            return self.net(y) * torch.cos(t)
+
+    torch.manual_seed(0)
+    field = Field().double()
+    y0 = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.0, 0.4, 1.1, 1.5], dtype=torch.float64, requires_grad=True)
+    got = []
+    for mode in (False, "aot_eager"):
+        field.zero_grad()
+        y0.grad = t.grad = None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sol = node.solve(
+                field,
+                y0,
+                t,
+                rtol=1e-8,
+                atol=1e-9,
+                gradient="adjoint",
+                adjoint_options=None if norm is None else {"norm": norm},
+                compile=mode,
+            )
+            (sol.ys**2).sum().backward()
+        _no_fallback(caught)
+        s = sol.stats
+        got.append(
+            (
+                (s.nfe_backward, s.n_steps_backward, s.n_rejected_backward),
+                [y0.grad, t.grad] + [p.grad for p in field.parameters()],
+            )
+        )
+    assert got[1][0] == got[0][0]
+    for g_comp, g_eager in zip(got[1][1], got[0][1]):
+        torch.testing.assert_close(g_comp, g_eager, rtol=1e-9, atol=1e-11)
+    augs = [v[1] for v in adjoint._AUG_CACHE.values() if v[0] is field]
+    assert augs and any(v[0] is augs[0] for v in device_loop._CACHE.values()), "the backward ran compiled"
+
+
+def test_adjoint_backward_stays_eager_with_a_warning_for_foreign_parameters():
+    torch.manual_seed(0)
+    w = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    y0 = torch.randn(4, 3, dtype=torch.float64)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    grads = []
+    for mode in (False, "aot_eager"):
+        w.grad = None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sol = node.solve(
+                lambda t, y: torch.tanh(y @ w), y0, t, gradient="adjoint", params=[w], rtol=1e-8, compile=mode
+            )
+            sol.ys[-1].sum().backward()
+        grads.append(w.grad.clone())
+    assert any("backward solve runs eagerly" in str(c.message) for c in caught)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-12)
+
+
+def test_the_device_loop_makes_one_attempt_per_call_for_an_expensive_func():
+    from neuralode.solvers.device_loop import _choose_unroll
+
+    def cheap(t, y):
+        return y
+
+    def costly(t, y):
+        return y
+
+    shape = torch.Size([2, 3])
+    assert _choose_unroll(cheap, shape, torch.float32, torch.device("cpu"), [2e-5, 1e-5], 6) == 4
+    assert _choose_unroll(costly, shape, torch.float32, torch.device("cpu"), [5e-3, 4e-3], 6) == 1
+    # decided once per func: a later, faster timing does not compile a second loop
+    assert _choose_unroll(costly, shape, torch.float32, torch.device("cpu"), [1e-5], 6) == 1
+    # no timed call (f0 and first_step given): large states count as expensive
+    assert _choose_unroll(lambda t, y: y, shape, torch.float32, torch.device("cpu"), [], 1 << 20) == 1

@@ -15,6 +15,7 @@ The seminorm (Kidger, Chen & Lyons 2021, "Hey, that's not an ODE") measures the 
 from __future__ import annotations
 
 import dataclasses
+import time
 import types
 from typing import Any, Callable, Sequence
 
@@ -109,24 +110,34 @@ class _AdjointSolve(torch.autograd.Function):
         h = cfg["result_next_step"] if carry_step else None
         g = torch.zeros(n_g, dtype=dtype, device=ys.device)
         t_grad = torch.zeros(m, dtype=dtype, device=ys.device) if t.requires_grad else None
+        fused = _compiled_segment(prob, cfg, wrt, n, ys) if cfg.get("compile") and m > 1 else None
         for i in range(m - 1, 0, -1):
             if t_grad is not None:
                 with torch.no_grad():
                     t_grad[i] = torch.dot(rhs_plain.at(t_out[i], ys[i]), grad_ys[i])
-            with torch.no_grad():
-                res = run(
-                    prob,
-                    aug_prob_rhs,
-                    y0=torch.cat([ys[i], a, g]),
-                    t_out=[t_out[i], t_out[i - 1]],
-                    rtol=rtol,
-                    atol=atol,
-                    norm=norm,
-                    method=cfg["method"],
-                    options=options if h is None else {**options, "first_step": abs(h)},
-                    callbacks=callbacks,
-                    use_event=False,
-                )
+            res = None
+            if fused is not None:
+                with torch.no_grad():
+                    res = fused(torch.cat([ys[i], a, g]), t_out[i], t_out[i - 1], None if h is None else abs(h))
+                if res is None:  # compilation failed (warned): the eager solver from here on
+                    fused = None
+                else:
+                    stats.nfe_backward += res.nfe
+            if res is None:
+                with torch.no_grad():
+                        res = run(
+                        prob,
+                        aug_prob_rhs,
+                        y0=torch.cat([ys[i], a, g]),
+                        t_out=[t_out[i], t_out[i - 1]],
+                        rtol=rtol,
+                        atol=atol,
+                        norm=norm,
+                        method=cfg["method"],
+                        options=options if h is None else {**options, "first_step": abs(h)},
+                        callbacks=callbacks,
+                        use_event=False,
+                    )
             raise_on_failure(res, f"in the adjoint's backward solve from t={t_out[i]:.6g} to t={t_out[i - 1]:.6g}: ")
             stats.n_steps_backward += res.n_steps
             stats.n_rejected_backward += res.n_rejected
@@ -153,6 +164,125 @@ class _AdjointSolve(torch.autograd.Function):
             if len(t) > m:
                 t_grad = torch.cat([t_grad, t_grad.new_zeros(len(t) - m)])
         return (None, None, a, t_grad, *p_grads)
+
+
+_AUG_CACHE: dict = {}
+#: on CPU, a backward whose augmented dynamics take this long (seconds) per eager call runs eagerly
+_EAGER_AUG_SECONDS = 3e-3
+
+
+def _compiled_segment(prob: Problem, cfg: dict, wrt: Sequence[torch.Tensor], n: int, ys: torch.Tensor):
+    """The backward solve in the compiled device loop (``compile=True``): the augmented dynamics, ``func``
+    and its vector-Jacobian products by ``torch.func.vjp``, traced into the fused step. Returns
+    ``segment(z0, t_from, t_to, first_step) -> result`` or None, with a one-line warning, where this solve needs
+    what the compiled backward does not do (then the eager backward runs). ``segment`` returns None where
+    compiling failed or (on CPU) the dynamics are too expensive for the compiled loop to pay."""
+    from .._problem import ADAPTIVE_METHODS, DEFAULT_MAX_NUM_STEPS, make_controller, stepper
+    from ..solvers.compiled import _warn_once
+    from ..solvers.device_loop import integrate_device_loop
+    from ..solvers.device_loop import supports as device_loop_supports
+    from ..solvers.tableaus import TABLEAUS
+
+    module, method, options = prob.func, cfg["method"], cfg["options"]
+    names = None
+    if isinstance(module, torch.nn.Module):
+        by_id = {id(p): name for name, p in module.named_parameters()}
+        names = tuple(by_id.get(id(p)) for p in wrt)
+    why = None
+    if method not in ADAPTIVE_METHODS:
+        why = f"the method {method!r}"
+    elif prob.shapes is not None:
+        why = "tuple states"
+    elif not (isinstance(cfg["rtol"], float) and isinstance(cfg["atol"], float)):
+        why = "tensor tolerances"
+    elif cfg["norm"] not in (None, "seminorm") or {"step_t", "jump_t"} & set(options):
+        why = "adjoint norms other than the default and 'seminorm', or step_t/jump_t"
+    elif names is None or None in names:
+        why = "parameters that are not the nn.Module func's own"
+    elif any(p.dtype != ys.dtype for p in wrt):
+        why = "parameters of another dtype than the state"
+    elif any(hasattr(module, name + "_adjoint") for name in CALLBACK_NAMES):
+        why = "callbacks"
+    rk = ctrl = None
+    if why is None:
+        rk = stepper(method, 1, ys.dtype, ys.device, "dense")
+        ctrl = make_controller(TABLEAUS[method].order, options)
+        if not device_loop_supports(rk, ctrl):
+            why = f"the method {method!r} with these controller options"
+    if why is not None:
+        _warn_once(f"compile=True: the adjoint's backward solve runs eagerly ({why} not supported compiled)")
+        return None
+    sizes = [p.numel() for p in wrt]
+    width = 2 * n + sum(sizes)
+    starts = [0, n] + [2 * n + sum(sizes[:j]) for j in range(len(sizes))]
+    blocks = tuple(zip(starts, [n, n] + sizes))
+    if cfg["norm"] == "seminorm":
+        blocks = blocks[:2]
+    key = (id(module), names, prob.shape, ys.dtype, str(ys.device))
+    hit = _AUG_CACHE.get(key)
+    if hit is not None and hit[0] is module:
+        aug, speed = hit[1], hit[2]
+    else:
+        aug, speed = _make_aug(module, names, prob.shape, n), {}
+        if len(_AUG_CACHE) > 64:
+            _AUG_CACHE.clear()
+        _AUG_CACHE[key] = (module, aug, speed)
+    if speed.get("eager"):
+        return None
+    backend = cfg["compile"] if isinstance(cfg["compile"], str) else "inductor"
+    max_steps = int(options.get("max_num_steps", DEFAULT_MAX_NUM_STEPS))
+
+    def segment(z0: torch.Tensor, t_from: float, t_to: float, first_step: float | None):
+        f0 = None
+        if "eager" not in speed and ys.device.type == "cpu":
+            # an expensive func (convolutions: ≥ 1 ms per call) leaves the loop's own overhead negligible, and
+            # on CPU Inductor's kernels for its vector-Jacobian products were measured slower than eager ones
+            # (GroupNorm's backward), so such a backward stays eager; decided once per module, on the first call
+            start = time.perf_counter()
+            f0 = aug(torch.scalar_tensor(t_from, dtype=z0.dtype), z0.reshape(1, -1))
+            speed["eager"] = time.perf_counter() - start >= _EAGER_AUG_SECONDS
+            if speed["eager"]:
+                return None
+        got = integrate_device_loop(
+            aug,
+            z0.reshape(1, -1),
+            torch.Size([1, width]),
+            [t_from, t_to],
+            rk,
+            ctrl,
+            per_sample=False,
+            rtol=cfg["rtol"],
+            atol=cfg["atol"],
+            first_step=first_step if options.get("first_step") is None else options["first_step"],
+            max_num_steps=max_steps,
+            backend=backend,
+            f0=f0,
+            norm_blocks=blocks,
+        )
+        if got is None:
+            return None
+        res, counts = got
+        res.nfe = int(counts["nfe"][0]) + (f0 is not None)
+        return res
+
+    return segment
+
+
+def _make_aug(module: torch.nn.Module, names: tuple, shape: torch.Size, n: int) -> Callable:
+    """``[y, a, g]`` ↦ ``[f, -aᵀ∂f/∂y, -aᵀ∂f/∂θ]`` on a ``(1, width)`` state, traceable by ``torch.compile``."""
+    from torch.func import functional_call, vjp
+
+    def aug(tt: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        y, a = z[:, :n].reshape(shape), z[:, n : 2 * n].reshape(shape)
+
+        def f(yy, *ps):
+            return functional_call(module, dict(zip(names, ps)), (tt, yy))
+
+        out, pull = vjp(f, y, *(module.get_parameter(name) for name in names))
+        grads = pull(a)
+        return torch.cat([out.reshape(1, -1)] + [(-v).reshape(1, -1) for v in grads], 1)
+
+    return aug
 
 
 def _flat_rhs(func: Callable, size: int, dtype: torch.dtype, device: torch.device):

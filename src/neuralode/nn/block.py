@@ -37,7 +37,7 @@ class ODEBlock(nn.Module):
             Frobenius norm (Hutchinson) inside the solve during training; ``reg_loss`` is their weighted sum
             (mean over the batch), to be added to the training loss.
         compile: fuse each step with ``torch.compile`` (``solve(compile=...)``): inference, backprop training
-            and the adjoint's forward solve; the adjoint's backward solve runs eagerly.
+            and both solves of the adjoint (its backward one eagerly on CPU for an expensive func).
         augment_dim: extra zero features (or channels) appended along dimension 1 before solving (augmented
             neural ODEs, Dupont et al. 2019), so that the flow can realise maps a plain ODE cannot.
 

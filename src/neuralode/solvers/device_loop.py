@@ -22,6 +22,7 @@ from __future__ import annotations
 import bisect
 import functools
 import math
+import time
 import warnings
 from typing import Callable, Sequence
 
@@ -69,6 +70,8 @@ def _make_attempts(
     unroll: int,
     max_num_steps: int,
     transposed: bool,
+    dense: bool = True,
+    norm_blocks: tuple | None = None,
 ):
     tab = method.tableau
     S = tab.stages
@@ -119,15 +122,24 @@ def _make_attempts(
         y1 = yi
         e = combo(b_err, K)
         scale = torch.maximum(y.abs(), y1.abs()) + tol_shift
-        err = (torch.linalg.vector_norm(e / scale, dim=1 - gdim) / math.sqrt(max(d, 1))).double()
+        if norm_blocks is None:
+            err = (torch.linalg.vector_norm(e / scale, dim=1 - gdim) / math.sqrt(max(d, 1))).double()
+        else:  # joint stepping: the largest RMS over blocks of the state (the adjoint's [y, a, θ] norm)
+            scaled = e / scale
+            err = torch.stack(
+                [torch.linalg.vector_norm(scaled[:, s0 : s0 + n], dim=1) / math.sqrt(n) for s0, n in norm_blocks]
+            ).amax(0).double()
         ratio = dt_try.abs() * err * inv_rtol
         finite = torch.isfinite(ratio)
         accept = active & finite & (ratio <= 1.0)
         t1 = torch.where(lands, t_end, t + dt_try)
         # the step's continuous extension, y(t + θh) = y + h Σ_p θ^(p+1) Q_p with Q_p = Σ_r W[r, p] K_r,
         # recorded for the host to evaluate at the requested times once they are passed
-        Q = [combo([Wl[r][p] for r in range(rows_used)], K) for p in range(degree)]
-        record = (t, dt_try, rows_of(y), [rows_of(q if q is not None else torch.zeros_like(y)) for q in Q])
+        if dense:
+            Q = [combo([Wl[r][p] for r in range(rows_used)], K) for p in range(degree)]
+            record = (t, dt_try, rows_of(y), [rows_of(q if q is not None else torch.zeros_like(y)) for q in Q])
+        else:  # only the end is requested: it is the last step's value
+            record = ()
         y = torch.where(col(accept), y1, y)
         t = torch.where(accept, t1, t)
         k0 = torch.where(col(accept), K[S - 1], k0)
@@ -154,11 +166,15 @@ def _make_attempts(
                 t, dt, y, k0, active, failed, n_steps, n_rej, nfe, t_end
             )
             recs.append(rec)
-        t0s = torch.stack([r[0] for r in recs])  # (unroll, G) float64
-        hs = torch.stack([r[1] for r in recs])
-        ys = torch.stack([r[2] for r in recs])  # (unroll, G, d)
-        Qs = torch.stack([torch.stack(r[3], 1) for r in recs])  # (unroll, G, degree, d)
-        t_after = torch.stack([r[4] for r in recs])  # time of each group after each attempt
+        t_after = torch.stack([r[-1] for r in recs])  # time of each group after each attempt
+        if dense:
+            t0s = torch.stack([r[0] for r in recs])  # (unroll, G) float64
+            hs = torch.stack([r[1] for r in recs])
+            ys = torch.stack([r[2] for r in recs])  # (unroll, G, d)
+            Qs = torch.stack([torch.stack(r[3], 1) for r in recs])  # (unroll, G, degree, d)
+            records = (t0s, hs, ys, Qs, t_after)
+        else:
+            records = ()
         out_of_steps = (active & (n_steps + n_rej >= max_num_steps)).any()
         flags = torch.stack(
             [
@@ -169,7 +185,7 @@ def _make_attempts(
                 (direction * t_after).max(),  # no group of these attempts got further
             ]
         )
-        return (t, dt, y, k0, active, failed, n_steps, n_rej, nfe), (t0s, hs, ys, Qs, t_after), flags
+        return (t, dt, y, k0, active, failed, n_steps, n_rej, nfe), records, flags
 
     return attempts, degree
 
@@ -188,57 +204,31 @@ def integrate_device_loop(
     first_step: float | None,
     max_num_steps: int,
     backend: str = "inductor",
-    unroll: int = 4,
+    unroll: int | None = None,
     f0: torch.Tensor | None = None,
+    norm_blocks: tuple | None = None,
 ) -> tuple[IntegrationResult, dict] | None:
     """Integrate with the compiled device loop. ``y0`` is flat ``(groups, d)``: one group for joint stepping,
     the batch for per-sample stepping. ``f0``, if given, is f(t0, y0) as ``(groups, d)``, evaluated and checked
     by the caller, and not counted in the statistics. Returns the result (``ys``: ``(len(t_out), groups·d)``)
     and per-group statistics, or ``None`` when compilation is unavailable (the caller then runs the eager
     loop). Function evaluations are counted for the groups still stepping; masked attempts after a group is
-    done (at most ``unroll - 1`` at the end) are computed but not counted."""
+    done (at most ``unroll - 1`` at the end) are computed but not counted. ``unroll`` (attempts per compiled
+    call) defaults to 4, or 1 where one call of ``func`` is expensive (see ``_choose_unroll``).
+    ``norm_blocks`` ((start, size) pairs, joint stepping only) measures the error as the largest RMS over those
+    slices of the state; parts outside every block are not error-controlled."""
     G, d = y0.shape
     dtype, device = y0.dtype, y0.device
     T = [float(v) for v in t_out]
     m = len(T)
     direction = 1.0 if T[-1] >= T[0] else -1.0
     transposed = G > 1 and d < 16
-    key = (id(func), method.tableau.name, tuple(shape), G, per_sample, direction, rtol, atol, unroll)
-    key += (max_num_steps, transposed, ctrl.safety, ctrl.ifactor, ctrl.dfactor, ctrl.beta1, ctrl.min_step)
-    key += (ctrl.max_step, dtype, str(device), backend)
-    hit = _CACHE.get(key)
-    if hit is not None and hit[0] is func:
-        fn, degree = hit[1]
-    else:
-        attempts, degree = _make_attempts(
-            func,
-            method,
-            ctrl,
-            shape,
-            per_sample,
-            direction,
-            rtol,
-            atol,
-            unroll,
-            max_num_steps,
-            transposed,
-        )
-        try:
-            fn = torch.compile(
-                fresh_code(attempts),
-                backend=backend_for(backend, device, cpp_wrapper=True),
-                dynamic=False,
-                fullgraph=True,
-            )
-        except Exception as exc:  # pragma: no cover - depends on the platform's compiler
-            _warn_once(f"compile=True: torch.compile is unavailable ({type(exc).__name__}); using the eager solver")
-            return None
-        if len(_CACHE) > 32:
-            _CACHE.clear()
-        _CACHE[key] = (func, (fn, degree))
+    dense_out = m > 2
+
+    seconds: list[float] = []  # wall time of the prelude's calls of func (they choose ``unroll``)
 
     def F(t64: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return _evaluate(func, shape, per_sample, t64, y)
+        return _timed(seconds, device, lambda: _evaluate(func, shape, per_sample, t64, y))
 
     zeros = lambda: torch.zeros(G, dtype=torch.long, device=device)  # noqa: E731
     if m == 1 or T[0] == T[-1]:  # nothing to integrate
@@ -260,9 +250,9 @@ def integrate_device_loop(
 
         dt = initial_steps(F, t, y, k0, direction, method.tableau.order, rtol, atol)
     else:
-        time = functools.partial(torch.scalar_tensor, dtype=dtype, device=device)
-        dt0, _ = initial_step(
-            lambda tt, yy: func(time(tt), yy.view(shape)).reshape(yy.shape),  # (one group: a 0-d time)
+        as_time = functools.partial(torch.scalar_tensor, dtype=dtype, device=device)
+        dt0, _ = initial_step(  # (one group: a 0-d time)
+            lambda tt, yy: _timed(seconds, device, lambda: func(as_time(tt), yy.view(shape)).reshape(yy.shape)),
             T[0],
             y,
             k0,
@@ -275,6 +265,43 @@ def integrate_device_loop(
         dt = torch.full_like(t, abs(dt0))
     init_nfe = (first_step is None) + (f0 is None)
     dt = dt.clamp(max=ctrl.max_step) * direction
+    if unroll is None:
+        unroll = _choose_unroll(func, shape, dtype, device, seconds, G * d)
+    key = (id(func), method.tableau.name, tuple(shape), G, per_sample, direction, rtol, atol, unroll)
+    key += (max_num_steps, transposed, ctrl.safety, ctrl.ifactor, ctrl.dfactor, ctrl.beta1, ctrl.min_step)
+    key += (ctrl.max_step, dtype, str(device), backend, dense_out, norm_blocks)
+    hit = _CACHE.get(key)
+    if hit is not None and hit[0] is func:
+        fn, degree = hit[1]
+    else:
+        attempts, degree = _make_attempts(
+            func,
+            method,
+            ctrl,
+            shape,
+            per_sample,
+            direction,
+            rtol,
+            atol,
+            unroll,
+            max_num_steps,
+            transposed,
+            dense_out,
+            norm_blocks,
+        )
+        try:
+            fn = torch.compile(
+                fresh_code(attempts),
+                backend=backend_for(backend, device, cpp_wrapper=True),
+                dynamic=False,
+                fullgraph=True,
+            )
+        except Exception as exc:  # pragma: no cover - depends on the platform's compiler
+            _warn_once(f"compile=True: torch.compile is unavailable ({type(exc).__name__}); using the eager solver")
+            return None
+        if len(_CACHE) > 32:
+            _CACHE.clear()
+        _CACHE[key] = (func, (fn, degree))
     out = torch.empty(m, G, d, dtype=dtype, device=device)
     out[0] = y
     if transposed:
@@ -334,6 +361,40 @@ def integrate_device_loop(
     # batched calls of func: every attempt evaluates the whole batch, groups that are done included
     calls = init_nfe + (method.stages - 1) * int((n_steps + n_rej).max())
     return res, {"n_steps": n_steps, "n_rejected": n_rej, "nfe": nfe, "calls": calls}
+
+
+#: one call of func at least this long (seconds) makes an attempt cost far more than a host round trip, so the
+#: loop makes one attempt per call: masked attempts past the end would cost whole evaluations
+_EXPENSIVE_CALL_S = 1e-3
+#: without a timed call, states this large are taken as expensive
+_EXPENSIVE_SIZE = 1 << 17
+_UNROLL: dict = {}
+
+
+def _timed(seconds: list, device: torch.device, call: Callable) -> torch.Tensor:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    out = call()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds.append(time.perf_counter() - start)
+    return out
+
+
+def _choose_unroll(func: Callable, shape, dtype, device, seconds: list, size: int) -> int:
+    """Attempts per compiled call: 4 (fewer host round trips) unless func is expensive, then 1. Chosen once
+    per (func, shape, dtype, device), so that timing noise near the threshold never compiles a second loop."""
+    key = (id(func), tuple(shape), dtype, str(device))
+    got = _UNROLL.get(key)
+    if got is not None and got[0] is func:
+        return got[1]
+    expensive = min(seconds) >= _EXPENSIVE_CALL_S if seconds else size >= _EXPENSIVE_SIZE
+    unroll = 1 if expensive else 4
+    if len(_UNROLL) > 256:
+        _UNROLL.clear()
+    _UNROLL[key] = (func, unroll)
+    return unroll
 
 
 class _DenseOutput:
