@@ -15,6 +15,7 @@ The seminorm (Kidger, Chen & Lyons 2021, "Hey, that's not an ODE") measures the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 import types
 from typing import Any, Callable, Sequence
@@ -118,14 +119,16 @@ class _AdjointSolve(torch.autograd.Function):
             res = None
             if fused is not None:
                 with torch.no_grad():
-                    res = fused(torch.cat([ys[i], a, g]), t_out[i], t_out[i - 1], None if h is None else abs(h))
-                if res is None:  # compilation failed (warned): the eager solver from here on
+                    z0 = torch.cat([ys[i], a, g])
+                    f0 = functools.partial(aug_func, torch.scalar_tensor(t_out[i], dtype=dtype, device=z0.device), z0)
+                    res = fused(z0, f0, t_out[i], t_out[i - 1], None if h is None else abs(h))
+                if res is None:  # compiling failed (warned) or func is too expensive: eager from here on
                     fused = None
                 else:
                     stats.nfe_backward += res.nfe
             if res is None:
                 with torch.no_grad():
-                        res = run(
+                    res = run(
                         prob,
                         aug_prob_rhs,
                         y0=torch.cat([ys[i], a, g]),
@@ -232,17 +235,19 @@ def _compiled_segment(prob: Problem, cfg: dict, wrt: Sequence[torch.Tensor], n: 
     backend = cfg["compile"] if isinstance(cfg["compile"], str) else "inductor"
     max_steps = int(options.get("max_num_steps", DEFAULT_MAX_NUM_STEPS))
 
-    def segment(z0: torch.Tensor, t_from: float, t_to: float, first_step: float | None):
-        f0 = None
+    def segment(z0: torch.Tensor, f0: Callable, t_from: float, t_to: float, first_step: float | None):
+        # f0: the augmented dynamics at the segment's start, evaluated eagerly (and counted) by the caller
         if "eager" not in speed and ys.device.type == "cpu":
-            # an expensive func (convolutions: ≥ 1 ms per call) leaves the loop's own overhead negligible, and
-            # on CPU Inductor's kernels for its vector-Jacobian products were measured slower than eager ones
-            # (GroupNorm's backward), so such a backward stays eager; decided once per module, on the first call
+            # an expensive func (convolutions: milliseconds per call) leaves the loop's own overhead
+            # negligible, and on CPU Inductor's kernels for its vector-Jacobian products were measured slower
+            # than eager ones (GroupNorm's backward), so such a backward stays eager; decided once per module
             start = time.perf_counter()
-            f0 = aug(torch.scalar_tensor(t_from, dtype=z0.dtype), z0.reshape(1, -1))
+            f0 = f0()
             speed["eager"] = time.perf_counter() - start >= _EAGER_AUG_SECONDS
             if speed["eager"]:
                 return None
+        else:
+            f0 = f0()
         got = integrate_device_loop(
             aug,
             z0.reshape(1, -1),
@@ -256,13 +261,13 @@ def _compiled_segment(prob: Problem, cfg: dict, wrt: Sequence[torch.Tensor], n: 
             first_step=first_step if options.get("first_step") is None else options["first_step"],
             max_num_steps=max_steps,
             backend=backend,
-            f0=f0,
+            f0=f0.reshape(1, -1),
             norm_blocks=blocks,
         )
         if got is None:
             return None
         res, counts = got
-        res.nfe = int(counts["nfe"][0]) + (f0 is not None)
+        res.nfe = int(counts["nfe"][0])
         return res
 
     return segment

@@ -126,9 +126,13 @@ def _make_attempts(
             err = (torch.linalg.vector_norm(e / scale, dim=1 - gdim) / math.sqrt(max(d, 1))).double()
         else:  # joint stepping: the largest RMS over blocks of the state (the adjoint's [y, a, θ] norm)
             scaled = e / scale
-            err = torch.stack(
-                [torch.linalg.vector_norm(scaled[:, s0 : s0 + n], dim=1) / math.sqrt(n) for s0, n in norm_blocks]
-            ).amax(0).double()
+            err = (
+                torch.stack(
+                    [torch.linalg.vector_norm(scaled[:, s0 : s0 + n], dim=1) / math.sqrt(n) for s0, n in norm_blocks]
+                )
+                .amax(0)
+                .double()
+            )
         ratio = dt_try.abs() * err * inv_rtol
         finite = torch.isfinite(ratio)
         accept = active & finite & (ratio <= 1.0)
