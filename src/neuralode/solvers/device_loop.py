@@ -218,7 +218,8 @@ def integrate_device_loop(
     and per-group statistics, or ``None`` when compilation is unavailable (the caller then runs the eager
     loop). Function evaluations are counted for the groups still stepping; masked attempts after a group is
     done (at most ``unroll - 1`` at the end) are computed but not counted. ``unroll`` (attempts per compiled
-    call) defaults to 4, or 1 where one call of ``func`` is expensive (see ``_choose_unroll``).
+    call) defaults to 4, or 1 where one call of ``func`` is expensive, 8 where it is very cheap (joint
+    stepping; see ``_choose_unroll``).
     ``norm_blocks`` ((start, size) pairs, joint stepping only) measures the error as the largest RMS over those
     slices of the state; parts outside every block are not error-controlled."""
     G, d = y0.shape
@@ -270,7 +271,12 @@ def integrate_device_loop(
     init_nfe = (first_step is None) + (f0 is None)
     dt = dt.clamp(max=ctrl.max_step) * direction
     if unroll is None:
-        unroll = _choose_unroll(func, shape, dtype, device, seconds, G * d)
+        known = _UNROLL.get(_unroll_key(func, shape, dtype, device, per_sample), (None,))[0] is func
+        if seconds and not known:
+            # the first, cold calls time badly: a few warm ones more, once per func (before its compilation)
+            for _ in range(3):
+                F(t, y)
+        unroll = _choose_unroll(func, shape, dtype, device, seconds, G * d, per_sample)
     key = (id(func), method.tableau.name, tuple(shape), G, per_sample, direction, rtol, atol, unroll)
     key += (max_num_steps, transposed, ctrl.safety, ctrl.ifactor, ctrl.dfactor, ctrl.beta1, ctrl.min_step)
     key += (ctrl.max_step, dtype, str(device), backend, dense_out, norm_blocks)
@@ -372,6 +378,11 @@ def integrate_device_loop(
 _EXPENSIVE_CALL_S = 1e-3
 #: without a timed call, states this large are taken as expensive
 _EXPENSIVE_SIZE = 1 << 17
+#: joint stepping with a call of func this short (seconds, eager, as timed): eight attempts per call. The
+#: compiled call's own overhead (guards, wrappers: ~100-200 µs here) then outweighs the up to four more masked
+#: attempts at the end (van der Pol, batch 256, its func timed at 70-180 µs: 5.3 → 4.5 ms; sixteen attempts
+#: gained nothing more and took 80 s to compile)
+_CHEAP_CALL_S = 2.5e-4
 _UNROLL: dict = {}
 
 
@@ -386,15 +397,22 @@ def _timed(seconds: list, device: torch.device, call: Callable) -> torch.Tensor:
     return out
 
 
-def _choose_unroll(func: Callable, shape, dtype, device, seconds: list, size: int) -> int:
-    """Attempts per compiled call: 4 (fewer host round trips) unless func is expensive, then 1. Chosen once
-    per (func, shape, dtype, device), so that timing noise near the threshold never compiles a second loop."""
-    key = (id(func), tuple(shape), dtype, str(device))
+def _unroll_key(func: Callable, shape, dtype, device, per_sample: bool) -> tuple:
+    return (id(func), tuple(shape), dtype, str(device), per_sample)
+
+
+def _choose_unroll(func: Callable, shape, dtype, device, seconds: list, size: int, per_sample: bool = False) -> int:
+    """Attempts per compiled call: 4 (fewer host round trips); 1 where func is expensive; 8 for joint stepping
+    with a very cheap func. Chosen once per (func, shape, dtype, device, per_sample), so that timing noise near
+    a threshold never compiles a second loop."""
+    key = _unroll_key(func, shape, dtype, device, per_sample)
     got = _UNROLL.get(key)
     if got is not None and got[0] is func:
         return got[1]
     expensive = min(seconds) >= _EXPENSIVE_CALL_S if seconds else size >= _EXPENSIVE_SIZE
     unroll = 1 if expensive else 4
+    if seconds and not per_sample and min(seconds) < _CHEAP_CALL_S:
+        unroll = 8
     if len(_UNROLL) > 256:
         _UNROLL.clear()
     _UNROLL[key] = (func, unroll)
