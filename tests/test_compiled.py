@@ -308,7 +308,7 @@ def test_the_device_loop_makes_one_attempt_per_call_for_an_expensive_func():
         return y
 
     shape = torch.Size([2, 3])
-    assert _choose_unroll(cheap, shape, torch.float32, torch.device("cpu"), [2e-4, 3e-4], 6) == 4
+    assert _choose_unroll(cheap, shape, torch.float32, torch.device("cpu"), [4e-4, 3e-4], 6) == 4
     assert _choose_unroll(cheap, shape, torch.float32, torch.device("cpu"), [2e-5, 1e-5], 6, True) == 4
     assert _choose_unroll(lambda t, y: y, shape, torch.float32, torch.device("cpu"), [2e-5, 1e-5], 6) == 8
     assert _choose_unroll(costly, shape, torch.float32, torch.device("cpu"), [5e-3, 4e-3], 6) == 1
