@@ -298,7 +298,7 @@ def test_adjoint_backward_stays_eager_with_a_warning_for_foreign_parameters():
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-12)
 
 
-def test_the_device_loop_makes_one_attempt_per_call_for_an_expensive_func():
+def test_attempts_per_compiled_call_follow_the_cost_of_func():
     from neuralode.solvers.device_loop import _choose_unroll
 
     def cheap(t, y):
@@ -310,7 +310,9 @@ def test_the_device_loop_makes_one_attempt_per_call_for_an_expensive_func():
     shape = torch.Size([2, 3])
     assert _choose_unroll(cheap, shape, torch.float32, torch.device("cpu"), [4e-4, 3e-4], 6) == 4
     assert _choose_unroll(cheap, shape, torch.float32, torch.device("cpu"), [2e-5, 1e-5], 6, True) == 4
-    assert _choose_unroll(lambda t, y: y, shape, torch.float32, torch.device("cpu"), [2e-5, 1e-5], 6) == 8
+    # a cheap func: eight attempts per call on a long solve (many initial steps over the span), four on a short one
+    assert _choose_unroll(lambda t, y: y, shape, torch.float32, torch.device("cpu"), [2e-5, 1e-5], 6, False, 500) == 8
+    assert _choose_unroll(lambda t, y: y, shape, torch.float32, torch.device("cpu"), [2e-5, 1e-5], 6, False, 20) == 4
     assert _choose_unroll(costly, shape, torch.float32, torch.device("cpu"), [5e-3, 4e-3], 6) == 1
     # decided once per func: a later, faster timing does not compile a second loop
     assert _choose_unroll(costly, shape, torch.float32, torch.device("cpu"), [1e-5], 6) == 1

@@ -267,16 +267,20 @@ def integrate_device_loop(
             atol,
             lambda x: _l2_norm(x.reshape(-1)) / math.sqrt(max(x.numel(), 1)),
         )
-        dt = torch.full_like(t, abs(dt0))
+        dt = torch.full_like(t, min(abs(dt0), ctrl.max_step) * direction)
     init_nfe = (first_step is None) + (f0 is None)
-    dt = dt.clamp(max=ctrl.max_step) * direction
+    if first_step is not None or per_sample:
+        dt = dt.clamp(max=ctrl.max_step) * direction
     if unroll is None:
-        known = _UNROLL.get(_unroll_key(func, shape, dtype, device, per_sample), (None,))[0] is func
-        if seconds and not known:
-            # the first, cold calls time badly: a few warm ones more, once per func (before its compilation)
-            for _ in range(3):
-                F(t, y)
-        unroll = _choose_unroll(func, shape, dtype, device, seconds, G * d, per_sample)
+        known = _UNROLL.get(_unroll_key(func, shape, dtype, device, per_sample), (None,))
+        if known[0] is func:
+            unroll = known[1]
+        else:
+            if seconds:  # the first, cold calls time badly: a few warm ones more, once per func
+                for _ in range(3):
+                    F(t, y)
+            span_steps = abs(T[-1] - T[0]) / max(float(dt.abs().min()), 1e-300)  # the initial step's guess
+            unroll = _choose_unroll(func, shape, dtype, device, seconds, G * d, per_sample, span_steps)
     key = (id(func), method.tableau.name, tuple(shape), G, per_sample, direction, rtol, atol, unroll)
     key += (max_num_steps, transposed, ctrl.safety, ctrl.ifactor, ctrl.dfactor, ctrl.beta1, ctrl.min_step)
     key += (ctrl.max_step, dtype, str(device), backend, dense_out, norm_blocks)
@@ -363,13 +367,12 @@ def integrate_device_loop(
         reached = m
     else:
         reached = dense.flush(passed)
-    res = IntegrationResult(
-        out[:reached].reshape(reached, -1), status, message, t_fail, int(n_steps.max()), int(n_rej.max())
-    )
+    most_steps, most_rej, most_attempts = torch.stack([n_steps.max(), n_rej.max(), (n_steps + n_rej).max()]).tolist()
+    res = IntegrationResult(out[:reached].reshape(reached, -1), status, message, t_fail, most_steps, most_rej)
     if G == 1:
         res.next_step = float(dt[0])  # the controller's proposal after the last step (the adjoint starts there)
     # batched calls of func: every attempt evaluates the whole batch, groups that are done included
-    calls = init_nfe + (method.stages - 1) * int((n_steps + n_rej).max())
+    calls = init_nfe + (method.stages - 1) * most_attempts
     return res, {"n_steps": n_steps, "n_rejected": n_rej, "nfe": nfe, "calls": calls}
 
 
@@ -383,6 +386,9 @@ _EXPENSIVE_SIZE = 1 << 17
 #: attempts at the end (van der Pol, batch 256, its func timed at 70-180 µs: 5.3 → 4.5 ms; sixteen attempts
 #: gained nothing more and took 80 s to compile)
 _CHEAP_CALL_S = 2.5e-4
+#: ... and a solve long enough for it to pay: the span over the initial step (which is cautious, so this
+#: overestimates the steps; a short solve's masked attempts would cost more than the calls saved)
+_LONG_SPAN_STEPS = 100.0
 _UNROLL: dict = {}
 
 
@@ -401,7 +407,9 @@ def _unroll_key(func: Callable, shape, dtype, device, per_sample: bool) -> tuple
     return (id(func), tuple(shape), dtype, str(device), per_sample)
 
 
-def _choose_unroll(func: Callable, shape, dtype, device, seconds: list, size: int, per_sample: bool = False) -> int:
+def _choose_unroll(
+    func: Callable, shape, dtype, device, seconds: list, size: int, per_sample: bool = False, span_steps: float = 0.0
+) -> int:
     """Attempts per compiled call: 4 (fewer host round trips); 1 where func is expensive; 8 for joint stepping
     with a very cheap func. Chosen once per (func, shape, dtype, device, per_sample), so that timing noise near
     a threshold never compiles a second loop."""
@@ -411,7 +419,7 @@ def _choose_unroll(func: Callable, shape, dtype, device, seconds: list, size: in
         return got[1]
     expensive = min(seconds) >= _EXPENSIVE_CALL_S if seconds else size >= _EXPENSIVE_SIZE
     unroll = 1 if expensive else 4
-    if seconds and not per_sample and min(seconds) < _CHEAP_CALL_S:
+    if seconds and not per_sample and min(seconds) < _CHEAP_CALL_S and span_steps >= _LONG_SPAN_STEPS:
         unroll = 8
     if len(_UNROLL) > 256:
         _UNROLL.clear()
@@ -428,7 +436,7 @@ class _DenseOutput:
         self.direction = direction
         self.out = out
         self.degree = degree
-        self.T = torch.tensor(T, dtype=torch.float64, device=out.device)
+        self.T = torch.tensor(T, dtype=torch.float64, device=out.device) if len(T) > 2 else None
         self.done = 1  # out[0] is y0
         self.records: list[tuple] = []  # (records, furthest time they reach)
         self.nbytes = 0
