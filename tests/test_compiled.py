@@ -313,6 +313,9 @@ def test_attempts_per_compiled_call_follow_the_cost_of_func():
     # a cheap func: eight attempts per call on a long solve (many initial steps over the span), four on a short one
     assert _choose_unroll(lambda t, y: y, shape, torch.float32, torch.device("cpu"), [2e-5, 1e-5], 6, False, 500) == 8
     assert _choose_unroll(lambda t, y: y, shape, torch.float32, torch.device("cpu"), [2e-5, 1e-5], 6, False, 20) == 4
+    # a solve of a step or two (the adjoint's backward segments): no attempts to throw away
+    assert _choose_unroll(lambda t, y: y, shape, torch.float32, torch.device("cpu"), [], 6, False, 1.5) == 1
+    assert _choose_unroll(lambda t, y: y, shape, torch.float32, torch.device("cpu"), [], 6, False, 5) == 2
     assert _choose_unroll(costly, shape, torch.float32, torch.device("cpu"), [5e-3, 4e-3], 6) == 1
     # decided once per func: a later, faster timing does not compile a second loop
     assert _choose_unroll(costly, shape, torch.float32, torch.device("cpu"), [1e-5], 6) == 1

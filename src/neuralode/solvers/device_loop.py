@@ -408,17 +408,26 @@ def _unroll_key(func: Callable, shape, dtype, device, per_sample: bool) -> tuple
 
 
 def _choose_unroll(
-    func: Callable, shape, dtype, device, seconds: list, size: int, per_sample: bool = False, span_steps: float = 0.0
+    func: Callable,
+    shape,
+    dtype,
+    device,
+    seconds: list,
+    size: int,
+    per_sample: bool = False,
+    span_steps: float = math.inf,
 ) -> int:
     """Attempts per compiled call: 4 (fewer host round trips); 1 where func is expensive; 8 for joint stepping
-    with a very cheap func. Chosen once per (func, shape, dtype, device, per_sample), so that timing noise near
-    a threshold never compiles a second loop."""
+    with a very cheap func on a long solve; 1 or 2 where the solve is a step or a few (``span_steps``: the span
+    over the first step, e.g. the adjoint's backward segments, whose first step is the forward's last), since
+    the attempts after the end are computed and thrown away. Chosen once per (func, shape, dtype, device,
+    per_sample), so that timing noise near a threshold never compiles a second loop."""
     key = _unroll_key(func, shape, dtype, device, per_sample)
     got = _UNROLL.get(key)
     if got is not None and got[0] is func:
         return got[1]
     expensive = min(seconds) >= _EXPENSIVE_CALL_S if seconds else size >= _EXPENSIVE_SIZE
-    unroll = 1 if expensive else 4
+    unroll = 1 if expensive or span_steps <= 2.5 else 2 if span_steps <= 8 else 4
     if seconds and not per_sample and min(seconds) < _CHEAP_CALL_S and span_steps >= _LONG_SPAN_STEPS:
         unroll = 8
     if len(_UNROLL) > 256:
