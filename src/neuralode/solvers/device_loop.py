@@ -218,8 +218,7 @@ def integrate_device_loop(
     and per-group statistics, or ``None`` when compilation is unavailable (the caller then runs the eager
     loop). Function evaluations are counted for the groups still stepping; masked attempts after a group is
     done (at most ``unroll - 1`` at the end) are computed but not counted. ``unroll`` (attempts per compiled
-    call) defaults to 4, or 1 where one call of ``func`` is expensive, 8 where it is very cheap (joint
-    stepping; see ``_choose_unroll``).
+    call) is chosen once per func from the cost of its calls and the length of the solve (``_choose_unroll``).
     ``norm_blocks`` ((start, size) pairs, joint stepping only) measures the error as the largest RMS over those
     slices of the state; parts outside every block are not error-controlled."""
     G, d = y0.shape
@@ -229,8 +228,13 @@ def integrate_device_loop(
     direction = 1.0 if T[-1] >= T[0] else -1.0
     transposed = G > 1 and d < 16
     dense_out = m > 2
-
-    seconds: list[float] = []  # wall time of the prelude's calls of func (they choose ``unroll``)
+    if unroll is None:
+        known = _UNROLL.get(_unroll_key(func, shape, dtype, device, per_sample), (None,))
+        if known[0] is func:
+            unroll = known[1]
+    # wall time of the prelude's calls of func, which choose ``unroll`` (timed only while it is unknown: on
+    # CUDA timing synchronises)
+    seconds: list[float] | None = [] if unroll is None else None
 
     def F(t64: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return _timed(seconds, device, lambda: _evaluate(func, shape, per_sample, t64, y))
@@ -272,15 +276,11 @@ def integrate_device_loop(
     if first_step is not None or per_sample:
         dt = dt.clamp(max=ctrl.max_step) * direction
     if unroll is None:
-        known = _UNROLL.get(_unroll_key(func, shape, dtype, device, per_sample), (None,))
-        if known[0] is func:
-            unroll = known[1]
-        else:
-            if seconds:  # the first, cold calls time badly: a few warm ones more, once per func
-                for _ in range(3):
-                    F(t, y)
-            span_steps = abs(T[-1] - T[0]) / max(float(dt.abs().min()), 1e-300)  # the initial step's guess
-            unroll = _choose_unroll(func, shape, dtype, device, seconds, G * d, per_sample, span_steps)
+        if seconds:  # the first, cold calls time badly: a few warm ones more, once per func
+            for _ in range(3):
+                F(t, y)
+        span_steps = abs(T[-1] - T[0]) / max(float(dt.abs().min()), 1e-300)  # the initial step's guess
+        unroll = _choose_unroll(func, shape, dtype, device, seconds, G * d, per_sample, span_steps)
     key = (id(func), method.tableau.name, tuple(shape), G, per_sample, direction, rtol, atol, unroll)
     key += (max_num_steps, transposed, ctrl.safety, ctrl.ifactor, ctrl.dfactor, ctrl.beta1, ctrl.min_step)
     key += (ctrl.max_step, dtype, str(device), backend, dense_out, norm_blocks)
@@ -392,7 +392,9 @@ _LONG_SPAN_STEPS = 100.0
 _UNROLL: dict = {}
 
 
-def _timed(seconds: list, device: torch.device, call: Callable) -> torch.Tensor:
+def _timed(seconds: list | None, device: torch.device, call: Callable) -> torch.Tensor:
+    if seconds is None:
+        return call()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
