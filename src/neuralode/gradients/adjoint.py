@@ -177,9 +177,10 @@ _EAGER_AUG_SECONDS = 3e-3
 def _compiled_segment(prob: Problem, cfg: dict, wrt: Sequence[torch.Tensor], n: int, ys: torch.Tensor):
     """The backward solve in the compiled device loop (``compile=True``): the augmented dynamics, ``func``
     and its vector-Jacobian products by ``torch.func.vjp``, traced into the fused step. Returns
-    ``segment(z0, t_from, t_to, first_step) -> result`` or None, with a one-line warning, where this solve needs
-    what the compiled backward does not do (then the eager backward runs). ``segment`` returns None where
-    compiling failed or (on CPU) the dynamics are too expensive for the compiled loop to pay."""
+    ``segment(z0, f0, t_from, t_to, first_step) -> result`` (``f0``: a call giving the dynamics at z0), or
+    None, with a one-line warning, where this solve needs what the compiled backward does not do (then the
+    eager backward runs). ``segment`` returns None where compiling failed or (on CPU) the dynamics are too
+    expensive for the compiled loop to pay."""
     from .._problem import ADAPTIVE_METHODS, DEFAULT_MAX_NUM_STEPS, make_controller, stepper
     from ..solvers.compiled import _warn_once
     from ..solvers.device_loop import integrate_device_loop

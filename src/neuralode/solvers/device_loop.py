@@ -23,14 +23,13 @@ import bisect
 import functools
 import math
 import time
-import warnings
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from .._errors import Status
-from .compiled import fresh_code
+from .compiled import _warn_once, fresh_code
 from .control import _MIN_RATIO, StepController, initial_step
 from .integrate import IntegrationResult, _l2_norm, _max_steps_message, _underflow_message
 from .runge_kutta import RungeKutta
@@ -39,7 +38,6 @@ from .small_gemm import backend_for
 __all__ = ["integrate_device_loop", "supports"]
 
 _CACHE: dict = {}
-_WARNED: set = set()
 _EPS = float(np.finfo(np.float64).eps)
 #: recorded step coefficients kept before the requested times they cover are evaluated (then dropped)
 _RECORD_BYTES = 64 * 2**20
@@ -530,9 +528,3 @@ def _interpolator(backend) -> Callable:
     if fn is None:
         fn = _INTERP[backend] = torch.compile(_interpolate, backend=backend, dynamic=True)
     return fn
-
-
-def _warn_once(msg: str) -> None:
-    if msg not in _WARNED:
-        _WARNED.add(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
