@@ -2,9 +2,11 @@
 rtol = atol = 1e-5, one thread, in one process: neuralode (joint and per-sample stepping, eager and
 compile=True), torchdiffeq (joint) and torchode (per-sample). Two batches: μ = 2 for every sample (as the
 paper), and μ drawn from 0.5 … 5 (samples that differ in stiffness). Prints library × case × (first-call
-seconds, steady ms, NFE, ratio to torchdiffeq); writes JSON and a PNG bar chart.
+seconds, steady ms, NFE, ratio to torchdiffeq); writes JSON and a PNG bar chart. Steady ms is the minimum
+over ``--rounds`` interleaved rounds (one solve per library per round): on a noisy machine five rounds left
+a compiled solve's minimum 1.5-2 ms above its twenty-round one.
 
-    python benchmarks/vdp.py [--rounds 5] [--out runs/bench/vdp.json]
+    python benchmarks/vdp.py [--rounds 20] [--out runs/bench/vdp.json]
 """
 
 from __future__ import annotations
@@ -112,7 +114,7 @@ def _case(
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="runs/bench/vdp.json")
     args = ap.parse_args(argv)

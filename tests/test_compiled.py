@@ -321,3 +321,50 @@ def test_attempts_per_compiled_call_follow_the_cost_of_func():
     assert _choose_unroll(costly, shape, torch.float32, torch.device("cpu"), [1e-5], 6) == 1
     # no timed call (f0 and first_step given): large states count as expensive
     assert _choose_unroll(lambda t, y: y, shape, torch.float32, torch.device("cpu"), [], 1 << 20) == 1
+
+
+def test_device_loop_calls_after_the_second_skip_dynamo_and_change_nothing(monkeypatch):
+    """From the third call of a solve on, the compiled loop runs TorchDynamo's transformed code directly (no
+    guards, no frame hook): same steps, statistics and values, bit for bit, as keeping every call guarded."""
+    from neuralode.solvers import device_loop
+
+    f, y0, t = _problem()
+    made = []
+    real = device_loop.unguarded
+
+    def spy(fn):
+        made.append(real(fn))
+        return made[-1]
+
+    monkeypatch.setattr(device_loop, "unguarded", spy)
+    sols = {}
+    for no_direct in (True, False):
+        monkeypatch.setattr(device_loop, "_NO_DIRECT", no_direct)
+        with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sols[no_direct] = node.solve(f, y0, t, rtol=1e-7, atol=1e-9, per_sample=True, compile="aot_eager")
+        _no_fallback(caught)
+    assert len(made) == 1 and made[0] is not None  # the direct path was taken, and only when allowed
+    guarded, direct = sols[True], sols[False]
+    assert torch.equal(direct.ys, guarded.ys)
+    for k in ("n_steps", "n_rejected", "nfe"):
+        assert torch.equal(direct.sample_stats[k], guarded.sample_stats[k]), k
+
+
+def test_unguarded_call_only_for_a_single_compiled_entry():
+    from neuralode.solvers.compiled import fresh_code
+    from neuralode.solvers.device_loop import unguarded
+
+    def g(x, y):
+        return x.sin() * y, x + 1
+
+    fn = torch.compile(fresh_code(g), backend="aot_eager", dynamic=False, fullgraph=True)
+    x, y = torch.randn(3), torch.randn(3)
+    fn(x, y)
+    direct = unguarded(fn)
+    assert direct is not None
+    for a, b in zip(direct(x, y), g(x, y)):
+        torch.testing.assert_close(a, b)
+    fn(torch.randn(4), torch.randn(4))  # a second entry: which one applies is for the guards to say
+    assert unguarded(fn) is None
+    assert unguarded(g) is None  # not a compiled function
