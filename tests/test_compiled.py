@@ -323,48 +323,90 @@ def test_attempts_per_compiled_call_follow_the_cost_of_func():
     assert _choose_unroll(lambda t, y: y, shape, torch.float32, torch.device("cpu"), [], 1 << 20) == 1
 
 
-def test_device_loop_calls_after_the_second_skip_dynamo_and_change_nothing(monkeypatch):
-    """From the third call of a solve on, the compiled loop runs TorchDynamo's transformed code directly (no
-    guards, no frame hook): same steps, statistics and values, bit for bit, as keeping every call guarded."""
+def test_direct_calls_of_the_compiled_loop_change_nothing(monkeypatch):
+    """The compiled loop calls its compiled entry without TorchDynamo's frame hook (guards checked by hand for a
+    solve's first two calls, skipped after): same steps, statistics and values, bit for bit, as Dynamo's calls."""
     from neuralode.solvers import device_loop
 
     f, y0, t = _problem()
-    made = []
-    real = device_loop.unguarded
+    direct_calls = []
+    real_call = device_loop.DirectCall.__call__
 
-    def spy(fn):
-        made.append(real(fn))
-        return made[-1]
+    def spy(self, *args):
+        direct_calls.append(1)
+        return real_call(self, *args)
 
-    monkeypatch.setattr(device_loop, "unguarded", spy)
-    sols = {}
-    for no_direct in (True, False):
+    monkeypatch.setattr(device_loop.DirectCall, "__call__", spy)
+    runs = []
+    # a fresh func: the first solve compiles (Dynamo runs its first two calls), the second is Dynamo's
+    # throughout, the third calls directly throughout (its guards checked by hand on the first two calls)
+    for no_direct in (False, True, False):
         monkeypatch.setattr(device_loop, "_NO_DIRECT", no_direct)
+        before = len(direct_calls)
         with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            sols[no_direct] = node.solve(f, y0, t, rtol=1e-7, atol=1e-9, per_sample=True, compile="aot_eager")
+            sol = node.solve(f, y0, t, rtol=1e-7, atol=1e-9, per_sample=True, compile="aot_eager")
         _no_fallback(caught)
-    assert len(made) == 1 and made[0] is not None  # the direct path was taken, and only when allowed
-    guarded, direct = sols[True], sols[False]
-    assert torch.equal(direct.ys, guarded.ys)
-    for k in ("n_steps", "n_rejected", "nfe"):
-        assert torch.equal(direct.sample_stats[k], guarded.sample_stats[k]), k
+        runs.append((sol, len(direct_calls) - before))
+    (first, n_first), (guarded, n_guarded), (third, n_third) = runs
+    assert n_guarded == 0 and n_first > 0 and n_third == n_first + 2
+    for sol in (first, third):
+        assert torch.equal(sol.ys, guarded.ys)
+        for k in ("n_steps", "n_rejected", "nfe"):
+            assert torch.equal(sol.sample_stats[k], guarded.sample_stats[k]), k
 
 
-def test_unguarded_call_only_for_a_single_compiled_entry():
+def test_direct_calls_respect_the_guards_when_func_changes():
+    """A Python attribute that func reads is a guarded constant of the compiled loop: after it changes, the
+    solve must see the new value (Dynamo recompiles; a direct call into the old entry would be silently
+    wrong). Reference: the analytic solution y0·exp(-k t)."""
+
+    class Decay(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.k = 1.0
+
+        def forward(self, t, y):
+            return -self.k * y
+
+    f = Decay()
+    y0 = torch.linspace(0.5, 1.5, 8, dtype=torch.float64)[:, None].repeat(1, 2)
+    t = torch.linspace(0, 3, 12, dtype=torch.float64)
+    for k in (1.0, 1.0, 2.0, 2.0):
+        f.k = k
+        with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sol = node.solve(f, y0, t, rtol=1e-9, atol=1e-11, compile="aot_eager")
+        _no_fallback(caught)
+        assert sol.stats.n_steps > 8  # several compiled calls
+        exact = y0[None] * torch.exp(-k * t)[:, None, None]
+        torch.testing.assert_close(sol.ys, exact, rtol=1e-7, atol=1e-9)
+
+
+def test_direct_call_only_for_a_single_compiled_entry_whose_guards_pass():
     from neuralode.solvers.compiled import fresh_code
-    from neuralode.solvers.device_loop import unguarded
+    from neuralode.solvers.device_loop import DirectCall
+
+    scale = {"s": 2.0}
 
     def g(x, y):
-        return x.sin() * y, x + 1
+        return x.sin() * y * scale["s"], x + 1
 
     fn = torch.compile(fresh_code(g), backend="aot_eager", dynamic=False, fullgraph=True)
     x, y = torch.randn(3), torch.randn(3)
+    assert DirectCall.of(fn) is None  # nothing compiled yet
     fn(x, y)
-    direct = unguarded(fn)
-    assert direct is not None
+    direct = DirectCall.of(fn)
+    assert direct is not None and direct.passes((x, y))
     for a, b in zip(direct(x, y), g(x, y)):
         torch.testing.assert_close(a, b)
-    fn(torch.randn(4), torch.randn(4))  # a second entry: which one applies is for the guards to say
-    assert unguarded(fn) is None
-    assert unguarded(g) is None  # not a compiled function
+    assert not direct.passes((torch.randn(4), torch.randn(4)))  # another shape
+    assert not direct.passes((x.double(), y.double()))  # another dtype
+    scale["s"] = 3.0
+    assert not direct.passes((x, y))  # a value the graph baked in
+    scale["s"] = 2.0
+    with torch.no_grad():
+        assert not direct.passes((x, y))  # grad mode is guarded too
+    fn(torch.randn(4), torch.randn(4))  # a second entry: which one applies is for Dynamo to say
+    assert DirectCall.of(fn) is None
+    assert DirectCall.of(g) is None  # not a compiled function

@@ -326,13 +326,20 @@ def integrate_device_loop(
     state = (t, dt, y, k0, active, failed, n_steps, n_rej, nfe)
     dense = _DenseOutput(T, direction, out, degree, backend_for(backend, device))
     status, message, t_fail = Status.SUCCESS, "", None
-    call, n_calls = fn, 0
+    # calls 0 and 1 go through ``fn`` unless its one compiled entry's guards pass (checked here, without
+    # TorchDynamo's frame hook); the later ones take call 1's kind of inputs and skip the check (``DirectCall``)
+    direct = None if _NO_DIRECT else DirectCall.of(fn)
+    n_calls = 0
     try:
         while True:
-            state, records, flags = call(*state, t_end)
+            args = (*state, t_end)
+            if direct is not None and (n_calls >= 2 or direct.passes(args)):
+                state, records, flags = direct(*args)
+            else:
+                state, records, flags = fn(*args)
+                if n_calls < 2:  # Dynamo decided: from call 2 on, direct calls only into the entry both matched
+                    direct = DirectCall.of(fn) if n_calls == 1 and not _NO_DIRECT else None
             n_calls += 1
-            if n_calls == 2 and not _NO_DIRECT:
-                call = unguarded(fn) or fn
             running, bad, out_of_steps, passed, reach = flags.tolist()  # the loop's one host read per call
             dense.add(records, reach)
             t, dt, y, k0, active, failed, n_steps, n_rej, nfe = state
@@ -384,30 +391,52 @@ def integrate_device_loop(
 _NO_DIRECT = False
 
 
-def unguarded(fn: Callable) -> Callable | None:
-    """``fn`` (a ``torch.compile``'d function) without TorchDynamo's per-call work: its one compiled entry's
-    transformed bytecode as a plain function, which calls the compiled graph directly. ``None`` where that is
-    not available, or where ``fn`` has several compiled entries (which one applies is the guards' business).
+class DirectCall:
+    """Calls of a ``torch.compile``'d function without TorchDynamo's per-call work (frame hook, guard
+    evaluation, context switches: 40-90 µs a call here, a fifth of a tiny solve): the transformed bytecode of
+    its one compiled entry, run as a plain function, which calls the compiled graph directly.
 
-    Only for calls whose guards are known to pass: the device loop makes its first two calls of a solve through
-    ``fn`` (the second takes the first one's outputs, as every later call does) and the rest through this.
-    Nothing the guards check changes in between: the inputs are the previous call's outputs (same sizes,
-    strides, dtypes, devices), ``t_end`` and func are the same objects, and no user code runs. What it saves
-    is the frame hook, guard evaluation and context switches: ~40 µs a call here (a 256-sample van der Pol
-    solve makes 10-20 calls)."""
-    try:
-        from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+    ``passes(args)`` evaluates that entry's guards on the arguments and the function's closure, as Dynamo
+    would (a few µs); the device loop calls directly when they pass, for a solve's first two calls, and without
+    the check from the third call on, whose inputs are the previous call's outputs: the same sizes, strides,
+    dtypes and devices as the checked second call's, with ``t_end`` and func the same objects and no user code
+    run in between. A call whose guards fail goes through Dynamo, which recompiles, and that solve keeps the
+    guarded calls. ``of(fn)`` is ``None`` where ``fn`` has no or several compiled entries, or where this
+    PyTorch lacks the internals used here."""
 
-        orig = fn._torchdynamo_orig_callable
-        entries = _debug_get_cache_entry_list(orig.__code__)
-        if len(entries) != 1:
+    __slots__ = ("call", "guards", "names", "cells")
+
+    def __init__(self, call: Callable, guards, names: tuple, cells: dict) -> None:
+        self.call, self.guards, self.names, self.cells = call, guards, names, cells
+
+    @classmethod
+    def of(cls, fn: Callable) -> DirectCall | None:
+        try:
+            from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+
+            orig = fn._torchdynamo_orig_callable
+            code = orig.__code__
+            entries = _debug_get_cache_entry_list(code)
+            if len(entries) != 1 or entries[0].code.co_freevars != code.co_freevars:
+                return None
+            call = types.FunctionType(entries[0].code, orig.__globals__, orig.__name__, None, orig.__closure__)
+            cells = dict(zip(code.co_freevars, orig.__closure__ or ()))
+            return cls(call, entries[0].guard_manager, code.co_varnames[: code.co_argcount], cells)
+        except Exception:  # noqa: BLE001 - a PyTorch without these internals: keep the guarded calls
             return None
-        code = entries[0].code
-        if code.co_freevars != orig.__code__.co_freevars:
-            return None
-        return types.FunctionType(code, orig.__globals__, orig.__name__, orig.__defaults__, orig.__closure__)
-    except Exception:  # noqa: BLE001 - a torch without these internals: keep the guarded calls
-        return None
+
+    def passes(self, args: tuple) -> bool:
+        """Would Dynamo run this entry for ``args``? (Its guards see the arguments and the closure by name.)"""
+        frame_locals = dict(zip(self.names, args))
+        for name, cell in self.cells.items():
+            frame_locals[name] = cell.cell_contents
+        try:
+            return bool(self.guards.check(frame_locals))
+        except Exception:  # noqa: BLE001 - let Dynamo decide
+            return False
+
+    def __call__(self, *args):
+        return self.call(*args)
 
 
 #: one call of func at least this long (seconds) makes an attempt cost far more than a host round trip, so the
