@@ -187,6 +187,10 @@ def _make_attempts(
                 out_of_steps.double(),
                 (direction * t).min(),  # every group has passed this time
                 (direction * t_after).max(),  # no group of these attempts got further
+                # the statistics, read with the flags (exact in float64 below 2**53)
+                n_steps.max().double(),
+                n_rej.max().double(),
+                (n_steps + n_rej).max().double(),
             ]
         )
         return (t, dt, y, k0, active, failed, n_steps, n_rej, nfe), records, flags
@@ -340,7 +344,7 @@ def integrate_device_loop(
                 if n_calls < 2:  # Dynamo decided: from call 2 on, direct calls only into the entry both matched
                     direct = DirectCall.of(fn) if n_calls == 1 and not _NO_DIRECT else None
             n_calls += 1
-            running, bad, out_of_steps, passed, reach = flags.tolist()  # the loop's one host read per call
+            running, bad, out_of_steps, passed, reach, *most = flags.tolist()  # the loop's one host read per call
             dense.add(records, reach)
             t, dt, y, k0, active, failed, n_steps, n_rej, nfe = state
             if bad:
@@ -378,7 +382,7 @@ def integrate_device_loop(
         reached = m
     else:
         reached = dense.flush(passed)
-    most_steps, most_rej, most_attempts = torch.stack([n_steps.max(), n_rej.max(), (n_steps + n_rej).max()]).tolist()
+    most_steps, most_rej, most_attempts = (int(v) for v in most)  # after the last call
     res = IntegrationResult(out[:reached].reshape(reached, -1), status, message, t_fail, most_steps, most_rej)
     if G == 1:
         res.next_step = float(dt[0])  # the controller's proposal after the last step (the adjoint starts there)
