@@ -410,3 +410,43 @@ def test_direct_call_only_for_a_single_compiled_entry_whose_guards_pass():
     fn(torch.randn(4), torch.randn(4))  # a second entry: which one applies is for Dynamo to say
     assert DirectCall.of(fn) is None
     assert DirectCall.of(g) is None  # not a compiled function
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+@pytest.mark.parametrize("direction", [1.0, -1.0])
+def test_compiled_starting_step_equals_the_eager_one(per_sample, direction):
+    """The device loop's compiled starting step (used from a func's second solve on) is Hairer's, as the eager
+    ``control.initial_step`` (joint) and ``per_sample.initial_steps`` compute it."""
+    import math
+
+    from neuralode.solvers.control import initial_step
+    from neuralode.solvers.device_loop import _init_step
+    from neuralode.solvers.per_sample import initial_steps
+
+    f, y0, _ = _problem()
+    G = y0.shape[0] if per_sample else 1
+    y = y0.reshape(G, -1)
+    shape = y0.shape
+    t = torch.full((G,), 0.5, dtype=torch.float64)
+    order, rtol, atol, max_step = 5, 1e-6, 1e-8, 0.3
+
+    def F(tt, yy):
+        return f(tt if per_sample else tt[0], yy.reshape(shape)).reshape(yy.shape)
+
+    with torch.no_grad():
+        k0 = F(t, y)
+        init = _init_step(f, shape, G, y.shape[1], per_sample, direction, order, rtol, atol, max_step,
+                          torch.float64, torch.device("cpu"), "aot_eager")  # fmt: skip
+        got = init(t, y, k0)
+        if per_sample:
+            want = initial_steps(F, t, y, k0, direction, order, rtol, atol).clamp(max=max_step) * direction
+        else:
+            h, _ = initial_step(
+                lambda tt, yy: F(torch.full((1,), tt, dtype=torch.float64), yy),
+                0.5, y, k0, direction, order, rtol, atol,
+                lambda x: float(torch.linalg.vector_norm(x)) / math.sqrt(x.numel()),
+            )  # fmt: skip
+            want = torch.full((1,), math.copysign(min(abs(h), max_step), direction), dtype=torch.float64)
+    assert got.shape == (G,) and bool((got * direction > 0).all())
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    assert bool((got.abs() < max_step).any())  # the clamp is not all that was tested
