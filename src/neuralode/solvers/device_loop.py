@@ -257,20 +257,19 @@ def integrate_device_loop(
     y = y0
     k0 = F(t, y) if f0 is None else f0
     order = method.tableau.order
-    init = None
+    dt = None
     if first_step is None and unroll is not None and not _NO_DIRECT:  # (the first solve times func eagerly)
-        init = _init_step(
+        start = _init_step(
             func, shape, G, d, per_sample, direction, order, rtol, atol, ctrl.max_step, dtype, device, backend
         )
-        init = init and init(t, y, k0)
-    if init is not None:
-        dt = init
-    elif first_step is not None:
-        dt = torch.full_like(t, abs(float(first_step)))
+        dt = start(t, y, k0) if start is not None else None  # signed and clamped already
+    compiled_start = dt is not None
+    if compiled_start or first_step is not None:
+        dt = dt if compiled_start else torch.full_like(t, abs(float(first_step)))
     elif per_sample:
         from .per_sample import initial_steps
 
-        dt = initial_steps(F, t, y, k0, direction, method.tableau.order, rtol, atol)
+        dt = initial_steps(F, t, y, k0, direction, order, rtol, atol)
     else:
         as_time = functools.partial(torch.scalar_tensor, dtype=dtype, device=device)
         dt0, _ = initial_step(  # (one group: a 0-d time)
@@ -279,14 +278,14 @@ def integrate_device_loop(
             y,
             k0,
             direction,
-            method.tableau.order,
+            order,
             rtol,
             atol,
             lambda x: _l2_norm(x.reshape(-1)) / math.sqrt(max(x.numel(), 1)),
         )
         dt = torch.full_like(t, min(abs(dt0), ctrl.max_step) * direction)
     init_nfe = (first_step is None) + (f0 is None)
-    if init is None and (first_step is not None or per_sample):
+    if not compiled_start and (first_step is not None or per_sample):
         dt = dt.clamp(max=ctrl.max_step) * direction
     if unroll is None:
         if seconds:  # the first, cold calls time badly: a few warm ones more, once per func
@@ -400,7 +399,8 @@ def integrate_device_loop(
     return res, {"n_steps": n_steps, "n_rejected": n_rej, "nfe": nfe, "calls": calls}
 
 
-#: keep every call of the compiled loop guarded (tests compare the two)
+#: every compiled call through TorchDynamo and the starting step eager, as before ``DirectCall`` and
+#: ``_init_step`` (tests compare the two)
 _NO_DIRECT = False
 
 
@@ -446,7 +446,7 @@ def _init_step(
     try:
         fn = torch.compile(
             fresh_code(init),
-            backend=backend_for(backend, device, cpp_wrapper=True, pointwise_cat=per_sample and G > 1 and d < 16),
+            backend=backend_for(backend, device, cpp_wrapper=True),
             dynamic=False,
             fullgraph=True,
         )
