@@ -6,7 +6,8 @@ model's does (see ``gradients.adjoint``). Prints first-step seconds (compilation
 the ratio, and the share of an eager step spent in convolution kernels (which compiling does not speed up,
 apart from Inductor's channels-last layout in the forward solve): that share bounds the possible speed-up.
 
-    python benchmarks/odenet_compile.py [--batch 128] [--steps 6] [--out runs/bench/odenet_compile.json]
+    python benchmarks/odenet_compile.py [--batch 128] [--steps 6] [--device cpu|cuda]
+                                        [--out runs/bench/odenet_compile.json]
 """
 
 from __future__ import annotations
@@ -18,18 +19,21 @@ import time
 import torch
 import torch.nn.functional as F
 
-from neuralode.experiments.bench import machine, save_json
+from neuralode.experiments.bench import machine, save_json, synchronizer
 from neuralode.models.classifier import ODENet
 
 
 def _steps(model, x, y, n: int) -> tuple[float, list[float]]:
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # the step's cost, not a change of weights
+    sync = synchronizer(x.device)
     times = []
     for _ in range(n + 1):
+        sync()
         a = time.perf_counter()
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
+        sync()
         times.append(time.perf_counter() - a)
     return times[0], times[1:]
 
@@ -39,16 +43,17 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (timings synchronise the device)")
     ap.add_argument("--out", default="runs/bench/odenet_compile.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    x = torch.randn(args.batch, 1, 28, 28)
-    y = torch.randint(0, 10, (args.batch,))
+    x = torch.randn(args.batch, 1, 28, 28).to(args.device)
+    y = torch.randint(0, 10, (args.batch,)).to(args.device)
     rows = []
     for mode in (False, True):
         torch.manual_seed(0)
-        model = ODENet()
+        model = ODENet().to(args.device)
         model.body.compile = mode
         first, times = _steps(model, x, y, args.steps)
         rows.append(
@@ -75,15 +80,22 @@ def main(argv=None) -> None:
 
 
 def _conv_share(x, y) -> float:
-    """Self CPU time of convolution ops (forward and backward) over all ops', in one eager step."""
-    from torch.profiler import profile
+    """Self CPU time of convolution ops (forward and backward) over all ops', in one eager step; on CUDA the
+    device time of their kernels over the step's wall time."""
+    from torch.profiler import ProfilerActivity, profile
 
     torch.manual_seed(0)
-    model = ODENet()
+    model = ODENet().to(x.device)
     _steps(model, x, y, 0)
-    with profile() as prof:
+    cuda = x.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
         _steps(model, x, y, 0)
     events = prof.key_averages()
+    if cuda:  # device time of the convolution ops' kernels against the step's wall time (launch gaps and host
+        # work count as not convolution); op-level rows only, as kernel rows would count the same time again
+        conv = sum(e.self_device_time_total for e in events if e.key.startswith("aten::") and "conv" in e.key)
+        return conv / 1e6 / statistics.median(_steps(model, x, y, 3)[1])
     total = sum(e.self_cpu_time_total for e in events)
     conv = sum(e.self_cpu_time_total for e in events if "conv" in e.key)
     return conv / total

@@ -6,7 +6,7 @@ seconds, steady ms, NFE, ratio to torchdiffeq); writes JSON and a PNG bar chart.
 over ``--rounds`` interleaved rounds (one solve per library per round): on a noisy machine five rounds left
 a compiled solve's minimum 1.5-2 ms above its twenty-round one.
 
-    python benchmarks/vdp.py [--rounds 20] [--out runs/bench/vdp.json]
+    python benchmarks/vdp.py [--rounds 20] [--device cpu|cuda] [--out runs/bench/vdp.json]
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 
 import neuralode as node
 from neuralode.experiments._io import pyplot
-from neuralode.experiments.bench import interleaved_min, machine, save_json
+from neuralode.experiments.bench import interleaved_min, machine, save_json, synchronizer
 
 
 def _case(
@@ -91,11 +91,14 @@ def _case(
     except ImportError:
         pass
     first = {}
+    sync = synchronizer(y0.device)
     for name, fn in calls.items():
+        sync()
         a = time.perf_counter()
         fn()
+        sync()
         first[name] = time.perf_counter() - a
-    best = interleaved_min(calls, rounds)
+    best = interleaved_min(calls, rounds, sync=sync)
     ref = best.get("torchdiffeq joint")
     for name in calls:
         rows.append(
@@ -116,21 +119,26 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (timings synchronise the device)")
     ap.add_argument("--out", default="runs/bench/vdp.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     rtol = atol = 1e-5
-    t = torch.linspace(0, 7, 200)
-    g = torch.Generator().manual_seed(0)
+    dev = torch.device(args.device)
+    t = torch.linspace(0, 7, 200, device=dev)
+    g = torch.Generator().manual_seed(0)  # (drawn on CPU: the same problems on every device)
     cases = {
-        "mu=2": torch.full((args.batch,), 2.0),
-        "mu~U(0.5,5)": 0.5 + 4.5 * torch.rand(args.batch, generator=g),
+        "mu=2": torch.full((args.batch,), 2.0).to(dev),
+        "mu~U(0.5,5)": (0.5 + 4.5 * torch.rand(args.batch, generator=g)).to(dev),
     }
-    y0 = torch.randn(args.batch, 2, generator=g)
+    y0 = torch.randn(args.batch, 2, generator=g).to(dev)
     rows = []
     for case, mu in cases.items():
         rows += _case(case, mu, y0, t, args.batch, args.rounds, rtol, atol)
-    print(f"van der Pol, batch {args.batch}, 200 outputs on [0, 7], dopri5 rtol=atol=1e-5, {args.threads} thread(s)")
+    print(
+        f"van der Pol, batch {args.batch}, 200 outputs on [0, 7], dopri5 rtol=atol=1e-5, {args.threads} thread(s), "
+        f"{args.device}"
+    )
     print(f"{'case':<13} {'library':<34} {'first s':>8} {'ms':>9} {'NFE (sum)':>10} {'÷ torchdiffeq':>13}")
     for r in rows:
         ratio = f"{r['ratio_to_torchdiffeq']:.2f}" if r["ratio_to_torchdiffeq"] else "—"

@@ -299,7 +299,7 @@ def test_adjoint_backward_stays_eager_with_a_warning_for_foreign_parameters():
 
 
 def test_attempts_per_compiled_call_follow_the_cost_of_func():
-    from neuralode.solvers.device_loop import _choose_unroll
+    from neuralode.solvers.device_loop import _UNROLL, _choose_unroll, _unroll_key
 
     def cheap(t, y):
         return y
@@ -321,6 +321,10 @@ def test_attempts_per_compiled_call_follow_the_cost_of_func():
     assert _choose_unroll(costly, shape, torch.float32, torch.device("cpu"), [1e-5], 6) == 1
     # no timed call (f0 and first_step given): large states count as expensive
     assert _choose_unroll(lambda t, y: y, shape, torch.float32, torch.device("cpu"), [], 1 << 20) == 1
+    # the starting step is compiled only for a func whose calls were timed cheap
+    cpu = torch.device("cpu")
+    assert _UNROLL[_unroll_key(cheap, shape, torch.float32, cpu, False)][2] is True
+    assert _UNROLL[_unroll_key(costly, shape, torch.float32, cpu, False)][2] is False
 
 
 def test_direct_calls_of_the_compiled_loop_change_nothing(monkeypatch):

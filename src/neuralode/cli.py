@@ -37,7 +37,7 @@ def _dynamics(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from .experiments.bench import main as bench_main
 
-    argv = ["--threads", str(args.threads), "--out", args.out]
+    argv = ["--threads", str(args.threads), "--out", args.out, "--device", args.device]
     if args.cases:
         argv += ["--cases", *args.cases]
     if args.compile:
@@ -332,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, default=1)
     b.add_argument("--cases", nargs="*", help="tiny tiny_long medium large (default: all)")
     b.add_argument("--compile", action="store_true", help="also time neuralode with compile=True")
+    b.add_argument("--device", default="cpu", help="cpu or cuda")
     b.add_argument("--out", default="runs/bench/overhead.json")
     b.set_defaults(fn=_bench)
     return p

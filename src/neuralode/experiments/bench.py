@@ -109,20 +109,36 @@ CASES = {  # name: (state dim, hidden, batch, t1, repeats)
 }
 
 
+def synchronizer(device: str | torch.device) -> Callable[[], None]:
+    """What a timer must call before reading the clock: waiting for the device's queued kernels (CUDA
+    launches return at once), nothing on CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
 def interleaved_min(
-    calls: dict[str, Callable[[], object]], rounds: int, inner: dict[str, int] | None = None
+    calls: dict[str, Callable[[], object]],
+    rounds: int,
+    inner: dict[str, int] | None = None,
+    sync: Callable[[], None] | None = None,
 ) -> dict[str, float]:
-    """Minimum time per call of each callable, timed in alternating rounds (one warm-up call each)."""
+    """Minimum time per call of each callable, timed in alternating rounds (one warm-up call each).
+    ``sync`` (see ``synchronizer``) runs before each clock reading."""
     inner = inner or {}
+    sync = sync or (lambda: None)
     for fn in calls.values():
         fn()
     best = {k: float("inf") for k in calls}
     for _ in range(rounds):
         for k, fn in calls.items():
             n = inner.get(k, 1)
+            sync()
             a = time.perf_counter()
             for _ in range(n):
                 fn()
+            sync()
             best[k] = min(best[k], (time.perf_counter() - a) / n)
     return best
 
@@ -137,11 +153,12 @@ def run_case(
     rtol: float,
     libs: list[str],
     compile: bool = False,
+    device: str = "cpu",
 ) -> list[dict]:
     torch.manual_seed(0)
-    field = MLPField(dim, hidden)
-    y0 = torch.randn(batch, dim)
-    t = torch.tensor([0.0, t1])
+    field = MLPField(dim, hidden).to(device)
+    y0 = torch.randn(batch, dim).to(device)
+    t = torch.tensor([0.0, t1], device=device)
     makers: dict[str, Callable] = {
         "neuralode": lambda f: lambda: odeint(f, y0, t, rtol=rtol, atol=rtol, method="dopri5"),
     }
@@ -172,7 +189,7 @@ def run_case(
             first[lib] = time.perf_counter() - a
             calls[lib] = lambda: solve(field, y0, t, rtol=rtol, atol=rtol, method="dopri5", compile=True, dense=False)
             makers[lib] = None
-        best = interleaved_min(calls, repeats, inner={"func": 10})
+        best = interleaved_min(calls, repeats, inner={"func": 10}, sync=synchronizer(device))
     rows = []
     for lib in makers:
         rows.append(
@@ -225,13 +242,14 @@ def main(argv=None) -> dict:
     p.add_argument("--cases", nargs="*", default=list(CASES))
     p.add_argument("--libs", nargs="*", default=["neuralode", "torchdiffeq", "torchode"])
     p.add_argument("--compile", action="store_true", help="add neuralode with compile=True (compiles per case)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (timings synchronise the device)")
     p.add_argument("--out", default="runs/bench/overhead.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     libs = [lib for lib in args.libs if lib == "neuralode" or _importable(lib)]
     rows = []
     for name in args.cases:
-        rows += run_case(name, *CASES[name], rtol=args.rtol, libs=libs, compile=args.compile)
+        rows += run_case(name, *CASES[name], rtol=args.rtol, libs=libs, compile=args.compile, device=args.device)
     print(f"{'case':<10} {'library':<22} {'wall ms':>9} {'NFE':>5} {'func µs':>8} {'overhead':>9} {'vs tdq':>7}")
     for r in rows:
         print(

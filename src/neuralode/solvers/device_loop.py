@@ -232,10 +232,11 @@ def integrate_device_loop(
     direction = 1.0 if T[-1] >= T[0] else -1.0
     transposed = G > 1 and d < 16
     dense_out = m > 2
+    cheap = False  # func's eager calls were timed under _EXPENSIVE_CALL_S (in its first solve)
     if unroll is None:
         known = _UNROLL.get(_unroll_key(func, shape, dtype, device, per_sample), (None,))
         if known[0] is func:
-            unroll = known[1]
+            unroll, cheap = known[1], known[2]
     # wall time of the prelude's calls of func, which choose ``unroll`` (timed only while it is unknown: on
     # CUDA timing synchronises)
     seconds: list[float] | None = [] if unroll is None else None
@@ -258,7 +259,9 @@ def integrate_device_loop(
     k0 = F(t, y) if f0 is None else f0
     order = method.tableau.order
     dt = None
-    if first_step is None and unroll is not None and not _NO_DIRECT:  # (the first solve times func eagerly)
+    # the compiled starting step: for a cheap func (an expensive one's eager call costs what its compiled one
+    # does, and compiling it would stall the second solve for seconds), known from the first solve's timing
+    if first_step is None and unroll is not None and cheap and not _NO_DIRECT:
         start = _init_step(
             func, shape, G, d, per_sample, direction, order, rtol, atol, ctrl.max_step, dtype, device, backend
         )
@@ -572,12 +575,13 @@ def _choose_unroll(
     if got is not None and got[0] is func:
         return got[1]
     expensive = min(seconds) >= _EXPENSIVE_CALL_S if seconds else size >= _EXPENSIVE_SIZE
+    cheap = bool(seconds) and not expensive
     unroll = 1 if expensive or span_steps <= 2.5 else 2 if span_steps <= 8 else 4
     if seconds and not per_sample and min(seconds) < _CHEAP_CALL_S and span_steps >= _LONG_SPAN_STEPS:
         unroll = 8
     if len(_UNROLL) > 256:
         _UNROLL.clear()
-    _UNROLL[key] = (func, unroll)
+    _UNROLL[key] = (func, unroll, cheap)
     return unroll
 
 
