@@ -411,6 +411,8 @@ def test_direct_call_only_for_a_single_compiled_entry_whose_guards_pass():
     scale["s"] = 2.0
     with torch.no_grad():
         assert not direct.passes((x, y))  # grad mode is guarded too
+    with torch.compiler.set_stance("force_eager"):  # the user's stance is obeyed, not bypassed
+        assert DirectCall.of(fn) is None
     fn(torch.randn(4), torch.randn(4))  # a second entry: which one applies is for Dynamo to say
     assert DirectCall.of(fn) is None
     assert DirectCall.of(g) is None  # not a compiled function

@@ -484,8 +484,9 @@ class DirectCall:
     the check from the third call on, whose inputs are the previous call's outputs: the same sizes, strides,
     dtypes and devices as the checked second call's, with ``t_end`` and func the same objects and no user code
     run in between. A call whose guards fail goes through Dynamo, which recompiles, and that solve keeps the
-    guarded calls. ``of(fn)`` is ``None`` where ``fn`` has no or several compiled entries, or where this
-    PyTorch lacks the internals used here."""
+    guarded calls. ``of(fn)`` is ``None`` where ``fn`` has no or several compiled entries, under a
+    ``torch.compiler.set_stance`` other than the default (Dynamo then decides), or where this PyTorch lacks the
+    internals used here."""
 
     __slots__ = ("call", "guards", "names", "cells")
 
@@ -496,7 +497,10 @@ class DirectCall:
     def of(cls, fn: Callable) -> DirectCall | None:
         try:
             from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+            from torch._dynamo import eval_frame
 
+            if eval_frame._stance.stance != "default":  # e.g. torch.compiler.set_stance("force_eager"): obey it
+                return None
             orig = fn._torchdynamo_orig_callable
             code = orig.__code__
             entries = _debug_get_cache_entry_list(code)
