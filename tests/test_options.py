@@ -52,6 +52,32 @@ def test_adjoint_callbacks_fire_in_the_backward_solve():
     assert rec.adjoint_steps[0] == 1.0  # the backward solve starts at the end
 
 
+@pytest.mark.parametrize("kind", ["module_attribute", "function_attribute", "submodule"])
+def test_callbacks_set_on_the_instance_are_found(kind):
+    # callbacks looked up the way attribute access finds them: an instance attribute of a Module, an attribute
+    # set on a plain function, a callable submodule
+    seen = []
+    if kind == "function_attribute":
+
+        def func(t, y):
+            return -y
+
+    else:
+        func = torch.nn.Module()
+        func.forward = lambda t, y: -y
+    if kind == "submodule":
+
+        class Cb(torch.nn.Module):
+            def forward(self, t0, y0, dt):
+                seen.append(float(dt))
+
+        func.callback_accept_step = Cb()
+    else:
+        func.callback_accept_step = lambda t0, y0, dt: seen.append(float(dt))
+    sol = nd.solve(func, torch.ones(1, dtype=D), torch.tensor([0.0, 1.0], dtype=D))
+    assert len(seen) == sol.stats.n_steps > 0
+
+
 def test_zero_error_steps_grow_by_ifactor_exactly():
     rec = Recorder(lambda t, y: torch.ones_like(y))  # every RK method is exact: error estimate 0
     nd.solve(

@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .._problem import Problem, run, valid_options
-from ..solvers.integrate import block_rms_max
+from ..solvers.integrate import _callbacks, block_rms_max
 from .common import SolveStats, raise_on_failure
 
 __all__ = ["adjoint_solve", "CALLBACK_NAMES"]
@@ -321,8 +321,8 @@ def _aug_norm(norm: Any, prob: Problem, n: int, wrt: Sequence[torch.Tensor], dev
 
 
 def _adjoint_callbacks(func: Any):
-    found = {name: getattr(func, name + "_adjoint") for name in CALLBACK_NAMES if hasattr(func, name + "_adjoint")}
-    return types.SimpleNamespace(**found)
+    got = _callbacks(func, [name + "_adjoint" for name in CALLBACK_NAMES])
+    return types.SimpleNamespace(**{name: cb for name, cb in zip(CALLBACK_NAMES, got) if cb is not None})
 
 
 def adjoint_solve(

@@ -44,7 +44,8 @@ class RHS:
         self.dtype, self.device = dtype, device
         self.nfe = 0
         self._checked = False
-        self.unflatten = unflatten if unflatten is not None else (lambda y: y.view(shape))
+        dims = tuple(shape)  # (view(*ints) parses several times faster than view(torch.Size))
+        self.unflatten = unflatten if unflatten is not None else (lambda y: y.view(*dims))
         #: the state's shape for stage buffers viewed in it (None for tuple states: they go through flat)
         self.buffer_shape = shape if unflatten is None else None
         #: optional ``into(t, y, out)`` writing f(t, y) straight into ``out`` (internal right-hand sides, such
@@ -328,6 +329,16 @@ def _l2_norm(x: torch.Tensor) -> float:
 
 
 def _callbacks(func: Any, names: Sequence[str]) -> list:
+    if isinstance(func, torch.nn.Module) and type(func).__getattr__ is torch.nn.Module.__getattr__:
+        # the lookups nn.Module's attribute access makes, without the AttributeError (and its formatted
+        # message) that a missing attribute costs through Module.__getattr__: ~4 µs a solve
+        d, cls = func.__dict__, type(func)
+        return [
+            getattr(func, n)
+            if n in d or hasattr(cls, n) or n in d["_parameters"] or n in d["_buffers"] or n in d["_modules"]
+            else None
+            for n in names
+        ]
     return [getattr(func, n, None) for n in names]
 
 

@@ -29,7 +29,7 @@ class StageBuffer:
     state) the rows and a scratch stage input viewed in the state's own shape, so that a stage costs no
     reshaping."""
 
-    __slots__ = ("K", "prefix_t", "rows", "grad", "rows_shaped", "scratch", "scratch_shaped", "shape")
+    __slots__ = ("K", "prefix_t", "rows", "grad", "rows_shaped", "scratch", "scratch_shaped", "shape", "dims")
 
     def __init__(
         self, rows: int, n: int, dtype: torch.dtype, device: torch.device, shape: torch.Size | None = None
@@ -41,6 +41,7 @@ class StageBuffer:
         # and stage inputs are fresh tensors (autograd keeps them)
         self.grad = torch.is_grad_enabled()
         self.shape = shape
+        self.dims = None if shape is None else tuple(shape)  # for view(*dims): faster than view(torch.Size)
         if shape is not None and not self.grad:
             self.rows_shaped = [r.view(shape) for r in self.rows]
             self.scratch = torch.empty(n, dtype=dtype, device=device)
@@ -137,7 +138,7 @@ class RungeKutta:
             if shaped is not None:  # no graph, tensor state: stage input in scratch, output straight into K
                 if i == S - 1 and self.fsal:
                     yi = torch.addmv(y, pre[i], a[i], alpha=dt)
-                    rhs.shaped_into(ti, yi.view(buf.shape), shaped[i])
+                    rhs.shaped_into(ti, yi.view(*buf.dims), shaped[i])
                 else:
                     torch.addmv(y, pre[i], a[i], alpha=dt, out=buf.scratch)
                     rhs.shaped_into(ti, buf.scratch_shaped, shaped[i])
