@@ -93,3 +93,106 @@ def test_per_sample_backwards_in_time_matches_the_joint_solve_of_each_sample():
             alone = node.solve(_vdp(mus[b : b + 1]), y0[b : b + 1], t, rtol=1e-7, atol=1e-9)
             assert int(ps.sample_stats["n_steps"][b]) == alone.stats.n_steps
             torch.testing.assert_close(ps.ys[:, b], alone.ys[:, 0], rtol=0, atol=1e-10)
+
+
+def _own_times(direction: float) -> torch.Tensor:
+    """Four rows of irregular times, each with its own start and end (all increasing or all decreasing)."""
+    g = torch.Generator().manual_seed(3)
+    starts = torch.tensor([0.0, 0.7, -1.3, 2.0], dtype=torch.float64)
+    gaps = 0.05 + torch.rand(4, 6, generator=g, dtype=torch.float64)
+    return torch.cat([starts[:, None], starts[:, None] + direction * gaps.cumsum(1)], 1)
+
+
+@pytest.mark.parametrize("direction", [1.0, -1.0])
+def test_per_sample_output_times_each_sample_solved_on_its_own_times(direction):
+    """t of shape (batch, m): every sample starts at its own t[b, 0] and is reported at its own times, taking
+    the steps that the joint solver takes for that sample alone on those times."""
+    mus = torch.tensor([0.5, 1.0, 2.0, 5.0], dtype=torch.float64)
+    # inside the limit cycle, so that the backward solves (towards the repelling cycle's inside) stay bounded
+    y0 = torch.tensor([[0.5, 0.0], [0.2, 0.3], [0.1, 0.0], [0.3, -0.2]], dtype=torch.float64)
+    t = _own_times(direction)
+    with torch.no_grad():
+        ps = node.solve(_vdp(mus), y0, t, rtol=1e-7, atol=1e-9, per_sample=True)
+        assert ps.ys.shape == (7, 4, 2) and ps.ts.shape == (4, 7)
+        for b in range(4):
+            alone = node.solve(_vdp(mus[b : b + 1]), y0[b : b + 1], t[b], rtol=1e-7, atol=1e-9)
+            assert int(ps.sample_stats["n_steps"][b]) == alone.stats.n_steps
+            assert int(ps.sample_stats["n_rejected"][b]) == alone.stats.n_rejected
+            torch.testing.assert_close(ps.ys[:, b], alone.ys[:, 0], rtol=0, atol=1e-10)
+
+
+def test_per_sample_output_times_match_scipy():
+    scipy_integrate = pytest.importorskip("scipy.integrate")
+    mus = torch.tensor([0.5, 1.0, 2.0, 5.0], dtype=torch.float64)
+    y0 = torch.tensor([[2.0, 0.0], [1.0, 0.5], [0.1, 0.0], [2.0, -1.0]], dtype=torch.float64)
+    t = _own_times(1.0)
+    with torch.no_grad():
+        ps = node.solve(_vdp(mus), y0, t, method="tsit5", rtol=1e-9, atol=1e-11, per_sample=True)
+    for b, mu in enumerate(mus.tolist()):
+        ref = scipy_integrate.solve_ivp(
+            lambda _, y, mu=mu: [y[1], mu * (1 - y[0] ** 2) * y[1] - y[0]],
+            (float(t[b, 0]), float(t[b, -1])),
+            y0[b].tolist(),
+            rtol=1e-12,
+            atol=1e-12,
+            t_eval=t[b].numpy(),
+            method="DOP853",
+        )
+        assert float((ps.ys[:, b] - torch.from_numpy(ref.y.T)).abs().max()) < 1e-7
+
+
+@pytest.mark.parametrize("rows", [False, True])
+def test_time_gradients_of_per_sample_solves_match_finite_differences(rows):
+    """dL/dt for shared (1-D) and per-sample (2-D) times, against central differences in float64."""
+    mus = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    y0 = torch.tensor([[2.0, 0.0], [1.0, 0.5]], dtype=torch.float64, requires_grad=True)
+    t = _own_times(1.0)[:2, :4].clone() if rows else torch.tensor([0.2, 0.9, 1.5, 2.4], dtype=torch.float64)
+    w = torch.randn(4, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def loss(tt, yy):
+        return (node.solve(_vdp(mus), yy, tt, rtol=1e-11, atol=1e-12, per_sample=True).ys * w).sum()
+
+    tg = t.clone().requires_grad_(True)
+    gt, gy = torch.autograd.grad(loss(tg, y0), (tg, y0))
+    eps = 1e-6
+    with torch.no_grad():
+        fd = torch.zeros_like(t)
+        for i in range(t.numel()):
+            d = torch.zeros(t.numel(), dtype=torch.float64)
+            d[i] = eps
+            d = d.view(t.shape)
+            fd.view(-1)[i] = (loss(t + d, y0) - loss(t - d, y0)) / (2 * eps)
+    torch.testing.assert_close(gt, fd, rtol=1e-5, atol=1e-6)
+    assert float(gt.abs().max()) > 0.1  # the check is not vacuous
+    # the state's gradient is unchanged by the time-gradient correction (values are untouched too)
+    gy_plain = torch.autograd.grad(loss(t, y0), y0)[0]
+    torch.testing.assert_close(gy, gy_plain, rtol=1e-9, atol=1e-12)
+
+
+def test_per_sample_output_times_bad_input_is_a_clear_error():
+    f = _vdp(torch.tensor([1.0, 2.0], dtype=torch.float64))
+    y0 = torch.zeros(2, 2, dtype=torch.float64)
+    t = torch.tensor([[0.0, 1.0], [0.5, 2.0]], dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"`t` must be 1-D.*per_sample=True"):
+        node.solve(f, y0, t)
+    with pytest.raises(ValueError, match=r"one row per sample.*\(3, \.\.\.\)"):
+        node.solve(f, y0, torch.zeros(3, 2, dtype=torch.float64) + torch.arange(2.0), per_sample=True)
+    with pytest.raises(ValueError, match=r"all increase or all decrease.*t\[1\]"):
+        node.solve(f, y0, torch.tensor([[0.0, 1.0], [2.0, 0.5]], dtype=torch.float64), per_sample=True)
+    with pytest.raises(ValueError, match=r"`t\[1\]` must be strictly increasing.*t\[1\]\[2\]"):
+        node.solve(f, y0, torch.tensor([[0.0, 1.0, 2.0], [0.0, 1.0, 1.0]], dtype=torch.float64), per_sample=True)
+    with pytest.raises(ValueError, match=r"`t\[0\]` must be finite"):
+        node.solve(f, y0, torch.tensor([[0.0, float("nan")], [0.0, 1.0]], dtype=torch.float64), per_sample=True)
+    with pytest.raises(ValueError, match="tuple state"):
+        node.solve(lambda t, y: y, (y0, y0), t, per_sample=True)
+
+
+def test_per_sample_output_times_under_compile_fall_back_to_the_eager_loop():
+    mus = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    y0 = torch.tensor([[2.0, 0.0], [1.0, 0.5]], dtype=torch.float64)
+    t = _own_times(1.0)[:2]
+    with torch.no_grad():
+        with pytest.warns(RuntimeWarning, match="per-sample output times"):
+            got = node.solve(_vdp(mus), y0, t, rtol=1e-7, atol=1e-9, per_sample=True, compile=True)
+        eager = node.solve(_vdp(mus), y0, t, rtol=1e-7, atol=1e-9, per_sample=True)
+    torch.testing.assert_close(got.ys, eager.ys, rtol=0, atol=0)

@@ -110,7 +110,9 @@ def solve(
         func: ``func(t, y) -> dy/dt`` (``t`` a 0-d tensor of the state's dtype); ``y`` a tensor of any shape
             or a tuple of tensors.
         y0: the initial state.
-        t: 1-D strictly monotonic times; decreasing integrates backwards. ``ys[0]`` is ``y0``.
+        t: 1-D strictly monotonic times; decreasing integrates backwards. ``ys[0]`` is ``y0``. With
+            ``per_sample=True`` also ``(batch, m)``: each sample's own times (rows all increasing or all
+            decreasing); ``ys`` is then ``(m, batch, ...)``.
         method: see ``neuralode.METHODS`` (default ``"dopri5"``).
         rtol, atol: tolerances (floats or tensors broadcastable to the state, per-component).
         options: method options, torchdiffeq's names (``first_step``, ``step_size``, ``max_num_steps``, ...).
@@ -126,7 +128,8 @@ def solve(
         event_fn: stop at the first zero crossing of ``event_fn(t, y)``; ``Solution.event_t`` holds it.
         per_sample: adaptive methods: every sample of a ``(batch, ...)`` state keeps its own time, step size
             and accept/reject decision; ``func`` then receives ``t`` as a ``(batch,)`` tensor. Per-sample step
-            counts and evaluations are in ``Solution.sample_stats`` (backprop gradients; no dense output).
+            counts and evaluations are in ``Solution.sample_stats`` (backprop gradients, ``t`` included; no
+            dense output).
         compile: ``torch.compile`` the solver (True: inductor, or a backend name). Without gradients the whole
             adaptive loop runs compiled (joint or per-sample); with backprop or checkpointed gradients each step
             is compiled; with the adjoint, the backward solve of an ``nn.Module`` func (its own parameters)
@@ -149,7 +152,7 @@ def solve(
         dense = False
     if on_failure not in ("raise", "return"):
         raise ValueError(f"`on_failure` must be 'raise' or 'return', got {on_failure!r}")
-    prob = prepare(func, y0, t, rtol, atol, method, options, event_fn)
+    prob = prepare(func, y0, t, rtol, atol, method, options, event_fn, per_sample=per_sample)
     if prob.method == "scipy_solver" and gradient != "backprop":
         raise ValueError(
             "method='scipy_solver' is forward only: it cannot be used with gradient="
@@ -205,8 +208,14 @@ def _solve_per_sample(prob: Problem, stats: SolveStats, gradient: str, event_fn,
     rhs = prob.rhs()
     method = stepper(prob.method, rhs.n, rhs.dtype, rhs.device, "dense")
     y0 = prob.unflatten(prob.y0)
+    rows = prob.t.ndim == 2  # per-sample output times
+    needs_t_grad = prob.t.requires_grad and torch.is_grad_enabled()
     got = None
-    if opts.get("compile") and not torch.is_grad_enabled():
+    if opts.get("compile") and rows and not torch.is_grad_enabled():
+        from .solvers.compiled import _warn_once
+
+        _warn_once("compile=True does not support per-sample output times (2-D t) yet; using the eager solver")
+    elif opts.get("compile") and not torch.is_grad_enabled():
         from .solvers.device_loop import integrate_device_loop
         from .solvers.device_loop import supports as device_loop_supports
 
@@ -227,27 +236,65 @@ def _solve_per_sample(prob: Problem, stats: SolveStats, gradient: str, event_fn,
             )
         if got is not None:
             res, sample_stats = got
+    box: dict = {}
     if got is None:
-        res, sample_stats = integrate_per_sample(
-            prob.func,
-            y0,
-            prob.t_out,
-            method,
-            ctrl,
-            rtol=prob.rtol,
-            atol=prob.atol,
-            first_step=opts.get("first_step"),
-            max_num_steps=int(opts.get("max_num_steps", DEFAULT_MAX_NUM_STEPS)),
-        )
+
+        def core(y0_: torch.Tensor) -> torch.Tensor:
+            box["res"], box["stats"] = integrate_per_sample(
+                prob.func,
+                y0_,
+                prob.t_out,
+                method,
+                ctrl,
+                rtol=prob.rtol,
+                atol=prob.atol,
+                first_step=opts.get("first_step"),
+                max_num_steps=int(opts.get("max_num_steps", DEFAULT_MAX_NUM_STEPS)),
+            )
+            return box["res"].ys.view(-1, *y0_.shape)
+
+        if needs_t_grad:
+            ys = _per_sample_time_gradient(prob, y0, core, stats)
+        else:
+            ys = core(y0)
+        res, sample_stats = box["res"], box["stats"]
+        res.ys = ys.reshape(ys.shape[0], -1)
     stats.nfe += sample_stats["calls"]
     stats.n_steps += res.n_steps
     stats.n_rejected += res.n_rejected
     if res.status != Status.SUCCESS and on_failure == "raise":
         raise exception_for(res.status, res.message, res.t_fail)
     m = res.ys.shape[0]
-    sol = Solution(prob.t[:m], prob.unflatten(res.ys), stats, res.status, res.message, res.t_fail, None, prob)
+    ts = prob.t[:, :m] if rows else prob.t[:m]
+    sol = Solution(ts, prob.unflatten(res.ys), stats, res.status, res.message, res.t_fail, None, prob)
     sol.sample_stats = {k: v for k, v in sample_stats.items() if k != "calls"}
     return sol
+
+
+def _per_sample_time_gradient(prob: Problem, y0: torch.Tensor, core: Callable, stats: SolveStats) -> torch.Tensor:
+    """Per-sample ``core(y0) -> ys (m, batch, ...)`` with gradients for every entry of ``t`` (1-D: shared by the
+    samples; 2-D: one row per sample). As ``gradients.common.time_gradient_wrapper``, per sample:
+    ∂y_b(t_bi)/∂t_bi = f(t_bi, y_b(t_bi)) and ∂y_b(t_bi)/∂t_b0 = -Φ_b f(t_b0, y0_b), produced by autograd from a
+    solve started at ``y0 - δ₀ f₀`` and outputs corrected by ``+ δᵢ fᵢ`` with ``δ = t - t.detach()`` (zero in
+    value, one in derivative), so the values are untouched. Costs one batched ``func`` call per output time."""
+    t = prob.t
+    B = y0.shape[0]
+    times = torch.as_tensor(prob.t_out, dtype=torch.float64).to(y0.device)
+    times = (times if times.ndim == 2 else times.expand(B, -1)).to(y0.dtype)
+    delta = (t - t.detach()).to(device=y0.device, dtype=y0.dtype)
+    delta = delta if delta.ndim == 2 else delta.expand(B, -1)  # (B, m); a shared time's gradient sums over B
+    lead = (B,) + (1,) * (y0.ndim - 1)
+
+    def f(i: int, y: torch.Tensor) -> torch.Tensor:
+        stats.nfe += 1
+        with torch.no_grad():
+            return prob.func(times[:, i], y)
+
+    f0 = f(0, y0.detach())
+    ys = core(y0 - delta[:, 0].view(lead) * f0)
+    m = ys.shape[0]
+    fs = torch.stack([f0] + [f(i, ys[i].detach()) for i in range(1, m)])
+    return ys + delta[:, :m].t().reshape(m, *lead) * fs
 
 
 def _solve(

@@ -85,8 +85,8 @@ class Problem:
 
     func: Callable
     y0: torch.Tensor  # flat
-    t: torch.Tensor  # as given (1-D)
-    t_out: list[float]
+    t: torch.Tensor  # as given: 1-D, or (batch, m) for per-sample times
+    t_out: list  # floats; per-sample times: one list per sample
     method: str
     options: dict
     rtol: float | torch.Tensor
@@ -122,14 +122,23 @@ class Problem:
         )
 
 
-def _check_t(t: Any) -> tuple[torch.Tensor, list[float]]:
+def _check_t(t: Any, per_sample: bool = False, shape: torch.Size | None = None) -> tuple[torch.Tensor, list]:
+    """``t`` as a tensor and as Python floats. 1-D; with ``per_sample`` also ``(batch, m)``: every sample its own
+    times (a list of rows), all rows in the same direction."""
     if not torch.is_tensor(t):
         try:
             t = torch.as_tensor(t, dtype=torch.float64)
         except Exception as exc:  # noqa: BLE001
             raise TypeError(f"`t` must be a 1-D tensor of times, got {type(t).__name__}") from exc
+    if t.ndim == 2 and per_sample:
+        return t, _check_t_rows(t, shape)
     if t.ndim != 1:
-        raise ValueError(f"`t` must be 1-D (a sequence of times), got shape {tuple(t.shape)}")
+        hint = (
+            "; per-sample output times, shape (batch, len), need solve(..., per_sample=True)"
+            if t.ndim == 2 and not per_sample
+            else ""
+        )
+        raise ValueError(f"`t` must be 1-D (a sequence of times), got shape {tuple(t.shape)}{hint}")
     if not torch.is_floating_point(t):
         raise TypeError(f"`t` must be a floating point tensor, got dtype {t.dtype}; use e.g. t.double()")
     if len(t) == 0:
@@ -137,6 +146,33 @@ def _check_t(t: Any) -> tuple[torch.Tensor, list[float]]:
     ts = t.detach().tolist()  # exact Python floats for every floating dtype (no float64 copy needed)
     check_times(ts, "t")
     return t, ts
+
+
+def _check_t_rows(t: torch.Tensor, shape: torch.Size | None) -> list[list[float]]:
+    """Per-sample times ``(batch, m)``: one row per sample of ``y0``, each finite and strictly monotonic, all in
+    the same direction."""
+    if not torch.is_floating_point(t):
+        raise TypeError(f"`t` must be a floating point tensor, got dtype {t.dtype}; use e.g. t.double()")
+    if shape is None or len(shape) < 1 or t.shape[0] != shape[0]:
+        got = "a tuple state" if shape is None else f"y0 of shape {tuple(shape)}"
+        raise ValueError(
+            f"per-sample times `t` of shape {tuple(t.shape)} need one row per sample: a tensor y0 of shape "
+            f"({t.shape[0]}, ...); got {got}"
+        )
+    if t.shape[1] == 0:
+        raise ValueError("`t` has no times: give at least the initial time of each sample")
+    rows = t.detach().tolist()
+    for b, row in enumerate(rows):
+        check_times(row, f"t[{b}]")
+    if t.shape[1] > 1:
+        up = [row[1] > row[0] for row in rows]
+        if any(u != up[0] for u in up):
+            b = up.index(not up[0])
+            raise ValueError(
+                "the rows of per-sample times `t` must all increase or all decrease; t[0] "
+                f"{'increases' if up[0] else 'decreases'} but t[{b}] does not"
+            )
+    return rows
 
 
 def check_times(ts: Sequence[float], name: str) -> None:
@@ -223,11 +259,12 @@ def prepare(
     method: str | None,
     options: dict | None,
     event_fn: Callable | None = None,
+    per_sample: bool = False,
 ) -> Problem:
     if not callable(func):
         raise TypeError(f"`func` must be callable as func(t, y), got {type(func).__name__}")
     flat, shapes, shape = _check_y0(y0)
-    t, t_list = _check_t(t)
+    t, t_list = _check_t(t, per_sample, shape if shapes is None else None)
     method = "dopri5" if method is None else method
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")

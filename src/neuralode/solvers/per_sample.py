@@ -56,7 +56,10 @@ def integrate_per_sample(
     max_num_steps: int = 100_000,
 ) -> tuple[IntegrationResult, dict]:
     """Integrate a batch with per-sample steps. Returns the result (``ys``: ``(len(t_out), batch, n)``) and
-    per-sample statistics (``n_steps``, ``n_rejected``, ``nfe``: tensors of shape ``(batch,)``)."""
+    per-sample statistics (``n_steps``, ``n_rejected``, ``nfe``: tensors of shape ``(batch,)``).
+
+    ``t_out`` is one sequence of times for every sample, or one row per sample (``batch`` rows of equal length,
+    all in the same direction): each sample then starts at its own first time and stops at its own last."""
     if ctrl.beta2 != 0:
         raise ValueError("per-sample stepping uses the integral controller: leave `pcoeff` at 0")
     B = y0.shape[0]
@@ -64,9 +67,10 @@ def integrate_per_sample(
     d = y.shape[1]
     dtype, device = y.dtype, y.device
     shape = y0.shape
-    T = [float(v) for v in t_out]
-    m = len(T)
-    direction = 1.0 if T[-1] >= T[0] else -1.0
+    rows = len(t_out) > 0 and isinstance(t_out[0], (list, tuple))
+    T_t = torch.tensor(t_out if rows else [list(t_out)], dtype=torch.float64, device=device).expand(B, -1)
+    m = T_t.shape[1]
+    direction = 1.0 if float(T_t[0, -1]) >= float(T_t[0, 0]) else -1.0
     tab = method.tableau
     S = tab.stages
     A = [torch.tensor(row, dtype=dtype, device=device) for row in tab.a]
@@ -87,8 +91,8 @@ def integrate_per_sample(
 
     rms = _rms_rows
 
-    t = torch.full((B,), T[0], dtype=torch.float64, device=device)
-    t_end = torch.full_like(t, T[-1])
+    t = T_t[:, 0].clone()
+    t_end = T_t[:, -1].clone()
     all_active = torch.ones(B, dtype=torch.bool, device=device)
     K = torch.empty(max(method.rows, S), B, d, dtype=dtype, device=device)
     f0 = f(t, y, all_active)
@@ -102,12 +106,10 @@ def integrate_per_sample(
     out = torch.empty(m, B, d, dtype=dtype, device=device)
     out[0] = y
     next_k = torch.ones(B, dtype=torch.long, device=device)
-    T_t = torch.tensor(T, dtype=torch.float64, device=device)
-    T_sorted = direction * T_t  # increasing, for searchsorted
-    active = all_active.clone()
-    if m == 1 or T[0] == T[-1]:
+    T_sorted = (direction * T_t).contiguous()  # rows increasing, for searchsorted
+    active = t_end != t  # (a single time: nothing to do)
+    if m == 1:
         out[:] = y
-        active[:] = False
     n_steps = torch.zeros(B, dtype=torch.long, device=device)
     n_rej = torch.zeros(B, dtype=torch.long, device=device)
     tol_shift = atol / rtol
@@ -118,7 +120,9 @@ def integrate_per_sample(
         if attempts >= max_num_steps:
             worst = int(torch.argmin(torch.where(active, direction * t, torch.full_like(t, math.inf))))
             status, t_fail = Status.MAX_STEPS, float(t[worst])
-            message = _max_steps_message(max_num_steps, t_fail, T[0], T[-1], int(n_steps[worst]), int(n_rej[worst]))
+            message = _max_steps_message(
+                max_num_steps, t_fail, float(T_t[worst, 0]), float(t_end[worst]), int(n_steps[worst]), int(n_rej[worst])
+            )
             message += f" (sample {worst} of the batch)"
             break
         attempts += 1
@@ -143,14 +147,14 @@ def integrate_per_sample(
         if not method.fsal and method.interp_needs_f1 and bool(accept.any()):
             K[S] = f(t1, y1, accept)
         # every output time passed by an accepted step, all samples at once: indices next_k .. upto − 1
-        upto = torch.searchsorted(T_sorted, direction * t1, right=True)
+        upto = torch.searchsorted(T_sorted, (direction * t1)[:, None], right=True)[:, 0]
         count = torch.where(accept, upto - next_k, torch.zeros_like(upto)).clamp(min=0)
         M = int(count.max())
         if M:
             ks = next_k[:, None] + torch.arange(M, device=device)
             valid = torch.arange(M, device=device) < count[:, None]
             ks = ks.clamp(max=m - 1)
-            theta = ((T_t[ks] - t[:, None]) / torch.where(dt_try == 0, 1.0, dt_try)[:, None]).clamp(0.0, 1.0)
+            theta = ((T_t.gather(1, ks) - t[:, None]) / torch.where(dt_try == 0, 1.0, dt_try)[:, None]).clamp(0.0, 1.0)
             coef = (theta[..., None] ** powers) @ W.double().T  # (B, M, rows)
             interp = torch.einsum("bmr,rbd->bmd", coef.to(dtype), K[:rows_used])
             vals = y[:, None] + h[:, None] * interp
