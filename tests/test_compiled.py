@@ -456,3 +456,30 @@ def test_compiled_starting_step_equals_the_eager_one(per_sample, direction):
     assert got.shape == (G,) and bool((got * direction > 0).all())
     torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
     assert bool((got.abs() < max_step).any())  # the clamp is not all that was tested
+
+
+@pytest.mark.parametrize("direction", [1.0, -1.0])
+def test_per_sample_output_times_in_the_compiled_loop(direction, monkeypatch):
+    """t of shape (batch, m), each sample its own start, end and irregular times: the compiled loop takes the
+    eager per-sample loop's steps and gives its values. The recorded attempts are evaluated and dropped after
+    every call, so a record that some sample still needs must not be dropped (samples end at different
+    times: one that is done early must not hold the others' outputs back, nor lose theirs)."""
+    from neuralode.solvers import device_loop
+
+    monkeypatch.setattr(device_loop, "_RECORD_BYTES", 0)
+    mus = torch.tensor([0.5, 1.0, 2.0, 4.0, 1.5], dtype=torch.float64)
+    y0 = torch.tensor([[0.5, 0.0], [0.2, 0.3], [0.1, 0.0], [0.3, -0.2], [0.4, 0.1]], dtype=torch.float64)
+    g = torch.Generator().manual_seed(5)
+    starts = torch.tensor([0.0, 0.7, -1.3, 2.0, 0.1], dtype=torch.float64)
+    gaps = (0.02 + torch.rand(5, 11, generator=g, dtype=torch.float64)) * torch.tensor([[0.3], [1], [0.5], [1], [0.1]])
+    t = torch.cat([starts[:, None], starts[:, None] + direction * gaps.cumsum(1)], 1)
+
+    def f(tt, y):
+        assert tt.shape == (5,)
+        return torch.stack([y[:, 1], mus * (1 - y[:, 0] ** 2) * y[:, 1] - y[:, 0]], 1)
+
+    eager, comp = _per_sample_eager_and_compiled(f, y0, t)
+    assert comp.ys.shape == (12, 5, 2) and torch.equal(comp.ts, t)
+    for k in ("n_steps", "n_rejected", "nfe"):
+        assert torch.equal(comp.sample_stats[k], eager.sample_stats[k]), k
+    torch.testing.assert_close(comp.ys, eager.ys, rtol=0, atol=1e-12)

@@ -186,13 +186,3 @@ def test_per_sample_output_times_bad_input_is_a_clear_error():
     with pytest.raises(ValueError, match="tuple state"):
         node.solve(lambda t, y: y, (y0, y0), t, per_sample=True)
 
-
-def test_per_sample_output_times_under_compile_fall_back_to_the_eager_loop():
-    mus = torch.tensor([0.5, 2.0], dtype=torch.float64)
-    y0 = torch.tensor([[2.0, 0.0], [1.0, 0.5]], dtype=torch.float64)
-    t = _own_times(1.0)[:2]
-    with torch.no_grad():
-        with pytest.warns(RuntimeWarning, match="per-sample output times"):
-            got = node.solve(_vdp(mus), y0, t, rtol=1e-7, atol=1e-9, per_sample=True, compile=True)
-        eager = node.solve(_vdp(mus), y0, t, rtol=1e-7, atol=1e-9, per_sample=True)
-    torch.testing.assert_close(got.ys, eager.ys, rtol=0, atol=0)

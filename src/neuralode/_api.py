@@ -211,11 +211,7 @@ def _solve_per_sample(prob: Problem, stats: SolveStats, gradient: str, event_fn,
     rows = prob.t.ndim == 2  # per-sample output times
     needs_t_grad = prob.t.requires_grad and torch.is_grad_enabled()
     got = None
-    if opts.get("compile") and rows and not torch.is_grad_enabled():
-        from .solvers.compiled import _warn_once
-
-        _warn_once("compile=True does not support per-sample output times (2-D t) yet; using the eager solver")
-    elif opts.get("compile") and not torch.is_grad_enabled():
+    if opts.get("compile") and not torch.is_grad_enabled():
         from .solvers.device_loop import integrate_device_loop
         from .solvers.device_loop import supports as device_loop_supports
 

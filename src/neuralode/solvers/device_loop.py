@@ -185,7 +185,8 @@ def _make_attempts(
                 active.any().double(),
                 (failed > 0).any().double(),
                 out_of_steps.double(),
-                (direction * t).min(),  # every group has passed this time
+                # every group has passed this time (one that finished has passed all of its own)
+                torch.where(~active & (failed == 0), math.inf, direction * t).min(),
                 (direction * t_after).max(),  # no group of these attempts got further
                 # the statistics, read with the flags (exact in float64 below 2**53)
                 n_steps.max().double(),
@@ -227,7 +228,10 @@ def integrate_device_loop(
     slices of the state; parts outside every block are not error-controlled."""
     G, d = y0.shape
     dtype, device = y0.dtype, y0.device
-    T = [float(v) for v in t_out]
+    # per-sample output times: ``t_out`` has one row per group (each its own start and end)
+    rows = len(t_out) > 0 and isinstance(t_out[0], (list, tuple))
+    T = [float(v) for v in (t_out[0] if rows else t_out)]  # (the first group's, for the direction)
+    T_rows = torch.tensor(t_out, dtype=torch.float64, device=device) if rows else None  # (G, m)
     m = len(T)
     direction = 1.0 if T[-1] >= T[0] else -1.0
     transposed = G > 1 and d < 16
@@ -253,8 +257,11 @@ def integrate_device_loop(
             "nfe": zeros(),
             "calls": 0,
         }
-    t = torch.full((G,), T[0], dtype=torch.float64, device=device)
-    t_end = torch.full_like(t, T[-1])
+    if rows:
+        t, t_end = T_rows[:, 0].clone(), T_rows[:, -1].clone()
+    else:
+        t = torch.full((G,), T[0], dtype=torch.float64, device=device)
+        t_end = torch.full_like(t, T[-1])
     y = y0
     k0 = F(t, y) if f0 is None else f0
     order = method.tableau.order
@@ -294,7 +301,8 @@ def integrate_device_loop(
         if seconds:  # the first, cold calls time badly: a few warm ones more, once per func
             for _ in range(3):
                 F(t, y)
-        span_steps = abs(T[-1] - T[0]) / max(float(dt.abs().min()), 1e-300)  # the initial step's guess
+        span = float((T_rows[:, -1] - T_rows[:, 0]).abs().max()) if rows else abs(T[-1] - T[0])
+        span_steps = span / max(float(dt.abs().min()), 1e-300)  # the initial step's guess
         unroll = _choose_unroll(func, shape, dtype, device, seconds, G * d, per_sample, span_steps)
     key = (id(func), method.tableau.name, tuple(shape), G, per_sample, direction, rtol, atol, unroll)
     key += (max_num_steps, transposed, ctrl.safety, ctrl.ifactor, ctrl.dfactor, ctrl.beta1, ctrl.min_step)
@@ -339,7 +347,7 @@ def integrate_device_loop(
     failed, n_steps, n_rej = zeros(), zeros(), zeros()
     nfe = torch.full_like(n_steps, init_nfe)
     state = (t, dt, y, k0, active, failed, n_steps, n_rej, nfe)
-    dense = _DenseOutput(T, direction, out, degree, backend_for(backend, device))
+    dense = _DenseOutput(T_rows if rows else T, direction, out, degree, backend_for(backend, device))
     status, message, t_fail = Status.SUCCESS, "", None
     # calls 0 and 1 go through ``fn`` unless its one compiled entry's guards pass (checked here, without
     # TorchDynamo's frame hook); the later ones take call 1's kind of inputs and skip the check (``DirectCall``)
@@ -378,7 +386,10 @@ def integrate_device_loop(
             if out_of_steps:
                 worst = int(torch.argmin(torch.where(active, direction * t, torch.full_like(t, math.inf))))
                 status, t_fail = Status.MAX_STEPS, float(t[worst])
-                message = _max_steps_message(max_num_steps, t_fail, T[0], T[-1], int(n_steps[worst]), int(n_rej[worst]))
+                t0_worst = float(T_rows[worst, 0]) if rows else T[0]
+                message = _max_steps_message(
+                    max_num_steps, t_fail, t0_worst, float(t_end[worst]), int(n_steps[worst]), int(n_rej[worst])
+                )
                 if per_sample:
                     message += f" (sample {worst} of the batch)"
                 break
@@ -388,7 +399,7 @@ def integrate_device_loop(
         _warn_once(f"compile=True: the compiled loop failed ({type(exc).__name__}: {exc}); using the eager solver")
         return None
     if status == Status.SUCCESS:
-        dense.flush(direction * T[-1])
+        dense.flush(dense.S[-1])
         out[m - 1] = y.t() if transposed else y  # the last step's end value itself
         reached = m
     else:
@@ -592,13 +603,23 @@ def _choose_unroll(
 class _DenseOutput:
     """Requested times evaluated from the recorded steps once every group has passed them."""
 
-    def __init__(self, T: list[float], direction: float, out: torch.Tensor, degree: int, backend=None) -> None:
-        self.S = [direction * v for v in T]  # increasing
+    def __init__(
+        self, T: list[float] | torch.Tensor, direction: float, out: torch.Tensor, degree: int, backend=None
+    ) -> None:
+        """``T``: the requested times shared by the groups (a list), or (groups, m), each group its own (float64)."""
+        if torch.is_tensor(T):
+            D = direction * T
+            # requested time k is done once every group has passed its own; a recorded attempt is needed
+            # while it reaches the earliest group's time (both increase with k)
+            self.S, self.S_first = D.amax(0).tolist(), D.amin(0).tolist()
+            self.T = T if T.shape[1] > 2 else None
+        else:
+            self.S = self.S_first = [direction * v for v in T]  # increasing
+            self.T = torch.tensor([T], dtype=torch.float64, device=out.device) if len(T) > 2 else None
         self.backend = backend  # a torch.compile backend for the interpolation, or None
         self.direction = direction
         self.out = out
         self.degree = degree
-        self.T = torch.tensor(T, dtype=torch.float64, device=out.device) if len(T) > 2 else None
         self.done = 1  # out[0] is y0
         self.records: list[tuple] = []  # (records, furthest time they reach)
         self.nbytes = 0
@@ -617,7 +638,7 @@ class _DenseOutput:
             self.done = hi
         # recorded attempts that end before the next requested time are no longer needed
         if self.done < len(self.S):
-            nxt = self.S[self.done]
+            nxt = self.S_first[self.done]
             self.records = [r for r in self.records if r[1] >= nxt]
         else:
             self.records = []
@@ -631,12 +652,12 @@ class _DenseOutput:
         Qs = torch.cat([r[0][3] for r in self.records])  # (A, G, degree, d)
         after = torch.cat([r[0][4] for r in self.records])  # (A, G)
         G = t0.shape[1]
-        Tq = self.T[lo:hi]
+        Tq = self.T[:, lo:hi]  # (1 or G, K)
         # for each group, the first attempt whose end reaches the requested time: the accepted step over it
         keys = (self.direction * after).t().contiguous()  # (G, A), non-decreasing
         idx = torch.searchsorted(keys, (self.direction * Tq).expand(G, -1).contiguous())  # (G, K)
         a = idx.t().clamp(max=t0.shape[0] - 1)  # (K, G): the output's own order
-        args = (a, t0, h, ys, Qs, Tq)
+        args = (a, t0, h, ys, Qs, Tq.t())
         fn = _interpolator(self.backend)
         if fn is not _interpolate:
             try:
@@ -651,7 +672,8 @@ class _DenseOutput:
 def _interpolate(
     a: torch.Tensor, t0: torch.Tensor, h: torch.Tensor, ys: torch.Tensor, Qs: torch.Tensor, Tq: torch.Tensor
 ) -> torch.Tensor:
-    """The solution at the requested times ``Tq`` (K,) for every group from the recorded attempts: ``a`` (K, G)
+    """The solution at the requested times ``Tq`` ((K, 1) shared, or (K, G) per group) for every group from the
+    recorded attempts: ``a`` (K, G)
     the attempt over each (time, group), ``t0``/``h`` (A, G) their start and step, ``ys`` (A, G, d) their start
     value and ``Qs`` (A, G, degree, d) their continuous extension, y(t0 + θh) = y0 + Σ_p h θ^(p+1) Q_p.
 
@@ -659,7 +681,7 @@ def _interpolate(
     compiled, it is one fused loop over the outputs with indirect loads (no gathered copies)."""
     g = torch.arange(t0.shape[1], device=t0.device)
     h_sel = h[a, g]
-    theta = ((Tq[:, None] - t0[a, g]) / torch.where(h_sel == 0, 1.0, h_sel)).clamp(0.0, 1.0)
+    theta = ((Tq - t0[a, g]) / torch.where(h_sel == 0, 1.0, h_sel)).clamp(0.0, 1.0)
     w = h_sel * theta
     acc = ys[a, g]
     for p in range(Qs.shape[2]):
