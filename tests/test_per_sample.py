@@ -185,4 +185,3 @@ def test_per_sample_output_times_bad_input_is_a_clear_error():
         node.solve(f, y0, torch.tensor([[0.0, float("nan")], [0.0, 1.0]], dtype=torch.float64), per_sample=True)
     with pytest.raises(ValueError, match="tuple state"):
         node.solve(lambda t, y: y, (y0, y0), t, per_sample=True)
-
