@@ -1,6 +1,7 @@
 """The torchode paper's loop benchmark: van der Pol, batch 256, t ∈ [0, 7], 200 output points, dopri5 at
 rtol = atol = 1e-5, one thread, in one process: neuralode (joint and per-sample stepping, eager and
-compile=True), torchdiffeq (joint) and torchode (per-sample). Two batches: μ = 2 for every sample (as the
+compile=True), torchdiffeq (joint), torchode (per-sample) and, where JAX and diffrax are installed
+(``pip install diffrax``), diffrax (joint and per-sample, jit-compiled). Two batches: μ = 2 for every sample (as the
 paper), and μ drawn from 0.5 … 5 (samples that differ in stiffness). Prints library × case × (first-call
 seconds, steady ms, NFE, ratio to torchdiffeq); writes JSON and a PNG bar chart. Steady ms is the minimum
 over ``--rounds`` interleaved rounds (one solve per library per round): on a noisy machine five rounds left
@@ -90,6 +91,7 @@ def _case(
         calls["torchode per-sample"] = tode
     except ImportError:
         pass
+    calls.update(_diffrax_calls(mu, y0, t, rtol, atol, counts))
     first = {}
     sync = synchronizer(y0.device)
     for name, fn in calls.items():
@@ -114,6 +116,57 @@ def _case(
     return rows
 
 
+def _diffrax_calls(mu, y0, t, rtol: float, atol: float, counts: dict) -> dict:
+    """diffrax (JAX, jit-compiled), where installed: the joint solve of the batch (one RMS error norm over all
+    samples, as torchdiffeq) and the per-sample one (``jax.vmap`` of a single-sample solve), Dopri5 with
+    diffrax's PID controller at the same tolerances, Hairer's starting step (``dt0=None``), saving at the
+    same times, in float32. Its NFE is counted from its steps: 6 evaluations per attempted Dopri5 step (FSAL)
+    and 2 for the starting step, summed over the samples. Returns no calls where JAX or diffrax is missing."""
+    try:
+        import diffrax
+        import jax
+        import jax.numpy as jnp
+    except ImportError:
+        return {}
+
+    def vf(tt, y, m):
+        return jnp.stack([y[..., 1], m * (1 - y[..., 0] ** 2) * y[..., 1] - y[..., 0]], -1)
+
+    ts = jnp.asarray(t.cpu().numpy())
+    t0, t1 = float(t[0]), float(t[-1])
+
+    def one_solve(y, m):
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(vf),
+            diffrax.Dopri5(),
+            t0=t0,
+            t1=t1,
+            dt0=None,
+            y0=y,
+            args=m,
+            saveat=diffrax.SaveAt(ts=ts),
+            stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
+            max_steps=100_000,
+        )
+        return sol.ys, sol.stats["num_steps"]
+
+    joint = jax.jit(one_solve)
+    per_sample = jax.jit(jax.vmap(one_solve))
+    yj, mj = jnp.asarray(y0.cpu().numpy()), jnp.asarray(mu.cpu().numpy())
+    platform = jax.devices()[0].platform
+    batch = y0.shape[0]
+
+    def run_joint():
+        ys, steps = jax.block_until_ready(joint(yj, mj))
+        counts[f"diffrax joint (JAX {platform})"] = batch * (6 * int(steps) + 2)
+
+    def run_per_sample():
+        ys, steps = jax.block_until_ready(per_sample(yj, mj))
+        counts[f"diffrax per-sample (JAX {platform})"] = int(6 * steps.sum() + 2 * batch)
+
+    return {f"diffrax joint (JAX {platform})": run_joint, f"diffrax per-sample (JAX {platform})": run_per_sample}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=256)
@@ -123,6 +176,8 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="runs/bench/vdp.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.threads == 1 and "XLA_FLAGS" not in os.environ:  # diffrax's JAX on one thread too (read at import)
+        os.environ["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
     rtol = atol = 1e-5
     dev = torch.device(args.device)
     t = torch.linspace(0, 7, 200, device=dev)
