@@ -185,3 +185,18 @@ def test_per_sample_output_times_bad_input_is_a_clear_error():
         node.solve(f, y0, torch.tensor([[0.0, float("nan")], [0.0, 1.0]], dtype=torch.float64), per_sample=True)
     with pytest.raises(ValueError, match="tuple state"):
         node.solve(lambda t, y: y, (y0, y0), t, per_sample=True)
+
+
+def test_per_sample_compile_under_autograd_says_it_runs_eagerly():
+    """compile=True with per_sample=True compiles only solves without a graph: with autograd recording (the
+    default mode, even when nothing requires grad) the eager loop runs, and the user is told once."""
+    from neuralode.solvers import compiled
+
+    compiled._WARNED.discard(next((w for w in compiled._WARNED if "per_sample=True" in w), ""))
+    mus = torch.tensor([0.5, 2.0], dtype=torch.float64, requires_grad=True)
+    y0 = torch.tensor([[2.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="per_sample=True is compiled for solves without a graph"):
+        sol = node.solve(_vdp(mus), y0, t, rtol=1e-8, atol=1e-10, per_sample=True, compile="aot_eager")
+    sol.ys[-1].sum().backward()  # the closure's parameter still gets its gradient
+    assert mus.grad is not None and float(mus.grad.abs().sum()) > 0

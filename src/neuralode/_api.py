@@ -211,7 +211,14 @@ def _solve_per_sample(prob: Problem, stats: SolveStats, gradient: str, event_fn,
     rows = prob.t.ndim == 2  # per-sample output times
     needs_t_grad = prob.t.requires_grad and torch.is_grad_enabled()
     got = None
-    if opts.get("compile") and not torch.is_grad_enabled():
+    if opts.get("compile") and torch.is_grad_enabled():
+        from .solvers.compiled import _warn_once
+
+        _warn_once(
+            "compile=True with per_sample=True is compiled for solves without a graph only (call it under "
+            "torch.no_grad()); with autograd recording, the eager per-sample loop runs"
+        )
+    elif opts.get("compile"):
         from .solvers.device_loop import integrate_device_loop
         from .solvers.device_loop import supports as device_loop_supports
 
