@@ -200,3 +200,44 @@ def test_per_sample_compile_under_autograd_says_it_runs_eagerly():
         sol = node.solve(_vdp(mus), y0, t, rtol=1e-8, atol=1e-10, per_sample=True, compile="aot_eager")
     sol.ys[-1].sum().backward()  # the closure's parameter still gets its gradient
     assert mus.grad is not None and float(mus.grad.abs().sum()) > 0
+
+
+@pytest.mark.parametrize("rows", [False, True])
+def test_per_sample_dense_output_is_each_samples_own_interpolant(rows):
+    """sol.interpolate after a per-sample solve: each sample's continuous extension, the same as the joint
+    solver's interpolant for that sample alone (same steps), and close to scipy at tight tolerance."""
+    scipy_integrate = pytest.importorskip("scipy.integrate")
+    mus = torch.tensor([0.5, 1.0, 2.0, 5.0], dtype=torch.float64)
+    y0 = torch.tensor([[0.5, 0.0], [0.2, 0.3], [0.1, 0.0], [0.3, -0.2]], dtype=torch.float64)
+    t = _own_times(1.0) if rows else torch.linspace(0.0, 3.0, 5, dtype=torch.float64)
+    with torch.no_grad():
+        ps = node.solve(_vdp(mus), y0, t, rtol=1e-8, atol=1e-10, per_sample=True)
+        g = torch.Generator().manual_seed(1)
+        tb = t if rows else t.expand(4, -1)
+        u = torch.rand(4, 9, generator=g, dtype=torch.float64)
+        tq = tb[:, :1] + u * (tb[:, -1:] - tb[:, :1])  # (4, 9) inside each sample's interval
+        got = ps.interpolate(tq)
+        assert got.shape == (9, 4, 2)
+        torch.testing.assert_close(ps.interpolate(t), ps.ys, rtol=0, atol=1e-12)  # at the requested times
+        for b in range(4):
+            alone = node.solve(_vdp(mus[b : b + 1]), y0[b : b + 1], tb[b], rtol=1e-8, atol=1e-10)
+            torch.testing.assert_close(got[:, b], alone.interpolate(tq[b])[:, 0], rtol=0, atol=1e-10)
+            ref = scipy_integrate.solve_ivp(
+                lambda _, y, mu=float(mus[b]): [y[1], mu * (1 - y[0] ** 2) * y[1] - y[0]],
+                (float(tb[b, 0]), float(tb[b, -1])),
+                y0[b].tolist(),
+                rtol=1e-12,
+                atol=1e-12,
+                dense_output=True,
+                method="DOP853",
+            )
+            assert float((got[:, b] - torch.from_numpy(ref.sol(tq[b].numpy()).T)).abs().max()) < 1e-6
+        if not rows:  # 1-D times are every sample's
+            torch.testing.assert_close(ps.interpolate(tq[0]), ps.interpolate(tq[:1].expand(4, -1)), rtol=0, atol=0)
+        with pytest.raises(ValueError, match=r"outside its solved interval"):
+            ps.interpolate(tb[:, -1:] + 0.1)
+        with pytest.raises(ValueError, match=r"shape \(4, K\)"):
+            ps.interpolate(torch.zeros(3, 2, dtype=torch.float64))
+        nodense = node.solve(_vdp(mus), y0, t, rtol=1e-8, atol=1e-10, per_sample=True, dense=False)
+        with pytest.raises(RuntimeError, match="dense=True"):
+            nodense.interpolate(tq)

@@ -13,6 +13,7 @@ from ._problem import DEFAULT_MAX_NUM_STEPS, Problem, make_controller, prepare, 
 from .gradients.adjoint import adjoint_solve
 from .gradients.checkpoint import checkpoint_solve
 from .gradients.common import SolveStats, time_gradient_wrapper
+from .solvers.per_sample import PerSampleDense
 from .solvers.tableaus import TABLEAUS
 
 __all__ = ["solve", "Solution", "odeint", "odeint_adjoint", "odeint_event", "odeint_dense"]
@@ -47,10 +48,14 @@ class Solution:
     def interpolate(self, t_new) -> Any:
         """The dense output at any times inside the solved interval (shape ``(len(t_new), *y0.shape)``).
 
-        Uses each step's continuous extension (or cubic Hermite), so it costs no evaluations of ``func``.
+        Uses each step's continuous extension (or cubic Hermite), so it costs no evaluations of ``func``. After a
+        per-sample solve ``t_new`` may also be ``(batch, K)``, each sample's own times inside its own interval.
         """
         if self._segments is None:
             raise RuntimeError("this solution keeps no dense output: call solve(..., dense=True)")
+        if isinstance(self._segments, PerSampleDense):  # per-sample solve: (K,) or (batch, K) times
+            ys = self._segments(t_new)
+            return self._prob.unflatten(ys.reshape(ys.shape[0], -1))
         if not self._segments:
             raise RuntimeError("no step was taken (a single requested time): nothing to interpolate")
         t_list = torch.as_tensor(t_new, dtype=torch.float64).detach().cpu().reshape(-1).tolist()
@@ -128,8 +133,8 @@ def solve(
         event_fn: stop at the first zero crossing of ``event_fn(t, y)``; ``Solution.event_t`` holds it.
         per_sample: adaptive methods: every sample of a ``(batch, ...)`` state keeps its own time, step size
             and accept/reject decision; ``func`` then receives ``t`` as a ``(batch,)`` tensor. Per-sample step
-            counts and evaluations are in ``Solution.sample_stats`` (backprop gradients, ``t`` included; no
-            dense output).
+            counts and evaluations are in ``Solution.sample_stats`` (backprop gradients, ``t`` included;
+            ``Solution.interpolate`` evaluates each sample's own continuous extension).
         compile: ``torch.compile`` the solver (True: inductor, or a backend name). Without gradients the whole
             adaptive loop runs compiled (joint or per-sample); with backprop or checkpointed gradients each step
             is compiled; with the adjoint, the backward solve of an ``nn.Module`` func (its own parameters)
@@ -160,7 +165,7 @@ def solve(
         )
     stats = SolveStats()
     if per_sample:
-        return _solve_per_sample(prob, stats, gradient, event_fn, on_failure)
+        return _solve_per_sample(prob, stats, gradient, event_fn, on_failure, dense)
     if event_fn is not None:
         return _solve_event(
             prob,
@@ -181,7 +186,9 @@ def solve(
     )
 
 
-def _solve_per_sample(prob: Problem, stats: SolveStats, gradient: str, event_fn, on_failure: str) -> Solution:
+def _solve_per_sample(
+    prob: Problem, stats: SolveStats, gradient: str, event_fn, on_failure: str, dense: bool
+) -> Solution:
     from ._problem import ADAPTIVE_METHODS
     from .solvers.per_sample import integrate_per_sample
 
@@ -253,6 +260,7 @@ def _solve_per_sample(prob: Problem, stats: SolveStats, gradient: str, event_fn,
                 atol=prob.atol,
                 first_step=opts.get("first_step"),
                 max_num_steps=int(opts.get("max_num_steps", DEFAULT_MAX_NUM_STEPS)),
+                keep_dense=dense,
             )
             return box["res"].ys.view(-1, *y0_.shape)
 
@@ -269,7 +277,7 @@ def _solve_per_sample(prob: Problem, stats: SolveStats, gradient: str, event_fn,
         raise exception_for(res.status, res.message, res.t_fail)
     m = res.ys.shape[0]
     ts = prob.t[:, :m] if rows else prob.t[:m]
-    sol = Solution(ts, prob.unflatten(res.ys), stats, res.status, res.message, res.t_fail, None, prob)
+    sol = Solution(ts, prob.unflatten(res.ys), stats, res.status, res.message, res.t_fail, res.segments, prob)
     sol.sample_stats = {k: v for k, v in sample_stats.items() if k != "calls"}
     return sol
 

@@ -20,7 +20,7 @@ from .control import _MIN_RATIO, StepController
 from .integrate import IntegrationResult, _max_steps_message
 from .runge_kutta import RungeKutta
 
-__all__ = ["integrate_per_sample", "initial_steps"]
+__all__ = ["integrate_per_sample", "initial_steps", "PerSampleDense"]
 
 
 def _rms_rows(x: torch.Tensor) -> torch.Tensor:
@@ -54,12 +54,15 @@ def integrate_per_sample(
     atol: float,
     first_step: float | None = None,
     max_num_steps: int = 100_000,
+    keep_dense: bool = False,
 ) -> tuple[IntegrationResult, dict]:
     """Integrate a batch with per-sample steps. Returns the result (``ys``: ``(len(t_out), batch, n)``) and
     per-sample statistics (``n_steps``, ``n_rejected``, ``nfe``: tensors of shape ``(batch,)``).
 
     ``t_out`` is one sequence of times for every sample, or one row per sample (``batch`` rows of equal length,
-    all in the same direction): each sample then starts at its own first time and stops at its own last."""
+    all in the same direction): each sample then starts at its own first time and stops at its own last.
+    ``keep_dense``: record every attempt's continuous extension; ``res.segments`` is then a
+    :class:`PerSampleDense` (``Solution.interpolate``)."""
     if ctrl.beta2 != 0:
         raise ValueError("per-sample stepping uses the integral controller: leave `pcoeff` at 0")
     B = y0.shape[0]
@@ -116,6 +119,7 @@ def integrate_per_sample(
     k_exp = -ctrl.beta1
     status, message, t_fail = Status.SUCCESS, "", None
     attempts = 0
+    records: list | None = [] if keep_dense else None
     while bool(active.any()):
         if attempts >= max_num_steps:
             worst = int(torch.argmin(torch.where(active, direction * t, torch.full_like(t, math.inf))))
@@ -161,6 +165,9 @@ def integrate_per_sample(
             bi = torch.arange(B, device=device)[:, None].expand(B, M)
             out[ks[valid], bi[valid]] = vals[valid]
             next_k = next_k + count
+        if records is not None:  # (start, step, start value, stages (B, rows, d), time after the attempt)
+            t_after = torch.where(accept, t1, t)
+            records.append((t, dt_try, y, K[:rows_used].transpose(0, 1).clone(), t_after))
         y = torch.where(accept[:, None], y1, y)
         t = torch.where(accept, t1, t)
         if method.fsal:
@@ -197,5 +204,55 @@ def integrate_per_sample(
     res = IntegrationResult(
         out[:reached].reshape(reached, -1), status, message, t_fail, int(n_steps.max()), int(n_rej.max())
     )
+    if records is not None:  # (no attempt at all: a single requested time, nothing to interpolate)
+        res.segments = PerSampleDense(records, W, powers, direction, T_t[:, 0], t) if records else []
     stats = {"n_steps": n_steps, "n_rejected": n_rej, "nfe": nfe, "calls": calls}
     return res, stats
+
+
+class PerSampleDense:
+    """Dense output of a per-sample solve: every attempted step's continuous extension, per sample.
+
+    ``records`` holds per attempt (start times (B,), steps (B,), start values (B, d), stage derivatives
+    (B, rows, d), times after the attempt (B,)); a rejected or finished sample's time does not move, so for
+    each sample the times after the attempts never decrease and the first attempt whose end reaches a time is
+    the accepted step over it (as in the compiled loop's dense output)."""
+
+    def __init__(self, records: list, W: torch.Tensor, powers: torch.Tensor, direction: float, start, stop) -> None:
+        self.t0 = torch.stack([r[0] for r in records])  # (A, B) float64
+        self.h = torch.stack([r[1] for r in records])
+        self.y = torch.stack([r[2] for r in records])  # (A, B, d)
+        self.K = torch.stack([r[3] for r in records])  # (A, B, rows, d)
+        self.after = torch.stack([r[4] for r in records])  # (A, B)
+        self.W, self.powers, self.direction = W.double(), powers, direction
+        self.start, self.stop = start.clone(), stop.clone()  # each sample's solved interval
+
+    def __call__(self, t_new) -> torch.Tensor:
+        """The solution at ``t_new`` ((K,) for every sample, or (B, K) each its own) as (K, B, d)."""
+        B = self.t0.shape[1]
+        dev = self.t0.device
+        T = torch.as_tensor(t_new, dtype=torch.float64).detach().to(dev)
+        T = T.reshape(1, -1).expand(B, -1) if T.ndim <= 1 else T
+        if T.ndim != 2 or T.shape[0] != B:
+            raise ValueError(
+                f"`t_new` must be 1-D (times for every sample) or of shape ({B}, K) (each sample its own), got "
+                f"shape {tuple(torch.as_tensor(t_new).shape)}"
+            )
+        lo, hi = torch.minimum(self.start, self.stop), torch.maximum(self.start, self.stop)
+        outside = (T < lo[:, None]) | (T > hi[:, None]) | ~torch.isfinite(T)
+        if bool(outside.any()):
+            b, k = (int(v) for v in outside.nonzero()[0])
+            raise ValueError(
+                f"`t_new` holds {float(T[b, k])} for sample {b}, outside its solved interval "
+                f"[{float(lo[b])}, {float(hi[b])}]"
+            )
+        d = self.direction
+        keys = (d * self.after).t().contiguous()  # (B, A), non-decreasing
+        a = torch.searchsorted(keys, (d * T).contiguous()).clamp(max=self.t0.shape[0] - 1).t()  # (K, B)
+        g = torch.arange(B, device=dev)
+        h = self.h[a, g]
+        theta = ((T.t() - self.t0[a, g]) / torch.where(h == 0, 1.0, h)).clamp(0.0, 1.0)
+        coef = (theta[..., None] ** self.powers) @ self.W.T  # (K, B, rows)
+        y, K = self.y[a, g], self.K[a, g]  # (K, B, d), (K, B, rows, d)
+        interp = torch.einsum("kbr,kbrd->kbd", coef.to(y.dtype), K)
+        return y + h.to(y.dtype)[..., None] * interp
