@@ -4,8 +4,8 @@ compile=True), torchdiffeq (joint), torchode (per-sample) and, where JAX and dif
 (``pip install diffrax``), diffrax (joint and per-sample, jit-compiled). Two batches: μ = 2 for every sample (as the
 paper), and μ drawn from 0.5 … 5 (samples that differ in stiffness). Prints library × case × (first-call
 seconds, steady ms, NFE, ratio to torchdiffeq); writes JSON and a PNG bar chart. Steady ms is the minimum
-over ``--rounds`` interleaved rounds (one solve per library per round): on a noisy machine five rounds left
-a compiled solve's minimum 1.5-2 ms above its twenty-round one.
+over ``--rounds`` interleaved rounds (three solves in a row per library per round, each timed): on a noisy
+machine five rounds left a compiled solve's minimum 1.5-2 ms above its twenty-round one.
 
     python benchmarks/vdp.py [--rounds 20] [--device cpu|cuda] [--out runs/bench/vdp.json]
 """
@@ -100,7 +100,9 @@ def _case(
         fn()
         sync()
         first[name] = time.perf_counter() - a
-    best = interleaved_min(calls, rounds, sync=sync)
+    # per round three calls of each library in a row, each timed: the minimum is a warm solve for every one
+    # (a solve right after another library's finds its code and data evicted from the caches)
+    best = interleaved_min(calls, rounds, sync=sync, each={name: 3 for name in calls})
     ref = best.get("torchdiffeq joint")
     for name in calls:
         rows.append(

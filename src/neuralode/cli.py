@@ -38,6 +38,7 @@ def _bench(args: argparse.Namespace) -> int:
     from .experiments.bench import main as bench_main
 
     argv = ["--threads", str(args.threads), "--out", args.out, "--device", args.device]
+    argv += ["--back-to-back", str(args.back_to_back)]
     if args.cases:
         argv += ["--cases", *args.cases]
     if args.compile:
@@ -333,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--cases", nargs="*", help="tiny tiny_long medium large (default: all)")
     b.add_argument("--compile", action="store_true", help="also time neuralode with compile=True")
     b.add_argument("--device", default="cpu", help="cpu or cuda")
+    b.add_argument(
+        "--back-to-back", type=int, default=3, help="per round, time this many calls of each solver in a row"
+    )
     b.add_argument("--out", default="runs/bench/overhead.json")
     b.set_defaults(fn=_bench)
     return p
