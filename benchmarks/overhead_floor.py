@@ -96,7 +96,9 @@ def main() -> None:
             "neuralode odeint": lambda: odeint(field, y0, t, rtol=1e-6, atol=1e-6),
             "bare NumPy loop": lambda: bare_dopri5(field, y0, t1, 1e-6, 1e-6),
         }
-        best = interleaved_min(calls, args.rounds, inner={"func": ours.n})
+        # (both solvers warm, as func: three calls in a row per round, each timed, as in ``neuralode bench``)
+        each = {"neuralode odeint": 3, "bare NumPy loop": 3}
+        best = interleaved_min(calls, args.rounds, inner={"func": ours.n}, each=each)
     for name in ("neuralode odeint", "bare NumPy loop"):
         print(f"{name:<18} {best[name] * 1e3:7.2f} ms   overhead {best[name] / (ours.n * best['func']):.3f}")
     print(f"{'func':<18} {best['func'] * 1e6:7.1f} µs per call")
