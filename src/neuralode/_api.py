@@ -283,29 +283,18 @@ def _solve_per_sample(
 
 
 def _per_sample_time_gradient(prob: Problem, y0: torch.Tensor, core: Callable, stats: SolveStats) -> torch.Tensor:
-    """Per-sample ``core(y0) -> ys (m, batch, ...)`` with gradients for every entry of ``t`` (1-D: shared by the
-    samples; 2-D: one row per sample). As ``gradients.common.time_gradient_wrapper``, per sample:
-    ∂y_b(t_bi)/∂t_bi = f(t_bi, y_b(t_bi)) and ∂y_b(t_bi)/∂t_b0 = -Φ_b f(t_b0, y0_b), produced by autograd from a
-    solve started at ``y0 - δ₀ f₀`` and outputs corrected by ``+ δᵢ fᵢ`` with ``δ = t - t.detach()`` (zero in
-    value, one in derivative), so the values are untouched. Costs one batched ``func`` call per output time."""
-    t = prob.t
+    """Per-sample ``core(y0) -> ys (m, batch, ...)`` with gradients for every entry of ``t`` (``time_gradient_wrapper``
+    per sample); costs one batched ``func`` call per output time."""
     B = y0.shape[0]
     times = torch.as_tensor(prob.t_out, dtype=torch.float64).to(y0.device)
     times = (times if times.ndim == 2 else times.expand(B, -1)).to(y0.dtype)
-    delta = (t - t.detach()).to(device=y0.device, dtype=y0.dtype)
-    delta = delta if delta.ndim == 2 else delta.expand(B, -1)  # (B, m); a shared time's gradient sums over B
-    lead = (B,) + (1,) * (y0.ndim - 1)
 
     def f(i: int, y: torch.Tensor) -> torch.Tensor:
         stats.nfe += 1
         with torch.no_grad():
             return prob.func(times[:, i], y)
 
-    f0 = f(0, y0.detach())
-    ys = core(y0 - delta[:, 0].view(lead) * f0)
-    m = ys.shape[0]
-    fs = torch.stack([f0] + [f(i, ys[i].detach()) for i in range(1, m)])
-    return ys + delta[:, :m].t().reshape(m, *lead) * fs
+    return time_gradient_wrapper(prob.t, y0, f, core, batch=B)
 
 
 def _solve(

@@ -42,19 +42,28 @@ def time_gradient_wrapper(
     y0: torch.Tensor,
     f: Callable[[int, torch.Tensor], torch.Tensor],
     solve: Callable[[torch.Tensor], torch.Tensor],
+    batch: int | None = None,
 ) -> torch.Tensor:
     """Give ``solve`` gradients with respect to every entry of ``t``.
 
     For the exact flow, ∂y(tᵢ)/∂tᵢ = f(tᵢ, y(tᵢ)) and ∂y(tᵢ)/∂t₀ = -Φ(tᵢ, t₀) f(t₀, y₀). Both are produced by
     autograd from a solve started at ``y0 - δ₀ f(t₀, y₀)`` whose outputs are corrected by ``+ δᵢ f(tᵢ, yᵢ)``,
     where ``δ = t - t.detach()`` is zero in value and one in derivative. The values are untouched.
+
+    ``batch``: per-sample solves of a ``(batch, ...)`` state, ``ys`` of shape ``(m, batch, ...)``, with ``t``
+    shared (1-D: a time's gradient sums over the samples) or one row per sample (``(batch, m)``).
     """
     delta = (t - t.detach()).to(device=y0.device, dtype=y0.dtype)  # t may live on the CPU
+    if batch is None:  # (m, 1): one time for the whole flat state
+        delta = delta.reshape(-1, 1)
+    else:  # (m, batch, 1, ...): each sample its own time
+        rows = delta if delta.ndim == 2 else delta.expand(batch, -1)
+        delta = rows.t().reshape(-1, batch, *([1] * (y0.ndim - 1)))
     f0 = f(0, y0).detach()
     ys = solve(y0 - delta[0] * f0)
     m = ys.shape[0]
     fs = torch.stack([f0] + [f(i, ys[i].detach()).detach() for i in range(1, m)])
-    return ys + delta[:m, None] * fs
+    return ys + delta[:m] * fs
 
 
 def raise_on_failure(res, where: str = "") -> None:
