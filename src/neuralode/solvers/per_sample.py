@@ -165,9 +165,9 @@ def integrate_per_sample(
             bi = torch.arange(B, device=device)[:, None].expand(B, M)
             out[ks[valid], bi[valid]] = vals[valid]
             next_k = next_k + count
-        if records is not None:  # (start, step, start value, stages (B, rows, d), time after the attempt)
+        if records is not None:  # (start, step, start value, extension Q (B, degree, d), time after the attempt)
             t_after = torch.where(accept, t1, t)
-            records.append((t, dt_try, y, K[:rows_used].transpose(0, 1).clone(), t_after))
+            records.append((t, dt_try, y, torch.einsum("rp,rbd->bpd", W, K[:rows_used]), t_after))
         y = torch.where(accept[:, None], y1, y)
         t = torch.where(accept, t1, t)
         if method.fsal:
@@ -205,7 +205,7 @@ def integrate_per_sample(
         out[:reached].reshape(reached, -1), status, message, t_fail, int(n_steps.max()), int(n_rej.max())
     )
     if records is not None:  # (no attempt at all: a single requested time, nothing to interpolate)
-        res.segments = PerSampleDense(records, W, powers, direction, T_t[:, 0], t) if records else []
+        res.segments = PerSampleDense(records, direction, T_t[:, 0], t) if records else []
     stats = {"n_steps": n_steps, "n_rejected": n_rej, "nfe": nfe, "calls": calls}
     return res, stats
 
@@ -213,22 +213,25 @@ def integrate_per_sample(
 class PerSampleDense:
     """Dense output of a per-sample solve: every attempted step's continuous extension, per sample.
 
-    ``records`` holds per attempt (start times (B,), steps (B,), start values (B, d), stage derivatives
-    (B, rows, d), times after the attempt (B,)); a rejected or finished sample's time does not move, so for
-    each sample the times after the attempts never decrease and the first attempt whose end reaches a time is
-    the accepted step over it (as in the compiled loop's dense output)."""
+    ``records`` holds per attempt (start times (B,), steps (B,), start values (B, d), the extension's
+    coefficients Q (B, degree, d) with y(t0 + θh) = y0 + Σ_p h θ^(p+1) Q_p, times after the attempt (B,)); a
+    rejected or finished sample's time does not move, so for each sample the times after the attempts never
+    decrease and the first attempt whose end reaches a time is the accepted step over it. Evaluated by the
+    compiled loop's ``device_loop._interpolate``, which reads its records the same way."""
 
-    def __init__(self, records: list, W: torch.Tensor, powers: torch.Tensor, direction: float, start, stop) -> None:
+    def __init__(self, records: list, direction: float, start, stop) -> None:
         self.t0 = torch.stack([r[0] for r in records])  # (A, B) float64
         self.h = torch.stack([r[1] for r in records])
         self.y = torch.stack([r[2] for r in records])  # (A, B, d)
-        self.K = torch.stack([r[3] for r in records])  # (A, B, rows, d)
+        self.Q = torch.stack([r[3] for r in records])  # (A, B, degree, d)
         self.after = torch.stack([r[4] for r in records])  # (A, B)
-        self.W, self.powers, self.direction = W.double(), powers, direction
+        self.direction = direction
         self.start, self.stop = start.clone(), stop.clone()  # each sample's solved interval
 
     def __call__(self, t_new) -> torch.Tensor:
         """The solution at ``t_new`` ((K,) for every sample, or (B, K) each its own) as (K, B, d)."""
+        from .device_loop import _interpolate
+
         B = self.t0.shape[1]
         dev = self.t0.device
         T = torch.as_tensor(t_new, dtype=torch.float64).detach().to(dev)
@@ -249,10 +252,4 @@ class PerSampleDense:
         d = self.direction
         keys = (d * self.after).t().contiguous()  # (B, A), non-decreasing
         a = torch.searchsorted(keys, (d * T).contiguous()).clamp(max=self.t0.shape[0] - 1).t()  # (K, B)
-        g = torch.arange(B, device=dev)
-        h = self.h[a, g]
-        theta = ((T.t() - self.t0[a, g]) / torch.where(h == 0, 1.0, h)).clamp(0.0, 1.0)
-        coef = (theta[..., None] ** self.powers) @ self.W.T  # (K, B, rows)
-        y, K = self.y[a, g], self.K[a, g]  # (K, B, d), (K, B, rows, d)
-        interp = torch.einsum("kbr,kbrd->kbd", coef.to(y.dtype), K)
-        return y + h.to(y.dtype)[..., None] * interp
+        return _interpolate(a, self.t0, self.h, self.y, self.Q, T.t())
