@@ -133,8 +133,9 @@ def solve(
         event_fn: stop at the first zero crossing of ``event_fn(t, y)``; ``Solution.event_t`` holds it.
         per_sample: adaptive methods: every sample of a ``(batch, ...)`` state keeps its own time, step size
             and accept/reject decision; ``func`` then receives ``t`` as a ``(batch,)`` tensor. Per-sample step
-            counts and evaluations are in ``Solution.sample_stats`` (backprop gradients, ``t`` included;
-            ``Solution.interpolate`` evaluates each sample's own continuous extension).
+            counts and evaluations are in ``Solution.sample_stats`` (backprop or adjoint gradients, ``t``
+            included; ``Solution.interpolate`` evaluates each sample's own continuous extension). The adjoint
+            steps each sample's backward solve on its own too (``gradients.per_sample_adjoint``).
         compile: ``torch.compile`` the solver (True: inductor, or a backend name). Without gradients the whole
             adaptive loop runs compiled (joint or per-sample); with backprop or checkpointed gradients each step
             is compiled; with the adjoint, the backward solve of an ``nn.Module`` func (its own parameters)
@@ -165,7 +166,13 @@ def solve(
         )
     stats = SolveStats()
     if per_sample:
-        return _solve_per_sample(prob, stats, gradient, event_fn, on_failure, dense)
+        adjoint = dict(
+            adjoint_rtol=adjoint_rtol,
+            adjoint_atol=adjoint_atol,
+            adjoint_method=adjoint_method,
+            adjoint_options=adjoint_options,
+        )
+        return _solve_per_sample(prob, stats, gradient, event_fn, on_failure, dense, params, adjoint)
     if event_fn is not None:
         return _solve_event(
             prob,
@@ -187,17 +194,21 @@ def solve(
 
 
 def _solve_per_sample(
-    prob: Problem, stats: SolveStats, gradient: str, event_fn, on_failure: str, dense: bool
+    prob: Problem, stats: SolveStats, gradient: str, event_fn, on_failure: str, dense: bool, params, adjoint: dict
 ) -> Solution:
     from ._problem import ADAPTIVE_METHODS
+    from .gradients.per_sample_adjoint import per_sample_adjoint_solve
     from .solvers.per_sample import integrate_per_sample
 
     if prob.method not in ADAPTIVE_METHODS:
         raise ValueError(
             f"per_sample=True needs an adaptive Runge–Kutta method ({', '.join(ADAPTIVE_METHODS)}), not {prob.method!r}"
         )
-    if gradient != "backprop":
-        raise ValueError("per_sample=True supports gradient='backprop' (autograd through the per-sample loop)")
+    if gradient == "checkpoint":
+        raise ValueError(
+            "per_sample=True supports gradient='backprop' (autograd through the per-sample loop) and "
+            "gradient='adjoint' (memory independent of the number of steps), not 'checkpoint'"
+        )
     if prob.is_tuple or len(prob.shape) < 2:
         raise ValueError(
             "per_sample=True needs a tensor state of shape (batch, ...) with the samples along "
@@ -211,29 +222,37 @@ def _solve_per_sample(
     if unsupported:
         raise ValueError(f"options {sorted(unsupported)} are not supported with per_sample=True")
     opts = prob.options
+    max_steps = int(opts.get("max_num_steps", DEFAULT_MAX_NUM_STEPS))
     ctrl = make_controller(TABLEAUS[prob.method].order, opts)
     rhs = prob.rhs()
     method = stepper(prob.method, rhs.n, rhs.dtype, rhs.device, "dense")
     y0 = prob.unflatten(prob.y0)
     rows = prob.t.ndim == 2  # per-sample output times
     needs_t_grad = prob.t.requires_grad and torch.is_grad_enabled()
-    got = None
-    if opts.get("compile") and torch.is_grad_enabled():
-        from .solvers.compiled import _warn_once
-
-        _warn_once(
-            "compile=True with per_sample=True is compiled for solves without a graph only (call it under "
-            "torch.no_grad()); with autograd recording, the eager per-sample loop runs"
-        )
-    elif opts.get("compile"):
-        from .solvers.device_loop import integrate_device_loop
+    compiled = False
+    if opts.get("compile"):
         from .solvers.device_loop import supports as device_loop_supports
 
-        if device_loop_supports(method, ctrl):
+        compiled = device_loop_supports(method, ctrl)
+        if torch.is_grad_enabled() and gradient == "backprop":
+            from .solvers.compiled import _warn_once
+
+            compiled = False
+            _warn_once(
+                "compile=True with per_sample=True is compiled for solves without a graph only (call it under "
+                "torch.no_grad(), or use gradient='adjoint'); with autograd recording, the eager per-sample "
+                "loop runs"
+            )
+
+    def solve_loop(y0_: torch.Tensor) -> tuple:
+        """(result, per-sample statistics): the compiled loop where it applies (no graph), else the eager one."""
+        if compiled and not torch.is_grad_enabled():
+            from .solvers.device_loop import integrate_device_loop
+
             got = integrate_device_loop(
                 prob.func,
-                y0.reshape(y0.shape[0], -1),
-                y0.shape,
+                y0_.reshape(y0_.shape[0], -1),
+                y0_.shape,
                 prob.t_out,
                 method,
                 ctrl,
@@ -241,35 +260,50 @@ def _solve_per_sample(
                 rtol=prob.rtol,
                 atol=prob.atol,
                 first_step=opts.get("first_step"),
-                max_num_steps=int(opts.get("max_num_steps", DEFAULT_MAX_NUM_STEPS)),
+                max_num_steps=max_steps,
                 backend=opts["compile"] if isinstance(opts["compile"], str) else "inductor",
             )
-        if got is not None:
-            res, sample_stats = got
+            if got is not None:
+                return got
+        return integrate_per_sample(
+            prob.func,
+            y0_,
+            prob.t_out,
+            method,
+            ctrl,
+            rtol=prob.rtol,
+            atol=prob.atol,
+            first_step=opts.get("first_step"),
+            max_num_steps=max_steps,
+            keep_dense=dense and not compiled,
+        )
+
     box: dict = {}
-    if got is None:
+    if gradient == "adjoint" and torch.is_grad_enabled():
+        box = _per_sample_adjoint_cfg(prob, adjoint, rhs, max_steps)
+        box["forward"] = solve_loop
+        ps = _params_of(prob.func, params, "params")
 
         def core(y0_: torch.Tensor) -> torch.Tensor:
-            box["res"], box["stats"] = integrate_per_sample(
-                prob.func,
-                y0_,
-                prob.t_out,
-                method,
-                ctrl,
-                rtol=prob.rtol,
-                atol=prob.atol,
-                first_step=opts.get("first_step"),
-                max_num_steps=int(opts.get("max_num_steps", DEFAULT_MAX_NUM_STEPS)),
-                keep_dense=dense,
-            )
-            return box["res"].ys.view(-1, *y0_.shape)
+            return per_sample_adjoint_solve(prob.func, y0_, ps, stats, box)
 
-        if needs_t_grad:
-            ys = _per_sample_time_gradient(prob, y0, core, stats)
-        else:
-            ys = core(y0)
-        res, sample_stats = box["res"], box["stats"]
-        res.ys = ys.reshape(ys.shape[0], -1)
+    else:
+
+        def core(y0_: torch.Tensor) -> torch.Tensor:
+            box["result"], box["sample_stats"] = solve_loop(y0_)
+            ys_ = box["result"].ys
+            if ys_.requires_grad:  # backprop passes back through every recorded (batched) evaluation
+                calls = box["sample_stats"]["calls"]
+
+                def count(grad: torch.Tensor) -> None:
+                    stats.nfe_backward += calls
+
+                ys_.register_hook(count)
+            return ys_.view(-1, *y0_.shape)
+
+    ys = _per_sample_time_gradient(prob, y0, core, stats) if needs_t_grad else core(y0)
+    res, sample_stats = box.pop("result"), box.pop("sample_stats")
+    res.ys = ys.reshape(ys.shape[0], -1)
     stats.nfe += sample_stats["calls"]
     stats.n_steps += res.n_steps
     stats.n_rejected += res.n_rejected
@@ -280,6 +314,44 @@ def _solve_per_sample(
     sol = Solution(ts, prob.unflatten(res.ys), stats, res.status, res.message, res.t_fail, res.segments, prob)
     sol.sample_stats = {k: v for k, v in sample_stats.items() if k != "calls"}
     return sol
+
+
+def _per_sample_adjoint_cfg(prob: Problem, adjoint: dict, rhs, max_steps: int) -> dict:
+    """The per-sample adjoint's backward solve: an adaptive RK method, scalar tolerances, the integral
+    controller (the per-sample loop's), its error on the state and adjoint of each sample (a seminorm)."""
+    from ._problem import ADAPTIVE_METHODS
+
+    cfg = _adjoint_cfg(
+        prob, adjoint["adjoint_rtol"], adjoint["adjoint_atol"], adjoint["adjoint_method"], adjoint["adjoint_options"]
+    )
+    if cfg["method"] not in ADAPTIVE_METHODS:
+        raise ValueError(
+            f"per_sample=True with gradient='adjoint' needs an adaptive Runge–Kutta adjoint_method "
+            f"({', '.join(ADAPTIVE_METHODS)}), not {cfg['method']!r}"
+        )
+    if not (isinstance(cfg["rtol"], float) and isinstance(cfg["atol"], float)):
+        raise ValueError("per_sample=True with gradient='adjoint' takes scalar adjoint_rtol and adjoint_atol")
+    if cfg["norm"] not in (None, "seminorm"):
+        raise ValueError(
+            "per_sample=True with gradient='adjoint' always controls the error of each sample's state and "
+            "adjoint (a seminorm: the parameter integrals are left out); leave adjoint_options['norm'] unset"
+        )
+    unsupported = {"step_t", "jump_t"} & set(cfg["options"])
+    if unsupported:
+        raise ValueError(f"adjoint_options {sorted(unsupported)} are not supported with per_sample=True")
+    opts = cfg["options"]
+    ctrl = make_controller(TABLEAUS[cfg["method"]].order, opts)
+    if ctrl.beta2 != 0:
+        raise ValueError("per-sample stepping uses the integral controller: leave `pcoeff` at 0 in adjoint_options")
+    return {
+        "method": stepper(cfg["method"], 1, rhs.dtype, rhs.device, "dense"),
+        "ctrl": ctrl,
+        "rtol": cfg["rtol"],
+        "atol": cfg["atol"],
+        "max_num_steps": int(opts.get("max_num_steps", max_steps)),
+        "first_step": opts.get("first_step"),
+        "t_out": prob.t_out,
+    }
 
 
 def _per_sample_time_gradient(prob: Problem, y0: torch.Tensor, core: Callable, stats: SolveStats) -> torch.Tensor:

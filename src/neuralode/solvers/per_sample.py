@@ -55,6 +55,7 @@ def integrate_per_sample(
     first_step: float | None = None,
     max_num_steps: int = 100_000,
     keep_dense: bool = False,
+    quadrature=None,
 ) -> tuple[IntegrationResult, dict]:
     """Integrate a batch with per-sample steps. Returns the result (``ys``: ``(len(t_out), batch, n)``) and
     per-sample statistics (``n_steps``, ``n_rejected``, ``nfe``: tensors of shape ``(batch,)``).
@@ -62,7 +63,9 @@ def integrate_per_sample(
     ``t_out`` is one sequence of times for every sample, or one row per sample (``batch`` rows of equal length,
     all in the same direction): each sample then starts at its own first time and stops at its own last.
     ``keep_dense``: record every attempt's continuous extension; ``res.segments`` is then a
-    :class:`PerSampleDense` (``Solution.interpolate``)."""
+    :class:`PerSampleDense` (``Solution.interpolate``). ``quadrature``: an object told of every attempt,
+    ``begin(t, y)`` before its stages and ``end(accept, dt)`` once its acceptance is known (the per-sample
+    adjoint integrates its parameter gradients along the accepted steps that way)."""
     if ctrl.beta2 != 0:
         raise ValueError("per-sample stepping uses the integral controller: leave `pcoeff` at 0")
     B = y0.shape[0]
@@ -134,6 +137,8 @@ def integrate_per_sample(
         dt_try = torch.where(lands, t_end - t, dt)
         dt_try = torch.where(active, dt_try, torch.zeros_like(dt_try))
         h = dt_try.to(dtype)[:, None]
+        if quadrature is not None:
+            quadrature.begin(t, y)
         yi = y
         for i in range(1, S):
             yi = y + h * torch.tensordot(A[i], K[:i], dims=1)
@@ -146,6 +151,8 @@ def integrate_per_sample(
         finite = torch.isfinite(ratio)
         accept = active & finite & (ratio <= 1.0)
         reject = active & ~accept
+        if quadrature is not None:
+            quadrature.end(accept, dt_try)
         t1 = torch.where(lands, t_end, t + dt_try)
         # outputs passed by accepted steps: the method's continuous extension, per sample
         if not method.fsal and method.interp_needs_f1 and bool(accept.any()):

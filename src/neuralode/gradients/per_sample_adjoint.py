@@ -1,0 +1,160 @@
+"""The adjoint method with per-sample stepping (``solve(..., per_sample=True, gradient="adjoint")``).
+
+Forward: the per-sample loop without a graph. Backward: from each output time to the one before, every sample
+solves its own augmented system ``[y, a]`` (``dy/dt = f``, ``da/dt = -aᵀ ∂f/∂y``) with its own steps, error
+control on ``y`` and ``a`` per sample. The parameters are shared by the samples, so their integral
+``dL/dθ = ∫ aᵀ ∂f/∂θ dt`` cannot be a per-sample state without one copy of θ per sample; it is summed along
+the way instead, as the augmented Runge–Kutta step would add it (``g += h Σᵢ bᵢ (-aᵢᵀ ∂f/∂θ)(stage i)``), over
+each sample's accepted steps only. That is the joint adjoint with the seminorm of Kidger, Chen & Lyons (2021):
+the parameter integral never enters the error estimate.
+
+Cost per backward attempt: the stages' evaluations with their state VJPs (as the joint adjoint), plus the
+start point evaluated again (its graph: the stage the FSAL reuse skipped) and one pass of parameter VJPs
+through the step's retained stage graphs, weighted by each sample's step and acceptance. Memory: one step's
+graphs, not the trajectory.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+
+from ..solvers.per_sample import integrate_per_sample
+from .common import SolveStats, raise_on_failure
+
+__all__ = ["per_sample_adjoint_solve"]
+
+
+class _Augmented:
+    """The augmented dynamics ``(t (B,), [y, a] (B, 2d)) -> [f, -aᵀ∂f/∂y]`` for the per-sample loop, and its
+    ``quadrature`` hooks: between ``begin`` and ``end`` (one attempted step) the evaluations are that step's
+    stages 1, 2, …; stages with a nonzero weight ``bᵢ`` keep their graph until ``end`` adds their parameter
+    VJPs, weighted by the accepted samples' steps, to ``g``."""
+
+    def __init__(self, func: Callable, shape: torch.Size, wrt: Sequence[torch.Tensor], b: Sequence[float]) -> None:
+        self.func, self.shape, self.wrt, self.b = func, shape, list(wrt), list(b)
+        self.B, self.d = shape[0], math.prod(shape[1:])
+        self.g = [torch.zeros_like(p) for p in self.wrt]
+        self.calls = 0
+        self.stage: int | None = None  # the stage being evaluated, None outside an attempt
+        self.pending: list = []  # (stage, output with its graph, a)
+
+    def _split(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return z[:, : self.d].reshape(self.shape), z[:, self.d :].reshape(self.shape)
+
+    def __call__(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        y, a = self._split(z.detach())
+        i = self.stage
+        keep = i is not None and i < len(self.b) and self.b[i] != 0 and bool(self.wrt)
+        with torch.enable_grad():
+            y_ = y.requires_grad_(True)
+            out = self.func(t, y_)
+            if out.shape != y.shape:
+                raise ValueError(f"func returned shape {tuple(out.shape)} for a state of shape {tuple(y.shape)}")
+            (vy,) = torch.autograd.grad(out, y_, a, retain_graph=keep, allow_unused=True)
+        if keep:
+            self.pending.append((i, out, a))
+        if i is not None:
+            self.stage = i + 1
+        vy = torch.zeros_like(a) if vy is None else vy
+        return torch.cat([out.detach().reshape(self.B, self.d), vy.reshape(self.B, self.d).neg_()], 1)
+
+    def begin(self, t: torch.Tensor, z: torch.Tensor) -> None:
+        self.stage, self.pending = 1, []
+        if self.wrt and self.b[0] != 0:
+            # the step's first stage is the previous step's last (or the start's) value, reused without its
+            # graph: evaluate it again for the parameter VJP
+            y, a = self._split(z.detach())
+            self.calls += 1
+            with torch.enable_grad():
+                self.pending.append((0, self.func(t.to(z.dtype), y), a))
+
+    def end(self, accept: torch.Tensor, dt: torch.Tensor) -> None:
+        pending, self.pending, self.stage = self.pending, [], None
+        if not pending or not bool(accept.any()):
+            return
+        w = torch.where(accept, dt, torch.zeros_like(dt)).to(pending[0][2].dtype)
+        w = w.view(self.B, *([1] * (len(self.shape) - 1)))
+        # g += h Σᵢ bᵢ (-aᵢᵀ ∂f/∂θ): one backward pass through the step's stage graphs
+        grads = torch.autograd.grad(
+            [out for _, out, _ in pending],
+            self.wrt,
+            [(-self.b[i]) * w * a for i, _, a in pending],
+            allow_unused=True,
+        )
+        for acc, gr in zip(self.g, grads):
+            if gr is not None:
+                acc.add_(gr)
+
+
+class _PerSampleAdjoint(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, cfg: dict, y0: torch.Tensor, *params: torch.Tensor):
+        with torch.no_grad():
+            res, sample_stats = cfg["forward"](y0.detach())
+        cfg["result"], cfg["sample_stats"] = res, sample_stats
+        ys = res.ys.view(-1, *y0.shape)
+        ctx.cfg = cfg
+        ctx.save_for_backward(ys, *params)
+        return ys
+
+    @staticmethod
+    def backward(ctx, grad_ys: torch.Tensor):
+        cfg = ctx.cfg
+        ys, *params = ctx.saved_tensors
+        stats: SolveStats = cfg["stats"]
+        wrt = [p for p in params if p.requires_grad]
+        shape = ys.shape[1:]
+        B, m = shape[0], ys.shape[0]
+        d = math.prod(shape[1:])
+        method = cfg["method"]
+        aug = _Augmented(cfg["func"], shape, wrt, method.tableau.b)
+        t_out = cfg["t_out"]
+        rows = isinstance(t_out[0], (list, tuple))
+        a = grad_ys[-1]
+        # each interval starts with Hairer's initial step per sample (two calls), unless first_step is given:
+        # carrying the step sizes over from the interval before was measured to cost more evaluations as
+        # often as it saved some (a step cut short to land on an output time proposes a short next step)
+        for k in range(m - 1, 0, -1):
+            interval = [[row[k], row[k - 1]] for row in t_out] if rows else [t_out[k], t_out[k - 1]]
+            z0 = torch.cat([ys[k].reshape(B, d), a.reshape(B, d)], 1)
+            with torch.no_grad():
+                res, _ = integrate_per_sample(
+                    aug,
+                    z0,
+                    interval,
+                    method,
+                    cfg["ctrl"],
+                    rtol=cfg["rtol"],
+                    atol=cfg["atol"],
+                    first_step=cfg["first_step"],
+                    max_num_steps=cfg["max_num_steps"],
+                    quadrature=aug,
+                )
+            where = f"in the per-sample adjoint's backward solve over output interval {k}: "
+            raise_on_failure(res, where)
+            stats.n_steps_backward += res.n_steps  # (the most of any sample, as the forward counts)
+            stats.n_rejected_backward += res.n_rejected
+            a = res.ys[-1].view(B, 2 * d)[:, d:].reshape(shape) + grad_ys[k - 1]
+        stats.nfe_backward += aug.calls
+        grads = iter(aug.g)
+        p_grads = [next(grads) if p.requires_grad else None for p in params]
+        return (None, a, *p_grads)
+
+
+def per_sample_adjoint_solve(
+    func: Callable,
+    y0: torch.Tensor,
+    params: Sequence[torch.Tensor],
+    stats: SolveStats,
+    cfg: dict,
+) -> torch.Tensor:
+    """``ys (m, batch, ...)`` from ``cfg["forward"](y0) -> (result, per-sample statistics)`` (a solve without a
+    graph), differentiated by the per-sample adjoint. ``cfg`` also holds the backward's ``method`` (a
+    ``RungeKutta``), ``ctrl``, ``rtol``, ``atol``, ``max_num_steps``, ``first_step`` and the output times ``t_out``; the
+    forward's result and statistics are left in ``cfg["result"]`` and ``cfg["sample_stats"]``."""
+    cfg["func"], cfg["stats"] = func, stats
+    return _PerSampleAdjoint.apply(cfg, y0, *params)
