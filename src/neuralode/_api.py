@@ -130,7 +130,9 @@ def solve(
         on_failure: ``"raise"`` (default) or ``"return"``: give back the solution up to the failure with
             ``status``, ``message`` and ``t_fail`` set.
         dense: keep each step's interpolant so that ``Solution.interpolate`` works.
-        event_fn: stop at the first zero crossing of ``event_fn(t, y)``; ``Solution.event_t`` holds it.
+        event_fn: stop at the first zero crossing of ``event_fn(t, y)``; ``Solution.event_t`` holds it. With
+            ``per_sample=True`` every sample stops at its own first event: ``event_fn(t (batch,), y)`` returns
+            one row per sample (``(batch,)`` or ``(batch, k)``), ``event_t`` is ``(batch,)``.
         per_sample: adaptive methods: every sample of a ``(batch, ...)`` state keeps its own time, step size
             and accept/reject decision; ``func`` then receives ``t`` as a ``(batch,)`` tensor. Per-sample step
             counts and evaluations are in ``Solution.sample_stats`` (backprop or adjoint gradients, ``t``
@@ -196,36 +198,13 @@ def solve(
 def _solve_per_sample(
     prob: Problem, stats: SolveStats, gradient: str, event_fn, on_failure: str, dense: bool, params, adjoint: dict
 ) -> Solution:
-    from ._problem import ADAPTIVE_METHODS
     from .gradients.per_sample_adjoint import per_sample_adjoint_solve
     from .solvers.per_sample import integrate_per_sample
 
-    if prob.method not in ADAPTIVE_METHODS:
-        raise ValueError(
-            f"per_sample=True needs an adaptive Runge–Kutta method ({', '.join(ADAPTIVE_METHODS)}), not {prob.method!r}"
-        )
-    if gradient == "checkpoint":
-        raise ValueError(
-            "per_sample=True supports gradient='backprop' (autograd through the per-sample loop) and "
-            "gradient='adjoint' (memory independent of the number of steps), not 'checkpoint'"
-        )
-    if prob.is_tuple or len(prob.shape) < 2:
-        raise ValueError(
-            "per_sample=True needs a tensor state of shape (batch, ...) with the samples along "
-            f"dimension 0; got shape {tuple(prob.shape)}"
-        )
     if event_fn is not None:
-        raise ValueError("per_sample=True does not support event_fn yet")
-    if not (isinstance(prob.rtol, float) and isinstance(prob.atol, float)):
-        raise ValueError("per_sample=True takes scalar rtol and atol")
-    unsupported = {"step_t", "jump_t", "norm"} & set(prob.options)
-    if unsupported:
-        raise ValueError(f"options {sorted(unsupported)} are not supported with per_sample=True")
+        return _solve_per_sample_event(prob, stats, gradient, on_failure, dense, params, adjoint)
     opts = prob.options
-    max_steps = int(opts.get("max_num_steps", DEFAULT_MAX_NUM_STEPS))
-    ctrl = make_controller(TABLEAUS[prob.method].order, opts)
-    rhs = prob.rhs()
-    method = stepper(prob.method, rhs.n, rhs.dtype, rhs.device, "dense")
+    max_steps, ctrl, rhs, method = _per_sample_setup(prob, gradient)
     y0 = prob.unflatten(prob.y0)
     rows = prob.t.ndim == 2  # per-sample output times
     needs_t_grad = prob.t.requires_grad and torch.is_grad_enabled()
@@ -314,6 +293,136 @@ def _solve_per_sample(
     sol = Solution(ts, prob.unflatten(res.ys), stats, res.status, res.message, res.t_fail, res.segments, prob)
     sol.sample_stats = {k: v for k, v in sample_stats.items() if k != "calls"}
     return sol
+
+
+def _per_sample_setup(prob: Problem, gradient: str) -> tuple:
+    """Checks of a per-sample solve; (max_num_steps, controller, rhs, stepper)."""
+    from ._problem import ADAPTIVE_METHODS
+
+    if prob.method not in ADAPTIVE_METHODS:
+        raise ValueError(
+            f"per_sample=True needs an adaptive Runge–Kutta method ({', '.join(ADAPTIVE_METHODS)}), not {prob.method!r}"
+        )
+    if gradient == "checkpoint":
+        raise ValueError(
+            "per_sample=True supports gradient='backprop' (autograd through the per-sample loop) and "
+            "gradient='adjoint' (memory independent of the number of steps), not 'checkpoint'"
+        )
+    if prob.is_tuple or len(prob.shape) < 2:
+        raise ValueError(
+            "per_sample=True needs a tensor state of shape (batch, ...) with the samples along "
+            f"dimension 0; got shape {tuple(prob.shape)}"
+        )
+    if not (isinstance(prob.rtol, float) and isinstance(prob.atol, float)):
+        raise ValueError("per_sample=True takes scalar rtol and atol")
+    unsupported = {"step_t", "jump_t", "norm"} & set(prob.options)
+    if unsupported:
+        raise ValueError(f"options {sorted(unsupported)} are not supported with per_sample=True")
+    max_steps = int(prob.options.get("max_num_steps", DEFAULT_MAX_NUM_STEPS))
+    ctrl = make_controller(TABLEAUS[prob.method].order, prob.options)
+    rhs = prob.rhs()
+    return max_steps, ctrl, rhs, stepper(prob.method, rhs.n, rhs.dtype, rhs.device, "dense")
+
+
+def _solve_per_sample_event(
+    prob: Problem, stats: SolveStats, gradient: str, on_failure: str, dense: bool, params, adjoint: dict
+) -> Solution:
+    """Every sample integrated until its own first event: located without a graph, then solved from its start
+    to its event time with the gradient mode asked for; the event times get their gradients by the implicit
+    function theorem, per sample."""
+    import dataclasses
+
+    from .solvers.per_sample import PerSampleEvents, integrate_per_sample
+
+    max_steps, ctrl, rhs, method = _per_sample_setup(prob, gradient)
+    y0 = prob.unflatten(prob.y0)
+    B = y0.shape[0]
+    rows = prob.t.ndim == 2
+    t_rows = prob.t_out if rows else [prob.t_out] * B
+    starts = [r[0] for r in t_rows]
+    first = t_rows[0]
+    direction = 1.0 if len(first) < 2 or first[1] >= first[0] else -1.0
+    t0 = torch.tensor(starts, dtype=torch.float64, device=y0.device)
+    with torch.no_grad():
+        events = PerSampleEvents(
+            prob.event_fn, y0.shape, t0, y0.reshape(B, -1), tol=float(prob.options.get("event_tol", 0.0))
+        )
+        res, sample_stats = integrate_per_sample(
+            prob.func,
+            y0.detach(),
+            [[s, direction * math.inf] for s in starts],
+            method,
+            ctrl,
+            rtol=prob.rtol,
+            atol=prob.atol,
+            first_step=prob.options.get("first_step"),
+            max_num_steps=max_steps,
+            events=events,
+        )
+    stats.nfe += sample_stats["calls"]
+    if not bool(events.found.all()):
+        b = int((~events.found).nonzero()[0])
+        where = f"while looking for the event of sample {b} (and every sample without one): "
+        if res.status != Status.SUCCESS:
+            raise exception_for(res.status, where + res.message, res.t_fail)
+        raise SolverError(where + "event_fn never changed sign", res.t_fail)
+    t_ev = events.t_event
+    at_start = t_ev == t0
+    if bool(at_start.any()):
+        b = int(at_start.nonzero()[0])
+        raise SolverError(f"the event of sample {b} happens at its initial time t0={float(t0[b])}", float(t0[b]))
+    # each sample from its start to its event, with gradients; the event times then get theirs
+    t_start = prob.t[:, 0] if rows else prob.t[0].expand(B)
+    t_pair = torch.stack([t_start, t_ev.to(dtype=prob.t.dtype, device=prob.t.device)], 1)
+    sub = dataclasses.replace(
+        prob, t=t_pair, t_out=[[s, e] for s, e in zip(starts, t_ev.tolist())], event_fn=None, options=prob.options
+    )
+    sol = _solve_per_sample(sub, stats, gradient, None, on_failure, dense, params, adjoint)
+    ys = sol.ys.reshape(2, B, -1)
+    with torch.no_grad():
+        g = events._raw(t_ev, ys[-1]) * events.sign0
+        comp = g.argmin(1)
+    t_event = t_ev.to(dtype=prob.t.dtype, device=prob.t.device)
+    t_event, y_event = _PerSampleEventTime.apply(prob, events.sign0, comp, t_event, ys[-1])
+    ys = torch.cat([ys[:1], y_event[None]])
+    out = Solution(sol.ts, ys.view(2, *y0.shape), stats, Status.SUCCESS, "", None, sol._segments, prob, event_t=t_event)
+    out.sample_stats = sol.sample_stats
+    return out
+
+
+class _PerSampleEventTime(torch.autograd.Function):
+    """``_EventTime`` for every sample at once: with gᵦ(tᵦ*, yᵦ(tᵦ*)) = 0, the state's incoming gradient gets
+    the event time's sensitivity folded in, ``gy = grad_y - ψ ∂g/∂y / (∂g/∂t + ∂g/∂y · f)`` with
+    ``ψ = grad_t + grad_y · f``, per sample (row ``b`` of ``event_fn`` depends on sample ``b`` only)."""
+
+    @staticmethod
+    def forward(ctx, prob: Problem, sign0: torch.Tensor, comp: torch.Tensor, t_event, y_event):
+        ctx.prob = prob
+        ctx.save_for_backward(sign0, comp, t_event, y_event)
+        return t_event.clone(), y_event.clone()
+
+    @staticmethod
+    def backward(ctx, grad_t: torch.Tensor, grad_y: torch.Tensor):
+        prob = ctx.prob
+        sign0, comp, t_event, y_event = ctx.saved_tensors
+        B = y_event.shape[0]
+        shape = (B, *prob.shape[1:])
+        with torch.enable_grad():
+            tt = t_event.detach().to(device=y_event.device, dtype=y_event.dtype).requires_grad_(True)
+            yy = y_event.detach().requires_grad_(True)
+            g = (prob.event_fn(tt, yy.view(shape)).reshape(B, -1) * sign0).gather(1, comp[:, None])
+            dg_dt, dg_dy = torch.autograd.grad(g.sum(), (tt, yy), allow_unused=True)
+        dg_dt = torch.zeros_like(tt) if dg_dt is None else dg_dt
+        dg_dy = torch.zeros_like(yy) if dg_dy is None else dg_dy
+        with torch.no_grad():
+            f = prob.func(tt.detach(), y_event.view(shape)).reshape(B, -1)
+            denom = dg_dt + (dg_dy * f).sum(1)
+            grad_y = torch.zeros_like(y_event) if grad_y is None else grad_y
+            psi = (grad_y * f).sum(1)
+            if grad_t is not None:
+                psi = psi + grad_t.to(device=yy.device, dtype=yy.dtype)
+            gy = grad_y - (psi / denom)[:, None] * dg_dy
+        return None, None, None, None, gy
 
 
 def _per_sample_adjoint_cfg(prob: Problem, adjoint: dict, rhs, max_steps: int) -> dict:

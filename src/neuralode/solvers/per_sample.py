@@ -20,7 +20,7 @@ from .control import _MIN_RATIO, StepController
 from .integrate import IntegrationResult, _max_steps_message
 from .runge_kutta import RungeKutta
 
-__all__ = ["integrate_per_sample", "initial_steps", "PerSampleDense"]
+__all__ = ["integrate_per_sample", "initial_steps", "PerSampleDense", "PerSampleEvents"]
 
 
 def _rms_rows(x: torch.Tensor) -> torch.Tensor:
@@ -56,6 +56,7 @@ def integrate_per_sample(
     max_num_steps: int = 100_000,
     keep_dense: bool = False,
     quadrature=None,
+    events: "PerSampleEvents | None" = None,
 ) -> tuple[IntegrationResult, dict]:
     """Integrate a batch with per-sample steps. Returns the result (``ys``: ``(len(t_out), batch, n)``) and
     per-sample statistics (``n_steps``, ``n_rejected``, ``nfe``: tensors of shape ``(batch,)``).
@@ -65,7 +66,8 @@ def integrate_per_sample(
     ``keep_dense``: record every attempt's continuous extension; ``res.segments`` is then a
     :class:`PerSampleDense` (``Solution.interpolate``). ``quadrature``: an object told of every attempt,
     ``begin(t, y)`` before its stages and ``end(accept, dt)`` once its acceptance is known (the per-sample
-    adjoint integrates its parameter gradients along the accepted steps that way)."""
+    adjoint integrates its parameter gradients along the accepted steps that way). ``events``: a
+    :class:`PerSampleEvents`; each sample stops at its first event (give ``t_out`` an infinite end)."""
     if ctrl.beta2 != 0:
         raise ValueError("per-sample stepping uses the integral controller: leave `pcoeff` at 0")
     B = y0.shape[0]
@@ -157,6 +159,14 @@ def integrate_per_sample(
         # outputs passed by accepted steps: the method's continuous extension, per sample
         if not method.fsal and method.interp_needs_f1 and bool(accept.any()):
             K[S] = f(t1, y1, accept)
+        hit = None
+        if events is not None:  # samples whose accepted step crosses their event stop there
+            hit = events.check(t, dt_try, y, torch.einsum("rp,rbd->bpd", W, K[:rows_used]), t1, y1, accept)
+            if bool(hit.any()):
+                t1 = torch.where(hit, events.t_event, t1)
+                y1 = torch.where(hit[:, None], events.y_event, y1)
+            else:
+                hit = None
         # every output time passed by an accepted step, all samples at once: indices next_k .. upto − 1
         upto = torch.searchsorted(T_sorted, (direction * t1)[:, None], right=True)[:, 0]
         count = torch.where(accept, upto - next_k, torch.zeros_like(upto)).clamp(min=0)
@@ -195,6 +205,8 @@ def integrate_per_sample(
         n_steps += accept.long()
         n_rej += reject.long()
         active = active & ~(accept & lands)
+        if hit is not None:
+            active = active & ~hit
         tiny = active & (
             (dt.abs() < ctrl.min_step) | (t + dt == t) | (dt.abs() < 4 * np.finfo(np.float64).eps * t.abs())
         )
@@ -260,3 +272,87 @@ class PerSampleDense:
         keys = (d * self.after).t().contiguous()  # (B, A), non-decreasing
         a = torch.searchsorted(keys, (d * T).contiguous()).clamp(max=self.t0.shape[0] - 1).t()  # (K, B)
         return _interpolate(a, self.t0, self.h, self.y, self.Q, T.t())
+
+
+class PerSampleEvents:
+    """Each sample's first zero crossing of ``event_fn(t (batch,), y (batch, ...))``, whose output has the
+    samples along dimension 0 (``(batch,)`` or ``(batch, k)``: several event functions, each made positive at
+    the start, the event when the smallest reaches zero, as in the joint solver). Found by the Illinois method
+    on the crossing step's continuous extension, all crossing samples at once. Row ``b`` of ``event_fn``'s
+    output must depend on sample ``b`` only."""
+
+    MAX_ITERS = 200
+
+    def __init__(self, event_fn, shape: torch.Size, t0: torch.Tensor, y0: torch.Tensor, tol: float = 0.0) -> None:
+        self.event_fn, self.shape, self.tol = event_fn, shape, tol
+        B = shape[0]
+        with torch.no_grad():
+            g0 = self._raw(t0, y0)
+        self.sign0 = torch.sign(g0)
+        zero = (self.sign0 == 0).any(1)
+        if bool(zero.any()):
+            b = int(zero.nonzero()[0])
+            raise ValueError(
+                f"`event_fn` is exactly zero at the initial time t0={float(t0[b])} for sample {b}; start away from "
+                "the event"
+            )
+        self.found = torch.zeros(B, dtype=torch.bool, device=y0.device)
+        self.t_event = torch.full((B,), math.nan, dtype=torch.float64, device=y0.device)
+        self.y_event = torch.zeros_like(y0)
+
+    def _raw(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        B = self.shape[0]
+        g = self.event_fn(t.to(y.dtype), y.view(self.shape))
+        if not torch.is_tensor(g):
+            raise TypeError(f"`event_fn` must return a tensor, got {type(g).__name__}")
+        if g.ndim == 0 or g.shape[0] != B:
+            raise ValueError(
+                f"with per_sample=True, `event_fn` must return one row per sample, shape ({B},) or ({B}, k); got "
+                f"shape {tuple(g.shape)}"
+            )
+        return g.reshape(B, -1)
+
+    def value(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return (self._raw(t, y) * self.sign0).min(1).values.double()
+
+    def check(self, t, h, y, Q, t1, y1, accept) -> torch.Tensor:
+        """The samples whose accepted step ``t → t + h`` (extension ``y + Σ_p h θ^(p+1) Q_p``) crosses their
+        event; their event times and states go to ``t_event`` and ``y_event``."""
+        g1 = self.value(t1, y1)
+        hit = accept & (g1 <= 0) & ~self.found
+        if not bool(hit.any()):
+            return hit
+        powers = torch.arange(1, Q.shape[1] + 1, dtype=torch.float64, device=y.device)
+        hd = h.to(y.dtype)[:, None]
+
+        def at(theta: torch.Tensor) -> torch.Tensor:  # the extension at θ ∈ [0, 1], every sample
+            return y + hd * torch.einsum("bp,bpd->bd", (theta[:, None] ** powers).to(y.dtype), Q)
+
+        a, b = torch.zeros_like(h), torch.ones_like(h)  # bracket in θ, g(a) > 0 >= g(b)
+        ga, gb = self.value(t, y), g1
+        side = torch.zeros_like(h)
+        span = h.abs()
+        tol = self.tol if self.tol > 0 else None
+        for _ in range(self.MAX_ITERS):
+            width = (b - a) * span
+            limit = tol if tol is not None else 4 * np.finfo(np.float64).eps * torch.maximum(t.abs(), t1.abs())
+            todo = hit & (gb != 0) & (width > limit)
+            if not bool(todo.any()):
+                break
+            m = torch.where(ga != gb, b - gb * (b - a) / (gb - ga), 0.5 * (a + b))
+            m = torch.where((m > a) & (m < b), m, 0.5 * (a + b))
+            gm = self.value(t + m * h, at(m))
+            right = todo & (gm > 0)  # the root lies in [m, b]
+            left = todo & ~(gm > 0)
+            gb = torch.where(right & (side == -1), 0.5 * gb, gb)  # Illinois: halve the stale end's value
+            ga = torch.where(left & (side == 1), 0.5 * ga, ga)
+            a, ga = torch.where(right, m, a), torch.where(right, gm, ga)
+            b, gb = torch.where(left, m, b), torch.where(left, gm, gb)
+            side = torch.where(right, -1.0, torch.where(left, 1.0, side))
+        t_ev = torch.where(b == 1, t1, t + b * h)
+        y_ev = torch.where((b == 1)[:, None], y1, at(b))
+        self.t_event = torch.where(hit, t_ev, self.t_event)
+        self.y_event = torch.where(hit[:, None], y_ev, self.y_event)
+        self.found = self.found | hit
+        return hit
