@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import math
 from typing import Any, Callable, Sequence
 
@@ -330,8 +331,6 @@ def _solve_per_sample_event(
     """Every sample integrated until its own first event: located without a graph, then solved from its start
     to its event time with the gradient mode asked for; the event times get their gradients by the implicit
     function theorem, per sample."""
-    import dataclasses
-
     from .solvers.per_sample import PerSampleEvents, integrate_per_sample
 
     max_steps, ctrl, rhs, method = _per_sample_setup(prob, gradient)
@@ -374,9 +373,7 @@ def _solve_per_sample_event(
     # each sample from its start to its event, with gradients; the event times then get theirs
     t_start = prob.t[:, 0] if rows else prob.t[0].expand(B)
     t_pair = torch.stack([t_start, t_ev.to(dtype=prob.t.dtype, device=prob.t.device)], 1)
-    sub = dataclasses.replace(
-        prob, t=t_pair, t_out=[[s, e] for s, e in zip(starts, t_ev.tolist())], event_fn=None, options=prob.options
-    )
+    sub = dataclasses.replace(prob, t=t_pair, t_out=[[s, e] for s, e in zip(starts, t_ev.tolist())], event_fn=None)
     sol = _solve_per_sample(sub, stats, gradient, None, on_failure, dense, params, adjoint)
     ys = sol.ys.reshape(2, B, -1)
     with torch.no_grad():

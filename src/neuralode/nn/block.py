@@ -40,6 +40,9 @@ class ODEBlock(nn.Module):
             and both solves of the adjoint (its backward one eagerly on CPU for an expensive func).
         augment_dim: extra zero features (or channels) appended along dimension 1 before solving (augmented
             neural ODEs, Dupont et al. 2019), so that the flow can realise maps a plain ODE cannot.
+        per_sample: adaptive methods: every sample takes its own steps (``solve(per_sample=True)``; backprop
+            or adjoint gradients), so that a hard input does not force small steps on the batch; ``func``
+            receives one time per sample (the ``Concat*`` layers accept that).
 
     After a forward pass ``nfe_forward`` holds its function evaluations; after the backward pass
     ``nfe_backward`` holds the backward pass's.
@@ -64,6 +67,7 @@ class ODEBlock(nn.Module):
         augment_dim: int = 0,
         regularization: dict | None = None,
         compile: bool | str = False,
+        per_sample: bool = False,
     ) -> None:
         super().__init__()
         #: fuse each solver step with torch.compile where supported (see ``solve(compile=...)``)
@@ -76,6 +80,9 @@ class ODEBlock(nn.Module):
         #: training forward pass
         self.regularization = reg
         self.reg_field = RegularizedField(func, kinetic="kinetic" in reg, jacobian="jacobian" in reg) if reg else None
+        if reg and per_sample:
+            raise ValueError("regularization does not combine with per_sample=True (tuple states); use one of them")
+        self.per_sample = per_sample
         self.reg_loss: torch.Tensor | None = None
         if augment_dim < 0:
             raise ValueError(f"augment_dim={augment_dim} must be 0 or positive")
@@ -90,6 +97,7 @@ class ODEBlock(nn.Module):
         self.adjoint_options = adjoint_options
         self.return_all = return_all
         self.stats: SolveStats | None = None
+        self.sample_stats: dict | None = None
 
     @property
     def nfe_forward(self) -> int:
@@ -120,8 +128,11 @@ class ODEBlock(nn.Module):
             adjoint_options=self.adjoint_options,
             dense=False,
             compile=self.compile,
+            per_sample=self.per_sample,
         )
         self.stats = sol.stats
+        #: per-sample steps, rejections and evaluations of the last forward pass (``per_sample=True``)
+        self.sample_stats = getattr(sol, "sample_stats", None)
         return sol.ys if self.return_all else sol.ys[-1]
 
     def _regularized(self, h: torch.Tensor, params: list) -> torch.Tensor:
@@ -158,5 +169,5 @@ class ODEBlock(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"t={self.t.tolist()}, method={self.method!r}, rtol={self.rtol}, atol={self.atol}, "
-            f"gradient={self.gradient!r}"
+            f"gradient={self.gradient!r}" + (", per_sample=True" if self.per_sample else "")
         )

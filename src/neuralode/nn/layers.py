@@ -9,6 +9,15 @@ from torch import nn
 __all__ = ["ConcatConv2d", "ConcatLinear", "ConvODEFunc", "MLPODEFunc"]
 
 
+def _time_like(t, x: torch.Tensor) -> torch.Tensor:
+    """``t`` as a tensor of ``x``'s dtype and device that broadcasts against ``x``: a scalar time, or one time per
+    sample (``solve(..., per_sample=True)`` passes a ``(batch,)`` tensor) shaped ``(batch, 1, ...)``."""
+    tt = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+    if tt.ndim == 1 and x.ndim > 1 and tt.shape[0] == x.shape[0]:
+        tt = tt.view(-1, *([1] * (x.ndim - 1)))
+    return tt
+
+
 class ConcatConv2d(nn.Module):
     """A convolution that sees time as one more input channel filled with ``t``.
 
@@ -37,8 +46,7 @@ class ConcatConv2d(nn.Module):
         out = F.conv2d(x, w[:, :-1], conv.bias, conv.stride, conv.padding)
         ones = x.new_ones(1, 1, *x.shape[2:])
         tmap = F.conv2d(ones, w[:, -1:], None, conv.stride, conv.padding)
-        tt = torch.as_tensor(t, dtype=x.dtype, device=x.device)
-        return out.add_(tmap * tt)
+        return out.add_(tmap * _time_like(t, x))
 
 
 class ConcatLinear(nn.Module):
@@ -49,8 +57,7 @@ class ConcatLinear(nn.Module):
         self.linear = nn.Linear(in_features + 1, out_features)
 
     def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        tt = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(*x.shape[:-1], 1)
-        return self.linear(torch.cat([x, tt], -1))
+        return self.linear(torch.cat([x, _time_like(t, x).expand(*x.shape[:-1], 1)], -1))
 
 
 def _group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
