@@ -159,8 +159,8 @@ def test_time_concatenating_layers_take_one_time_per_sample():
 def test_ode_block_with_per_sample_stepping():
     """ODEBlock(per_sample=True) on the ODE-Net's convolutional dynamics (inputs of very different scales): each
     sample's output is within tolerance of a tight solve of that sample alone, in about the steps the block
-    takes on it alone (the same up to rounding, which over some sixty steps can flip a borderline
-    acceptance), and the adjoint's gradients (ODEBlock's default) are backprop's."""
+    takes on it alone (the same up to rounding; but this field rejects about as many steps as it accepts, so
+    rounding flips a few borderline acceptances), and the adjoint's gradients (ODEBlock's default) are backprop's."""
     from neuralode.nn import ConvODEFunc, MLPODEFunc, ODEBlock
 
     torch.manual_seed(0)
@@ -178,7 +178,7 @@ def test_ode_block_with_per_sample_stepping():
             # (GroupNorm on 4×4 maps amplifies local errors: both solves are ~1e-5 from the tight one)
             torch.testing.assert_close(out[b : b + 1], tight(x[b : b + 1]), rtol=0, atol=1e-4)
             alone(x[b : b + 1])
-            assert abs(int(block.sample_stats["n_steps"][b]) - alone.stats.n_steps) <= 3
+            assert abs(int(block.sample_stats["n_steps"][b]) - alone.stats.n_steps) <= 0.15 * alone.stats.n_steps
         assert len(set(block.sample_stats["n_steps"].tolist())) > 1  # the samples took different steps
     # gradients (the adjoint, ODEBlock's default, against backprop) on a well-conditioned MLP field: the
     # convolutional one above amplifies errors so much that every gradient mode differs from the others by

@@ -86,8 +86,8 @@ def integrate_per_sample(
     b = torch.tensor(tab.b, dtype=dtype, device=device)
     b_err = torch.tensor(tab.b_err, dtype=dtype, device=device)
     W = torch.from_numpy(method.W).to(dtype=dtype, device=device)  # (rows, degree)
+    W64_t = torch.from_numpy(method.W.T.copy()).to(dtype=torch.float64, device=device)  # (degree, rows)
     rows_used = method.rows_used
-    powers = torch.arange(1, W.shape[1] + 1, dtype=torch.float64, device=device)
     nfe = torch.zeros(B, dtype=torch.long, device=device)
     calls = 0
 
@@ -111,13 +111,15 @@ def integrate_per_sample(
         dt = torch.full_like(t, abs(float(first_step)))
     dt = torch.clamp(dt.detach(), max=ctrl.max_step) * direction
 
-    out = torch.empty(m, B, d, dtype=dtype, device=device)
+    # (one spare row: the interpolated values of (sample, slot) pairs with no output left go there, so that
+    # each attempt writes its outputs with one index_put and no boolean indexing)
+    out = torch.empty(m + 1, B, d, dtype=dtype, device=device)
     out[0] = y
     next_k = torch.ones(B, dtype=torch.long, device=device)
     T_sorted = (direction * T_t).contiguous()  # rows increasing, for searchsorted
     active = t_end != t  # (a single time: nothing to do)
     if m == 1:
-        out[:] = y
+        out[:m] = y
     n_steps = torch.zeros(B, dtype=torch.long, device=device)
     n_rej = torch.zeros(B, dtype=torch.long, device=device)
     tol_shift = atol / rtol
@@ -143,7 +145,8 @@ def integrate_per_sample(
             quadrature.begin(t, y)
         yi = y
         for i in range(1, S):
-            yi = y + h * torch.tensordot(A[i], K[:i], dims=1)
+            # y + h Σⱼ aᵢⱼ Kⱼ, per-sample h: one matrix-vector product over the stages' rows and one addcmul
+            yi = torch.addcmul(y, h, torch.mv(K[:i].view(i, -1).t(), A[i]).view(B, d))
             K[i] = f(t + c[i] * dt_try, yi, active)
         y1 = yi if method.fsal else y + h * torch.tensordot(b, K[:S], dims=1)
         with torch.no_grad():  # step-size control is not differentiated (as in the joint loop)
@@ -174,13 +177,14 @@ def integrate_per_sample(
         if M:
             ks = next_k[:, None] + torch.arange(M, device=device)
             valid = torch.arange(M, device=device) < count[:, None]
-            ks = ks.clamp(max=m - 1)
-            theta = ((T_t.gather(1, ks) - t[:, None]) / torch.where(dt_try == 0, 1.0, dt_try)[:, None]).clamp(0.0, 1.0)
-            coef = (theta[..., None] ** powers) @ W.double().T  # (B, M, rows)
+            theta = (
+                (T_t.gather(1, ks.clamp(max=m - 1)) - t[:, None]) / torch.where(dt_try == 0, 1.0, dt_try)[:, None]
+            ).clamp(0.0, 1.0)
+            # θ, θ², …: a running product (a float power costs an exp and a log per entry)
+            coef = torch.cumprod(theta[..., None].expand(-1, -1, W64_t.shape[0]), -1) @ W64_t  # (B, M, rows)
             interp = torch.einsum("bmr,rbd->bmd", coef.to(dtype), K[:rows_used])
             vals = y[:, None] + h[:, None] * interp
-            bi = torch.arange(B, device=device)[:, None].expand(B, M)
-            out[ks[valid], bi[valid]] = vals[valid]
+            out[torch.where(valid, ks, m), torch.arange(B, device=device)[:, None].expand(B, M)] = vals
             next_k = next_k + count
         if records is not None:  # (start, step, start value, extension Q (B, degree, d), time after the attempt)
             t_after = torch.where(accept, t1, t)
@@ -323,11 +327,11 @@ class PerSampleEvents:
         hit = accept & (g1 <= 0) & ~self.found
         if not bool(hit.any()):
             return hit
-        powers = torch.arange(1, Q.shape[1] + 1, dtype=torch.float64, device=y.device)
         hd = h.to(y.dtype)[:, None]
 
         def at(theta: torch.Tensor) -> torch.Tensor:  # the extension at θ ∈ [0, 1], every sample
-            return y + hd * torch.einsum("bp,bpd->bd", (theta[:, None] ** powers).to(y.dtype), Q)
+            th = torch.cumprod(theta[:, None].expand(-1, Q.shape[1]), -1).to(y.dtype)  # θ, θ², …
+            return y + hd * torch.einsum("bp,bpd->bd", th, Q)
 
         a, b = torch.zeros_like(h), torch.ones_like(h)  # bracket in θ, g(a) > 0 >= g(b)
         ga, gb = self.value(t, y), g1
