@@ -241,3 +241,21 @@ def test_per_sample_dense_output_is_each_samples_own_interpolant(rows):
         nodense = node.solve(_vdp(mus), y0, t, rtol=1e-8, atol=1e-10, per_sample=True, dense=False)
         with pytest.raises(RuntimeError, match="dense=True"):
             nodense.interpolate(tq)
+
+
+def test_per_sample_nan_names_the_sample_and_the_time():
+    """A sample whose func output turns NaN at t = 0.5, and one whose y0 holds a NaN: NonFiniteStateError naming
+    the sample (not a step-size underflow), as the joint solver says for its state."""
+
+    def f(t, y):
+        out = -y.clone()
+        out[1] = torch.where(t[1] > 0.5, torch.tensor(float("nan"), dtype=y.dtype), out[1])
+        return out
+
+    with pytest.raises(node.NonFiniteStateError, match=r"sample 1 of the batch became NaN or Inf just after t=0\.5"):
+        node.solve(
+            f, torch.ones(3, 2, dtype=torch.float64), torch.tensor([0.0, 1.0], dtype=torch.float64), per_sample=True
+        )
+    y0 = torch.tensor([[1.0, float("nan")], [1.0, 1.0]], dtype=torch.float64)
+    with pytest.raises(node.NonFiniteStateError, match="sample 0 .* check that sample's y0"):
+        node.solve(lambda t, y: -y, y0, torch.tensor([0.0, 1.0], dtype=torch.float64), per_sample=True)

@@ -122,6 +122,7 @@ def integrate_per_sample(
         out[:m] = y
     n_steps = torch.zeros(B, dtype=torch.long, device=device)
     n_rej = torch.zeros(B, dtype=torch.long, device=device)
+    nonfinite_last = torch.zeros(B, dtype=torch.bool, device=device)
     tol_shift = atol / rtol
     k_exp = -ctrl.beta1
     status, message, t_fail = Status.SUCCESS, "", None
@@ -154,6 +155,7 @@ def integrate_per_sample(
             scale = torch.maximum(y.abs(), y1.abs()) + tol_shift
             ratio = dt_try.abs() * rms(e / scale) / rtol
         finite = torch.isfinite(ratio)
+        nonfinite_last = torch.where(active, ~finite, nonfinite_last)  # each sample's last attempt was NaN/Inf
         accept = active & finite & (ratio <= 1.0)
         reject = active & ~accept
         if quadrature is not None:
@@ -216,12 +218,23 @@ def integrate_per_sample(
         )
         if bool(tiny.any()):
             worst = int(tiny.nonzero()[0])
-            status, t_fail = Status.DT_UNDERFLOW, float(t[worst])
-            message = (
-                f"step size underflow at t={t_fail:.10g} for sample {worst} of the batch: its step fell to "
-                f"{abs(float(dt[worst])):.3g} (rtol={rtol:g}, atol={atol:g}); the sample's solution may blow up "
-                "there or its dynamics are stiff"
-            )
+            t_fail = float(t[worst])
+            if bool(nonfinite_last[worst]):  # its steps kept producing NaN/Inf until the step size vanished
+                status = Status.NONFINITE
+                message = (
+                    f"the state of sample {worst} of the batch became NaN or Inf just after t={t_fail:.10g}: every "
+                    "step from there produced non-finite values (func returned NaN/Inf, or the solution blows up "
+                    "there)"
+                )
+                if t_fail == float(T_t[worst, 0]):
+                    message += "; check that sample's y0 and func(t0, y0) for NaN/Inf"
+            else:
+                status = Status.DT_UNDERFLOW
+                message = (
+                    f"step size underflow at t={t_fail:.10g} for sample {worst} of the batch: its step fell to "
+                    f"{abs(float(dt[worst])):.3g} (rtol={rtol:g}, atol={atol:g}); the sample's solution may blow "
+                    "up there or its dynamics are stiff"
+                )
             break
     reached = int(next_k.min()) if status != Status.SUCCESS else m
     res = IntegrationResult(
