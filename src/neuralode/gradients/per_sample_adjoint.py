@@ -9,7 +9,8 @@ each sample's accepted steps only. That is the joint adjoint with the seminorm o
 the parameter integral never enters the error estimate.
 
 Cost per backward attempt: the stages' evaluations with their state VJPs (as the joint adjoint), plus the
-start point evaluated again (its graph: the stage the FSAL reuse skipped) and one pass of parameter VJPs
+start point evaluated again where the step before had rejections (otherwise the FSAL stage's graph serves
+it), and one pass of parameter VJPs
 through the step's retained stage graphs, weighted by each sample's step and acceptance. Memory: one step's
 graphs, not the trajectory.
 """
@@ -33,8 +34,14 @@ class _Augmented:
     stages 1, 2, …; stages with a nonzero weight ``bᵢ`` keep their graph until ``end`` adds their parameter
     VJPs, weighted by the accepted samples' steps, to ``g``."""
 
-    def __init__(self, func: Callable, shape: torch.Size, wrt: Sequence[torch.Tensor], b: Sequence[float]) -> None:
+    def __init__(
+        self, func: Callable, shape: torch.Size, wrt: Sequence[torch.Tensor], b: Sequence[float], fsal: bool
+    ) -> None:
         self.func, self.shape, self.wrt, self.b = func, shape, list(wrt), list(b)
+        # FSAL: the last stage is the next step's first; when every sample still stepping accepted, its graph
+        # serves the next step's parameter VJP instead of a fresh evaluation
+        self.last = len(self.b) - 1 if fsal and self.wrt else None
+        self.carry: tuple | None = None  # (output with its graph, a) of the last accepted stage
         self.B, self.d = shape[0], math.prod(shape[1:])
         self.g = [torch.zeros_like(p) for p in self.wrt]
         self.calls = 0
@@ -48,14 +55,17 @@ class _Augmented:
         self.calls += 1
         y, a = self._split(z.detach())
         i = self.stage
-        keep = i is not None and i < len(self.b) and self.b[i] != 0 and bool(self.wrt)
+        last = i is not None and i == self.last
+        keep = last or (i is not None and i < len(self.b) and self.b[i] != 0 and bool(self.wrt))
         with torch.enable_grad():
             y_ = y.requires_grad_(True)
             out = self.func(t, y_)
             if out.shape != y.shape:
                 raise ValueError(f"func returned shape {tuple(out.shape)} for a state of shape {tuple(y.shape)}")
             (vy,) = torch.autograd.grad(out, y_, a, retain_graph=keep, allow_unused=True)
-        if keep:
+        if last:
+            self.carry = (out, a)
+        elif keep:
             self.pending.append((i, out, a))
         if i is not None:
             self.stage = i + 1
@@ -64,7 +74,10 @@ class _Augmented:
 
     def begin(self, t: torch.Tensor, z: torch.Tensor) -> None:
         self.stage, self.pending = 1, []
-        if self.wrt and self.b[0] != 0:
+        carry, self.carry = self.carry, None
+        if carry is not None and self.b[0] != 0:
+            self.pending.append((0, *carry))
+        elif self.wrt and self.b[0] != 0:
             # the step's first stage is the previous step's last (or the start's) value, reused without its
             # graph: evaluate it again for the parameter VJP
             y, a = self._split(z.detach())
@@ -74,6 +87,8 @@ class _Augmented:
 
     def end(self, accept: torch.Tensor, dt: torch.Tensor) -> None:
         pending, self.pending, self.stage = self.pending, [], None
+        if self.carry is not None and not bool((accept | (dt == 0)).all()):
+            self.carry = None  # a sample still stepping was rejected: its next first stage is not this one
         if not pending or not bool(accept.any()):
             return
         w = torch.where(accept, dt, torch.zeros_like(dt)).to(pending[0][2].dtype)
@@ -111,7 +126,7 @@ class _PerSampleAdjoint(torch.autograd.Function):
         B, m = shape[0], ys.shape[0]
         d = math.prod(shape[1:])
         method = cfg["method"]
-        aug = _Augmented(cfg["func"], shape, wrt, method.tableau.b)
+        aug = _Augmented(cfg["func"], shape, wrt, method.tableau.b, method.fsal)
         t_out = cfg["t_out"]
         rows = isinstance(t_out[0], (list, tuple))
         a = grad_ys[-1]
@@ -121,6 +136,7 @@ class _PerSampleAdjoint(torch.autograd.Function):
         for k in range(m - 1, 0, -1):
             interval = [[row[k], row[k - 1]] for row in t_out] if rows else [t_out[k], t_out[k - 1]]
             z0 = torch.cat([ys[k].reshape(B, d), a.reshape(B, d)], 1)
+            aug.carry = None  # (a new interval: its first step starts from a fresh evaluation)
             with torch.no_grad():
                 res, _ = integrate_per_sample(
                     aug,
