@@ -194,3 +194,42 @@ def test_ode_block_with_per_sample_stepping():
         torch.testing.assert_close(a, r, rtol=1e-6, atol=1e-9)
     with pytest.raises(ValueError, match="regularization does not combine with per_sample"):
         ODEBlock(func, per_sample=True, regularization={"kinetic": 0.1})
+
+
+def _vdp_module(mu: float):
+    class VdP(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mu = torch.nn.Parameter(torch.tensor(mu, dtype=torch.float64))
+
+        def forward(self, t, y):
+            return torch.stack([y[..., 1], self.mu * (1 - y[..., 0] ** 2) * y[..., 1] - y[..., 0]], -1)
+
+    return VdP()
+
+
+def test_adjoints_warn_when_the_backward_state_drifts_from_the_forward_one():
+    """Van der Pol at μ = 8 contracts onto its limit cycle so strongly that re-solving the state backwards
+    drifts 40% away from the forward solution (elsewhere it blows up, and the backward solve fails): both
+    adjoints then say so (their dL/dμ is off by orders of magnitude, against backprop's); on a healthy problem
+    they stay silent."""
+    import warnings
+
+    f = _vdp_module(8.0)
+    y0 = torch.tensor([2.0, 0.0], dtype=torch.float64)
+    t = torch.tensor([0.0, 7.4], dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="re-solved the state 0.[3-9].* away from the forward"):
+        sol = node.solve(f, y0, t, gradient="adjoint", rtol=1e-7, atol=1e-7)
+        torch.autograd.grad(sol.ys[-1, 0], f.mu)
+    with pytest.warns(RuntimeWarning, match=r"re-solved the state \(sample \d of the batch\)"):
+        sol = node.solve(f, torch.stack([y0, y0]), t, gradient="adjoint", per_sample=True, rtol=1e-7, atol=1e-7)
+        torch.autograd.grad(sol.ys[-1, :, 0].sum(), f.mu)
+    g_bp = torch.autograd.grad(node.solve(f, y0, t, rtol=1e-7, atol=1e-7).ys[-1, 0], f.mu)[0]
+    assert abs(float(g_bp)) < 100  # what backprop finds: a modest sensitivity
+    healthy = _vdp_module(0.0)  # a harmonic oscillator: nothing contracts
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for per_sample in (False, True):
+            y = torch.stack([y0, y0]) if per_sample else y0
+            sol = node.solve(healthy, y, t, gradient="adjoint", per_sample=per_sample, rtol=1e-7, atol=1e-7)
+            torch.autograd.grad(sol.ys.sum(), healthy.mu)

@@ -24,7 +24,7 @@ import torch
 
 from .._problem import Problem, run, valid_options
 from ..solvers.integrate import _callbacks, block_rms_max
-from .common import SolveStats, raise_on_failure
+from .common import SolveStats, raise_on_failure, warn_on_drift
 
 __all__ = ["adjoint_solve", "CALLBACK_NAMES"]
 
@@ -112,6 +112,7 @@ class _AdjointSolve(torch.autograd.Function):
         g = torch.zeros(n_g, dtype=dtype, device=ys.device)
         t_grad = torch.zeros(m, dtype=dtype, device=ys.device) if t.requires_grad else None
         fused = _compiled_segment(prob, cfg, wrt, n, ys) if cfg.get("compile") and m > 1 else None
+        drift_warned = False
         for i in range(m - 1, 0, -1):
             if t_grad is not None:
                 with torch.no_grad():
@@ -147,6 +148,8 @@ class _AdjointSolve(torch.autograd.Function):
             if carry_step and res.next_step is not None:
                 h = res.next_step
             z1 = res.ys[-1]
+            if adaptive and not drift_warned:  # (once per backward pass; fixed steps honour no tolerance)
+                drift_warned = warn_on_drift(z1[:n], ys[i - 1], cfg["rtol"], cfg["atol"], t_out[i], t_out[i - 1])
             # copies, not views: a view would keep the whole augmented output (the state part included)
             # alive for as long as the caller holds the gradients
             a, g = z1[n : 2 * n].clone(), z1[2 * n :].clone()

@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..solvers.per_sample import integrate_per_sample
-from .common import SolveStats, raise_on_failure
+from .common import SolveStats, raise_on_failure, warn_on_drift
 
 __all__ = ["per_sample_adjoint_solve"]
 
@@ -133,6 +133,11 @@ class _PerSampleAdjoint(torch.autograd.Function):
         # each interval starts with Hairer's initial step per sample (two calls), unless first_step is given:
         # carrying the step sizes over from the interval before was measured to cost more evaluations as
         # often as it saved some (a step cut short to land on an output time proposes a short next step)
+        drift_warned = False
+
+        def t_out_of(k: int):  # (for messages: each sample's own times where it has them)
+            return [row[k] for row in t_out] if rows else t_out[k]
+
         for k in range(m - 1, 0, -1):
             interval = [[row[k], row[k - 1]] for row in t_out] if rows else [t_out[k], t_out[k - 1]]
             z0 = torch.cat([ys[k].reshape(B, d), a.reshape(B, d)], 1)
@@ -154,7 +159,12 @@ class _PerSampleAdjoint(torch.autograd.Function):
             raise_on_failure(res, where)
             stats.n_steps_backward += res.n_steps  # (the most of any sample, as the forward counts)
             stats.n_rejected_backward += res.n_rejected
-            a = res.ys[-1].view(B, 2 * d)[:, d:].reshape(shape) + grad_ys[k - 1]
+            z1 = res.ys[-1].view(B, 2 * d)
+            if not drift_warned:  # (once per backward pass)
+                drift_warned = warn_on_drift(
+                    z1[:, :d], ys[k - 1].reshape(B, d), cfg["rtol"], cfg["atol"], t_out_of(k), t_out_of(k - 1)
+                )
+            a = z1[:, d:].reshape(shape) + grad_ys[k - 1]
         stats.nfe_backward += aug.calls
         grads = iter(aug.g)
         p_grads = [next(grads) if p.requires_grad else None for p in params]
