@@ -149,7 +149,9 @@ class _AdjointSolve(torch.autograd.Function):
                 h = res.next_step
             z1 = res.ys[-1]
             if adaptive and not drift_warned:  # (once per backward pass; fixed steps honour no tolerance)
-                drift_warned = warn_on_drift(z1[:n], ys[i - 1], cfg["rtol"], cfg["atol"], t_out[i], t_out[i - 1])
+                drift_warned = warn_on_drift(
+                    z1[:n], ys[i - 1], cfg["rtol"], cfg["atol"], t_out[i], t_out[i - 1], key=id(prob.func)
+                )
             # copies, not views: a view would keep the whole augmented output (the state part included)
             # alive for as long as the caller holds the gradients
             a, g = z1[n : 2 * n].clone(), z1[2 * n :].clone()

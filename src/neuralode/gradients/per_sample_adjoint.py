@@ -162,7 +162,13 @@ class _PerSampleAdjoint(torch.autograd.Function):
             z1 = res.ys[-1].view(B, 2 * d)
             if not drift_warned:  # (once per backward pass)
                 drift_warned = warn_on_drift(
-                    z1[:, :d], ys[k - 1].reshape(B, d), cfg["rtol"], cfg["atol"], t_out_of(k), t_out_of(k - 1)
+                    z1[:, :d],
+                    ys[k - 1].reshape(B, d),
+                    cfg["rtol"],
+                    cfg["atol"],
+                    t_out_of(k),
+                    t_out_of(k - 1),
+                    key=id(cfg["func"]),
                 )
             a = z1[:, d:].reshape(shape) + grad_ys[k - 1]
         stats.nfe_backward += aug.calls
