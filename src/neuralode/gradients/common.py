@@ -75,13 +75,14 @@ def raise_on_failure(res, where: str = "") -> None:
 
 #: when the adjoint's backward re-solve of the state has drifted from the forward solution at an output time
 #: by more than DRIFT_WARN[0] relative to the state (RMS of |Δy| / (|y| + atol/rtol), the error control's
-#: scale) and by more than DRIFT_WARN[1] times rtol, a warning says the gradients are unreliable. Measured
+#: scale) and by more than DRIFT_WARN[1] times rtol, or by more than DRIFT_WARN[2] (the state is then lost
+#: whatever the tolerance), a warning says the gradients are unreliable. Measured
 #: (drift, relative and in multiples of rtol): 1e-7 and 1–2 on an MLP field and a harmonic oscillator at
 #: rtol 1e-7; 1e-4 and ~1e3 on van der Pol at μ = 2 (gradients then off by ~1e-4); 0.05 and 5e4 on a mildly
 #: stiff system with Rosenbrock steps at rtol 1e-6 (gradients within 1e-3); 0.10–0.16 and 100–160 on the
 #: ODE-Net at rtol 1e-3 (the paper's setting, which trains well); 0.43 and 4e6 on van der Pol at μ = 8,
 #: rtol 1e-7, where the adjoint's dt*/dμ of the first zero crossing is -3e9 against backprop's 0.78
-DRIFT_WARN = (0.1, 1e6)
+DRIFT_WARN = (0.1, 1e6, 1.0)
 _DRIFT_WARNED: set = set()
 
 
@@ -102,7 +103,7 @@ def warn_on_drift(y_back: torch.Tensor, y_fwd: torch.Tensor, rtol, atol, t_from,
         worst = int(torch.nan_to_num(drift, nan=float("inf")).argmax())
         rel = float(drift[worst])
         factor = rel / float(torch.as_tensor(rtol).max())
-    if not (rel <= DRIFT_WARN[0] or factor <= DRIFT_WARN[1]):  # (NaN included)
+    if not ((rel <= DRIFT_WARN[0] or factor <= DRIFT_WARN[1]) and rel <= DRIFT_WARN[2]):  # (NaN included)
         if key is not None:
             _DRIFT_WARNED.add(key)
         sample = f" (sample {worst} of the batch)" if scaled.ndim == 2 else ""
