@@ -10,9 +10,8 @@ the parameter integral never enters the error estimate.
 
 Cost per backward attempt: the stages' evaluations with their state VJPs (as the joint adjoint), plus the
 start point evaluated again where the step before had rejections (otherwise the FSAL stage's graph serves
-it), and one pass of parameter VJPs
-through the step's retained stage graphs, weighted by each sample's step and acceptance. Memory: one step's
-graphs, not the trajectory.
+it), and one pass of parameter VJPs through the step's retained stage graphs, weighted by each sample's step
+and acceptance. Memory: one step's graphs, not the trajectory.
 """
 
 from __future__ import annotations
