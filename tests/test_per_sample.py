@@ -79,8 +79,6 @@ def test_per_sample_bad_input_is_a_clear_error():
         node.solve(lambda t, y: -y, y0, t, per_sample=True)
     with pytest.raises(ValueError, match="adaptive"):
         node.solve(lambda t, y: -y, y0[None], t, method="rk4", options={"step_size": 0.1}, per_sample=True)
-    with pytest.raises(ValueError, match="not 'checkpoint'"):
-        node.solve(lambda t, y: -y, y0[None], t, gradient="checkpoint", params=(), per_sample=True)
 
 
 def test_per_sample_backwards_in_time_matches_the_joint_solve_of_each_sample():

@@ -136,9 +136,10 @@ def solve(
             one row per sample (``(batch,)`` or ``(batch, k)``), ``event_t`` is ``(batch,)``.
         per_sample: adaptive methods: every sample of a ``(batch, ...)`` state keeps its own time, step size
             and accept/reject decision; ``func`` then receives ``t`` as a ``(batch,)`` tensor. Per-sample step
-            counts and evaluations are in ``Solution.sample_stats`` (backprop or adjoint gradients, ``t``
+            counts and evaluations are in ``Solution.sample_stats`` (all three gradient modes, ``t``
             included; ``Solution.interpolate`` evaluates each sample's own continuous extension). The adjoint
-            steps each sample's backward solve on its own too (``gradients.per_sample_adjoint``).
+            steps each sample's backward solve on its own too (``gradients.per_sample_adjoint``); the checkpoint
+            replays the forward's attempts one at a time (``gradients.per_sample_checkpoint``).
         compile: ``torch.compile`` the solver (True: inductor, or a backend name). Without gradients the whole
             adaptive loop runs compiled (joint or per-sample); with backprop or checkpointed gradients each step
             is compiled; with the adjoint, the backward solve of an ``nn.Module`` func (its own parameters)
@@ -200,6 +201,7 @@ def _solve_per_sample(
     prob: Problem, stats: SolveStats, gradient: str, event_fn, on_failure: str, dense: bool, params, adjoint: dict
 ) -> Solution:
     from .gradients.per_sample_adjoint import per_sample_adjoint_solve
+    from .gradients.per_sample_checkpoint import per_sample_checkpoint_solve
     from .solvers.per_sample import integrate_per_sample
 
     if event_fn is not None:
@@ -214,19 +216,20 @@ def _solve_per_sample(
         from .solvers.device_loop import supports as device_loop_supports
 
         compiled = device_loop_supports(method, ctrl)
-        if torch.is_grad_enabled() and gradient == "backprop":
+        if torch.is_grad_enabled() and gradient in ("backprop", "checkpoint"):
             from .solvers.compiled import _warn_once
 
             compiled = False
             _warn_once(
-                "compile=True with per_sample=True is compiled for solves without a graph only (call it under "
-                "torch.no_grad(), or use gradient='adjoint'); with autograd recording, the eager per-sample "
-                "loop runs"
+                "compile=True with per_sample=True is compiled for solves without a graph and for "
+                "gradient='adjoint' (call it under torch.no_grad(), or use gradient='adjoint'); with "
+                f"gradient={gradient!r} and autograd recording, the eager per-sample loop runs"
             )
 
-    def solve_loop(y0_: torch.Tensor) -> tuple:
-        """(result, per-sample statistics): the compiled loop where it applies (no graph), else the eager one."""
-        if compiled and not torch.is_grad_enabled():
+    def solve_loop(y0_: torch.Tensor, trace: list | None = None) -> tuple:
+        """(result, per-sample statistics): the compiled loop where it applies (no graph), else the eager one
+        (which fills ``trace`` for a checkpointed backward)."""
+        if compiled and not torch.is_grad_enabled() and trace is None:
             from .solvers.device_loop import integrate_device_loop
 
             got = integrate_device_loop(
@@ -256,6 +259,7 @@ def _solve_per_sample(
             first_step=opts.get("first_step"),
             max_num_steps=max_steps,
             keep_dense=dense and not compiled,
+            trace=trace,
         )
 
     box: dict = {}
@@ -266,6 +270,13 @@ def _solve_per_sample(
 
         def core(y0_: torch.Tensor) -> torch.Tensor:
             return per_sample_adjoint_solve(prob.func, y0_, ps, stats, box)
+
+    elif gradient == "checkpoint" and torch.is_grad_enabled():
+        box = {"forward": solve_loop, "method": method, "t_out": prob.t_out}
+        ps = _params_of(prob.func, params, "params")
+
+        def core(y0_: torch.Tensor) -> torch.Tensor:
+            return per_sample_checkpoint_solve(prob.func, y0_, ps, stats, box)
 
     else:
 
@@ -303,11 +314,6 @@ def _per_sample_setup(prob: Problem, gradient: str) -> tuple:
     if prob.method not in ADAPTIVE_METHODS:
         raise ValueError(
             f"per_sample=True needs an adaptive Runge–Kutta method ({', '.join(ADAPTIVE_METHODS)}), not {prob.method!r}"
-        )
-    if gradient == "checkpoint":
-        raise ValueError(
-            "per_sample=True supports gradient='backprop' (autograd through the per-sample loop) and "
-            "gradient='adjoint' (memory independent of the number of steps), not 'checkpoint'"
         )
     if prob.is_tuple or len(prob.shape) < 2:
         raise ValueError(

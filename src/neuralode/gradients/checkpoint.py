@@ -28,6 +28,7 @@ class _CheckpointSolve(torch.autograd.Function):
             res = run(prob, rhs, y0=y0.detach(), trace=trace, keep_segments=box.get("dense", False), use_event=False)
         box["result"] = res
         box["nfe"] = rhs.nfe
+        box["stats"].checkpoint_bytes += sum(r[2].numel() * r[2].element_size() for r in trace)
         ctx.prob, ctx.box, ctx.trace, ctx.method = prob, box, trace, res.method
         ctx.m = res.ys.shape[0]
         ctx.n_params = len(params)

@@ -21,6 +21,8 @@ class SolveStats:
         nfe_backward: evaluations of ``func`` (each with a vector–Jacobian product) in the backward pass;
             for ``backprop`` it is the number of recorded evaluations autograd differentiates through.
         n_steps_backward, n_rejected_backward: the adjoint's backward solve (zero for other modes).
+        checkpoint_bytes: what ``gradient="checkpoint"`` keeps between the forward and the backward pass (the
+            saved states and step data; zero for other modes).
     """
 
     nfe: int = 0
@@ -29,6 +31,7 @@ class SolveStats:
     nfe_backward: int = 0
     n_steps_backward: int = 0
     n_rejected_backward: int = 0
+    checkpoint_bytes: int = 0
 
     def __getitem__(self, key: str) -> int:
         return getattr(self, key)

@@ -20,7 +20,7 @@ from .control import _MIN_RATIO, StepController
 from .integrate import IntegrationResult, _max_steps_message
 from .runge_kutta import RungeKutta
 
-__all__ = ["integrate_per_sample", "initial_steps", "PerSampleDense", "PerSampleEvents"]
+__all__ = ["integrate_per_sample", "initial_steps", "Replay", "PerSampleDense", "PerSampleEvents"]
 
 
 def _rms_rows(x: torch.Tensor) -> torch.Tensor:
@@ -57,6 +57,7 @@ def integrate_per_sample(
     keep_dense: bool = False,
     quadrature=None,
     events: "PerSampleEvents | None" = None,
+    trace: list | None = None,
 ) -> tuple[IntegrationResult, dict]:
     """Integrate a batch with per-sample steps. Returns the result (``ys``: ``(len(t_out), batch, n)``) and
     per-sample statistics (``n_steps``, ``n_rejected``, ``nfe``: tensors of shape ``(batch,)``).
@@ -67,7 +68,11 @@ def integrate_per_sample(
     :class:`PerSampleDense` (``Solution.interpolate``). ``quadrature``: an object told of every attempt,
     ``begin(t, y)`` before its stages and ``end(accept, dt)`` once its acceptance is known (the per-sample
     adjoint integrates its parameter gradients along the accepted steps that way). ``events``: a
-    :class:`PerSampleEvents`; each sample stops at its first event (give ``t_out`` an infinite end)."""
+    :class:`PerSampleEvents`; each sample stops at its first event (give ``t_out`` an infinite end).
+    ``trace``: a list that gets, per attempt, what :class:`Replay` needs to rebuild it (its start times,
+    steps, start values, acceptances and end times); not with ``events``."""
+    if trace is not None and events is not None:
+        raise ValueError("integrate_per_sample: `trace` and `events` do not go together")
     if ctrl.beta2 != 0:
         raise ValueError("per-sample stepping uses the integral controller: leave `pcoeff` at 0")
     B = y0.shape[0]
@@ -79,15 +84,9 @@ def integrate_per_sample(
     T_t = torch.tensor(t_out if rows else [list(t_out)], dtype=torch.float64, device=device).expand(B, -1)
     m = T_t.shape[1]
     direction = 1.0 if float(T_t[0, -1]) >= float(T_t[0, 0]) else -1.0
+    co = _Coefficients(method, dtype, device)
+    S, b_err, W, rows_used = co.S, co.b_err, co.W, co.rows_used
     tab = method.tableau
-    S = tab.stages
-    A = [torch.tensor(row, dtype=dtype, device=device) for row in tab.a]
-    c = tab.c
-    b = torch.tensor(tab.b, dtype=dtype, device=device)
-    b_err = torch.tensor(tab.b_err, dtype=dtype, device=device)
-    W = torch.from_numpy(method.W).to(dtype=dtype, device=device)  # (rows, degree)
-    W64_t = torch.from_numpy(method.W.T.copy()).to(dtype=torch.float64, device=device)  # (degree, rows)
-    rows_used = method.rows_used
     nfe = torch.zeros(B, dtype=torch.long, device=device)
     calls = 0
 
@@ -144,12 +143,7 @@ def integrate_per_sample(
         h = dt_try.to(dtype)[:, None]
         if quadrature is not None:
             quadrature.begin(t, y)
-        yi = y
-        for i in range(1, S):
-            # y + h Σⱼ aᵢⱼ Kⱼ, per-sample h: one matrix-vector product over the stages' rows and one addcmul
-            yi = torch.addcmul(y, h, torch.mv(K[:i].view(i, -1).t(), A[i]).view(B, d))
-            K[i] = f(t + c[i] * dt_try, yi, active)
-        y1 = yi if method.fsal else y + h * torch.tensordot(b, K[:S], dims=1)
+        y1 = _stages(f, co, t, y, dt_try, h, K, active, method.fsal)
         with torch.no_grad():  # step-size control is not differentiated (as in the joint loop)
             e = torch.tensordot(b_err, K[:S], dims=1)
             scale = torch.maximum(y.abs(), y1.abs()) + tol_shift
@@ -179,15 +173,11 @@ def integrate_per_sample(
         if M:
             ks = next_k[:, None] + torch.arange(M, device=device)
             valid = torch.arange(M, device=device) < count[:, None]
-            theta = (
-                (T_t.gather(1, ks.clamp(max=m - 1)) - t[:, None]) / torch.where(dt_try == 0, 1.0, dt_try)[:, None]
-            ).clamp(0.0, 1.0)
-            # θ, θ², …: a running product (a float power costs an exp and a log per entry)
-            coef = torch.cumprod(theta[..., None].expand(-1, -1, W64_t.shape[0]), -1) @ W64_t  # (B, M, rows)
-            interp = torch.einsum("bmr,rbd->bmd", coef.to(dtype), K[:rows_used])
-            vals = y[:, None] + h[:, None] * interp
+            vals = _dense_values(co, T_t, t, dt_try, y, h, K, ks)
             out[torch.where(valid, ks, m), torch.arange(B, device=device)[:, None].expand(B, M)] = vals
             next_k = next_k + count
+        if trace is not None:  # (start times, steps, start values, accepted, end times): what a replay needs
+            trace.append((t, dt_try, y, accept, t1))
         if records is not None:  # (start, step, start value, extension Q (B, degree, d), time after the attempt)
             t_after = torch.where(accept, t1, t)
             records.append((t, dt_try, y, torch.einsum("rp,rbd->bpd", W, K[:rows_used]), t_after))
@@ -244,6 +234,90 @@ def integrate_per_sample(
         res.segments = PerSampleDense(records, direction, T_t[:, 0], t) if records else []
     stats = {"n_steps": n_steps, "n_rejected": n_rej, "nfe": nfe, "calls": calls}
     return res, stats
+
+
+class _Coefficients:
+    """A method's tableau as tensors of the state's dtype and device, for the per-sample loop and its replay."""
+
+    def __init__(self, method: RungeKutta, dtype: torch.dtype, device: torch.device) -> None:
+        tab = method.tableau
+        self.S = tab.stages
+        self.A = [torch.tensor(row, dtype=dtype, device=device) for row in tab.a]
+        self.c = tab.c
+        self.b = torch.tensor(tab.b, dtype=dtype, device=device)
+        self.b_err = torch.tensor(tab.b_err, dtype=dtype, device=device)
+        self.W = torch.from_numpy(method.W).to(dtype=dtype, device=device)  # (rows, degree)
+        self.W64_t = torch.from_numpy(method.W.T.copy()).to(dtype=torch.float64, device=device)  # (degree, rows)
+        self.rows_used = method.rows_used
+
+
+def _stages(f, co: _Coefficients, t, y, dt_try, h, K, active, fsal: bool) -> torch.Tensor:
+    """Stages 1 … S−1 of an attempt into ``K`` (``K[0]`` given); returns the attempt's end value."""
+    B, d = y.shape
+    yi = y
+    for i in range(1, co.S):
+        # y + h Σⱼ aᵢⱼ Kⱼ, per-sample h: one matrix-vector product over the stages' rows and one addcmul
+        yi = torch.addcmul(y, h, torch.mv(K[:i].view(i, -1).t(), co.A[i]).view(B, d))
+        K[i] = f(t + co.c[i] * dt_try, yi, active)
+    return yi if fsal else y + h * torch.tensordot(co.b, K[: co.S], dims=1)
+
+
+def _dense_values(co: _Coefficients, T_t, t, dt_try, y, h, K, ks) -> torch.Tensor:
+    """The attempt's continuous extension at output times ``T_t[b, ks[b, j]]``: (B, M, d)."""
+    m = T_t.shape[1]
+    theta = ((T_t.gather(1, ks.clamp(max=m - 1)) - t[:, None]) / torch.where(dt_try == 0, 1.0, dt_try)[:, None]).clamp(
+        0.0, 1.0
+    )
+    # θ, θ², …: a running product (a float power costs an exp and a log per entry)
+    coef = torch.cumprod(theta[..., None].expand(-1, -1, co.W64_t.shape[0]), -1) @ co.W64_t  # (B, M, rows)
+    interp = torch.einsum("bmr,rbd->bmd", coef.to(y.dtype), K[: co.rows_used])
+    return y[:, None] + h[:, None] * interp
+
+
+class Replay:
+    """Attempts of :func:`integrate_per_sample` rebuilt from its ``trace`` records, differentiably in their start
+    values (and ``func``'s parameters). ``replay(record)`` returns ``(y_next, values, ks, valid)``: the state
+    after the attempt (the end value where the sample accepted, the start value elsewhere) and the outputs the
+    attempt wrote, ``values[b, j]`` at output ``ks[b, j]`` of sample ``b`` where ``valid[b, j]`` (``values`` is
+    None where it wrote none). The first stage is evaluated afresh at the start (the loop carried it over from
+    the step before). Samples that did not accept are stepped with a zero step, so that a rejected attempt's
+    NaN/Inf does not reach the gradient through a zero weight."""
+
+    def __init__(self, func, shape: torch.Size, method: RungeKutta, t_out, dtype, device) -> None:
+        self.func, self.shape, self.method = func, shape, method
+        self.B = shape[0]
+        self.co = _Coefficients(method, dtype, device)
+        rows = len(t_out) > 0 and isinstance(t_out[0], (list, tuple))
+        self.T_t = torch.tensor(t_out if rows else [list(t_out)], dtype=torch.float64, device=device).expand(self.B, -1)
+        self.direction = 1.0 if float(self.T_t[0, -1]) >= float(self.T_t[0, 0]) else -1.0
+        self.T_sorted = (self.direction * self.T_t).contiguous()
+
+    def __call__(self, record: tuple) -> tuple:
+        t, dt_try, y, accept, t1 = record
+        B, d = y.shape
+        method, co, direction = self.method, self.co, self.direction
+
+        def f(t64: torch.Tensor, yy: torch.Tensor, active=None) -> torch.Tensor:
+            return self.func(t64.to(y.dtype), yy.view(self.shape)).reshape(B, d)
+
+        dt = torch.where(accept, dt_try, torch.zeros_like(dt_try))
+        h = dt.to(y.dtype)[:, None]
+        K = torch.empty(max(method.rows, co.S), B, d, dtype=y.dtype, device=y.device)
+        K[0] = f(t, y)
+        y1 = _stages(f, co, t, y, dt, h, K, None, method.fsal)
+        if not method.fsal and method.interp_needs_f1:
+            K[co.S] = f(t1, y1)
+        y_next = torch.where(accept[:, None], y1, y)
+        # the outputs this attempt wrote: those after its start time, up to its end time, where it accepted
+        next_k = torch.searchsorted(self.T_sorted, (direction * t)[:, None], right=True)[:, 0]
+        upto = torch.searchsorted(self.T_sorted, (direction * t1)[:, None], right=True)[:, 0]
+        count = torch.where(accept, upto - next_k, torch.zeros_like(upto)).clamp(min=0)
+        M = int(count.max())
+        if not M:
+            return y_next, None, None, None
+        ks = next_k[:, None] + torch.arange(M, device=y.device)
+        valid = torch.arange(M, device=y.device) < count[:, None]
+        return y_next, _dense_values(co, self.T_t, t, dt, y, h, K, ks), ks, valid
 
 
 class PerSampleDense:

@@ -1,0 +1,93 @@
+"""Exact gradients of the per-sample solve in bounded memory (``solve(..., per_sample=True,
+gradient="checkpoint")``).
+
+The forward pass is the per-sample loop without a graph; it keeps, per attempt, each sample's start time, step,
+start value and whether it accepted. The backward pass walks the attempts in reverse, rebuilds one attempt's
+graph at a time from its saved start values (``per_sample.Replay``) and backpropagates the running
+adjoint (one row per sample) and the gradients of the outputs that attempt wrote through it. Step sizes and
+accept/reject decisions are constants, as in plain backprop through the loop, so the result is backprop's to
+rounding, with the memory of one attempt's graph plus one state per attempt instead of every attempt's graph.
+
+Cost: the forward solve's evaluations again, plus one per attempt (the first stage, which the forward loop
+carried over from the step before). Attempts where no sample accepted leave the state unchanged and write no
+output; they are skipped.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from ..solvers.per_sample import Replay
+from .common import SolveStats
+
+__all__ = ["per_sample_checkpoint_solve"]
+
+
+class _PerSampleCheckpoint(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, cfg: dict, y0: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        trace: list = []
+        with torch.no_grad():
+            res, sample_stats = cfg["forward"](y0.detach(), trace)
+        cfg["result"], cfg["sample_stats"] = res, sample_stats
+        cfg["stats"].checkpoint_bytes += sum(x.numel() * x.element_size() for r in trace for x in r)
+        ctx.cfg, ctx.trace, ctx.shape = cfg, trace, y0.shape
+        ctx.m = res.ys.shape[0]
+        ctx.save_for_backward(*params)
+        return res.ys.view(-1, *y0.shape)
+
+    @staticmethod
+    def backward(ctx, grad_ys: torch.Tensor):
+        cfg, trace, shape = ctx.cfg, ctx.trace, ctx.shape
+        params: Sequence[torch.Tensor] = ctx.saved_tensors
+        wrt = [p for p in params if p.requires_grad]
+        B = shape[0]
+        g = grad_ys.reshape(grad_ys.shape[0], B, -1)
+        m = g.shape[0]
+        func, method, t_out = cfg["func"], cfg["method"], cfg["t_out"]
+        calls = 0
+
+        def counted(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            nonlocal calls
+            calls += 1
+            return func(t, y)
+
+        a = torch.zeros_like(g[0])
+        p_grads = [torch.zeros_like(p) for p in wrt]
+        rows = torch.arange(B, device=g.device)[:, None]
+        replay = Replay(counted, shape, method, t_out, g.dtype, g.device)
+        for record in reversed(trace):
+            accept = record[3]
+            if not bool(accept.any()):
+                continue  # (the state does not move and no output is written: the adjoint passes unchanged)
+            with torch.enable_grad():
+                y = record[2].detach().requires_grad_(True)
+                y_next, values, ks, valid = replay((*record[:2], y, *record[3:]))
+                targets, grads = [y_next], [a]
+                if values is not None:
+                    written = g[ks.clamp(max=m - 1), rows.expand_as(ks)]  # (B, M, d)
+                    targets.append(values)
+                    keep = valid & (ks < m)  # (a failed solve returns the outputs every sample reached)
+                    grads.append(torch.where(keep[..., None], written, torch.zeros_like(written)))
+                got = torch.autograd.grad(targets, [y, *wrt], grads, allow_unused=True)
+            a = got[0]
+            for i, gp in enumerate(got[1:]):
+                if gp is not None:
+                    p_grads[i] += gp
+        a = a + g[0]  # (the first output is y0 itself)
+        cfg["stats"].nfe_backward += calls
+        it = iter(p_grads)
+        return (None, a.view(shape), *[next(it) if p.requires_grad else None for p in params])
+
+
+def per_sample_checkpoint_solve(
+    func: Callable, y0: torch.Tensor, params: Sequence[torch.Tensor], stats: SolveStats, cfg: dict
+) -> torch.Tensor:
+    """``ys (m, batch, ...)`` from ``cfg["forward"](y0, trace) -> (result, per-sample statistics)`` (the eager
+    per-sample loop without a graph, filling ``trace``), differentiated by replaying its attempts. ``cfg`` also
+    holds the ``method`` (a ``RungeKutta``) and the output times ``t_out``; the forward's result and statistics
+    are left in ``cfg["result"]`` and ``cfg["sample_stats"]``."""
+    cfg["func"], cfg["stats"] = func, stats
+    return _PerSampleCheckpoint.apply(cfg, y0, *params)
