@@ -216,20 +216,20 @@ def _solve_per_sample(
         from .solvers.device_loop import supports as device_loop_supports
 
         compiled = device_loop_supports(method, ctrl)
-        if torch.is_grad_enabled() and gradient in ("backprop", "checkpoint"):
+        if torch.is_grad_enabled() and gradient == "backprop":
             from .solvers.compiled import _warn_once
 
             compiled = False
             _warn_once(
-                "compile=True with per_sample=True is compiled for solves without a graph and for "
-                "gradient='adjoint' (call it under torch.no_grad(), or use gradient='adjoint'); with "
-                f"gradient={gradient!r} and autograd recording, the eager per-sample loop runs"
+                "compile=True with per_sample=True is compiled for solves without a graph only (call it under "
+                "torch.no_grad(), or use gradient='adjoint' or 'checkpoint'); with autograd recording, the "
+                "eager per-sample loop runs"
             )
 
     def solve_loop(y0_: torch.Tensor, trace: list | None = None) -> tuple:
-        """(result, per-sample statistics): the compiled loop where it applies (no graph), else the eager one
-        (which fills ``trace`` for a checkpointed backward)."""
-        if compiled and not torch.is_grad_enabled() and trace is None:
+        """(result, per-sample statistics): the compiled loop where it applies (no graph), else the eager one;
+        either fills ``trace`` for a checkpointed backward."""
+        if compiled and not torch.is_grad_enabled():
             from .solvers.device_loop import integrate_device_loop
 
             got = integrate_device_loop(
@@ -245,9 +245,12 @@ def _solve_per_sample(
                 first_step=opts.get("first_step"),
                 max_num_steps=max_steps,
                 backend=opts["compile"] if isinstance(opts["compile"], str) else "inductor",
+                trace=trace,
             )
             if got is not None:
                 return got
+            if trace is not None:
+                trace.clear()  # (a compiled loop that failed part-way)
         return integrate_per_sample(
             prob.func,
             y0_,
@@ -272,7 +275,9 @@ def _solve_per_sample(
             return per_sample_adjoint_solve(prob.func, y0_, ps, stats, box)
 
     elif gradient == "checkpoint" and torch.is_grad_enabled():
-        box = {"forward": solve_loop, "method": method, "t_out": prob.t_out}
+        box = {"forward": solve_loop, "method": method, "t_out": prob.t_out, "backend": None}
+        if opts.get("compile"):  # the replayed attempts' stages compiled too
+            box["backend"] = opts["compile"] if isinstance(opts["compile"], str) else "inductor"
         ps = _params_of(prob.func, params, "params")
 
         def core(y0_: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,9 @@ rounding, with the memory of one attempt's graph plus one state per attempt inst
 
 Cost: the forward solve's evaluations again, plus one per attempt (the first stage, which the forward loop
 carried over from the step before). Attempts where no sample accepted leave the state unchanged and write no
-output; they are skipped.
+output; they are skipped. With ``compile=True`` the forward runs in the compiled per-sample loop
+(``device_loop``, which records the same trace) and each replayed attempt's stages are one compiled function
+whose backward autograd runs compiled too.
 """
 
 from __future__ import annotations
@@ -47,24 +49,17 @@ class _PerSampleCheckpoint(torch.autograd.Function):
         g = grad_ys.reshape(grad_ys.shape[0], B, -1)
         m = g.shape[0]
         func, method, t_out = cfg["func"], cfg["method"], cfg["t_out"]
-        calls = 0
-
-        def counted(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            nonlocal calls
-            calls += 1
-            return func(t, y)
-
+        replay = Replay(func, shape, method, t_out, trace, backend=cfg.get("backend")) if trace else None
         a = torch.zeros_like(g[0])
         p_grads = [torch.zeros_like(p) for p in wrt]
         rows = torch.arange(B, device=g.device)[:, None]
-        replay = Replay(counted, shape, method, t_out, g.dtype, g.device)
-        for record in reversed(trace):
-            accept = record[3]
-            if not bool(accept.any()):
-                continue  # (the state does not move and no output is written: the adjoint passes unchanged)
+        moved = torch.stack([r[3].any() for r in trace]).tolist() if trace else []
+        for i in reversed(range(len(trace))):
+            if not moved[i]:
+                continue  # (no sample accepted: the state does not move, no output is written, the adjoint passes)
             with torch.enable_grad():
-                y = record[2].detach().requires_grad_(True)
-                y_next, values, ks, valid = replay((*record[:2], y, *record[3:]))
+                y = trace[i][2].detach().requires_grad_(True)
+                y_next, values, ks, valid = replay(i, y)
                 targets, grads = [y_next], [a]
                 if values is not None:
                     written = g[ks.clamp(max=m - 1), rows.expand_as(ks)]  # (B, M, d)
@@ -73,11 +68,11 @@ class _PerSampleCheckpoint(torch.autograd.Function):
                     grads.append(torch.where(keep[..., None], written, torch.zeros_like(written)))
                 got = torch.autograd.grad(targets, [y, *wrt], grads, allow_unused=True)
             a = got[0]
-            for i, gp in enumerate(got[1:]):
+            for j, gp in enumerate(got[1:]):
                 if gp is not None:
-                    p_grads[i] += gp
+                    p_grads[j] += gp
         a = a + g[0]  # (the first output is y0 itself)
-        cfg["stats"].nfe_backward += calls
+        cfg["stats"].nfe_backward += replay.calls if replay is not None else 0
         it = iter(p_grads)
         return (None, a.view(shape), *[next(it) if p.requires_grad else None for p in params])
 

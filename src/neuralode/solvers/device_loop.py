@@ -71,6 +71,7 @@ def _make_attempts(
     transposed: bool,
     dense: bool = True,
     norm_blocks: tuple | None = None,
+    starts: bool = False,
 ):
     tab = method.tableau
     S = tab.stages
@@ -142,6 +143,8 @@ def _make_attempts(
         if dense:
             Q = [combo([Wl[r][p] for r in range(rows_used)], K) for p in range(degree)]
             record = (t, dt_try, rows_of(y), [rows_of(q if q is not None else torch.zeros_like(y)) for q in Q])
+        elif starts:  # (a checkpointed backward replays the attempts from their starts)
+            record = (t, dt_try, rows_of(y))
         else:  # only the end is requested: it is the last step's value
             record = ()
         y = torch.where(col(accept), y1, y)
@@ -177,6 +180,9 @@ def _make_attempts(
             ys = torch.stack([r[2] for r in recs])  # (unroll, G, d)
             Qs = torch.stack([torch.stack(r[3], 1) for r in recs])  # (unroll, G, degree, d)
             records = (t0s, hs, ys, Qs, t_after)
+        elif starts:
+            records = (torch.stack([r[0] for r in recs]), torch.stack([r[1] for r in recs]))
+            records += (torch.stack([r[2] for r in recs]), t_after)
         else:
             records = ()
         out_of_steps = (active & (n_steps + n_rej >= max_num_steps)).any()
@@ -216,6 +222,7 @@ def integrate_device_loop(
     unroll: int | None = None,
     f0: torch.Tensor | None = None,
     norm_blocks: tuple | None = None,
+    trace: list | None = None,
 ) -> tuple[IntegrationResult, dict] | None:
     """Integrate with the compiled device loop. ``y0`` is flat ``(groups, d)``: one group for joint stepping,
     the batch for per-sample stepping. ``f0``, if given, is f(t0, y0) as ``(groups, d)``, evaluated and checked
@@ -225,7 +232,9 @@ def integrate_device_loop(
     done (at most ``unroll - 1`` at the end) are computed but not counted. ``unroll`` (attempts per compiled
     call) is chosen once per func from the cost of its calls and the length of the solve (``_choose_unroll``).
     ``norm_blocks`` ((start, size) pairs, joint stepping only) measures the error as the largest RMS over those
-    slices of the state; parts outside every block are not error-controlled."""
+    slices of the state; parts outside every block are not error-controlled. ``trace`` (per-sample stepping)
+    gets, per attempt, ``per_sample.integrate_per_sample``'s trace record (start times, steps, start values,
+    acceptances, end times), for a checkpointed backward."""
     G, d = y0.shape
     dtype, device = y0.dtype, y0.device
     # per-sample output times: ``t_out`` has one row per group (each its own start and end)
@@ -306,7 +315,7 @@ def integrate_device_loop(
         unroll = _choose_unroll(func, shape, dtype, device, seconds, G * d, per_sample, span_steps)
     key = (id(func), method.tableau.name, tuple(shape), G, per_sample, direction, rtol, atol, unroll)
     key += (max_num_steps, transposed, ctrl.safety, ctrl.ifactor, ctrl.dfactor, ctrl.beta1, ctrl.min_step)
-    key += (ctrl.max_step, dtype, str(device), backend, dense_out, norm_blocks)
+    key += (ctrl.max_step, dtype, str(device), backend, dense_out, norm_blocks, trace is not None)
     hit = _CACHE.get(key)
     if hit is not None and hit[0] is func:
         fn, degree = hit[1]
@@ -325,6 +334,7 @@ def integrate_device_loop(
             transposed,
             dense_out,
             norm_blocks,
+            starts=trace is not None,
         )
         try:
             fn = torch.compile(
@@ -353,6 +363,7 @@ def integrate_device_loop(
     # TorchDynamo's frame hook); the later ones take call 1's kind of inputs and skip the check (``DirectCall``)
     direct = None if _NO_DIRECT else DirectCall.of(fn)
     n_calls = 0
+    calls_records: list = []
     try:
         while True:
             args = (*state, t_end)
@@ -365,6 +376,8 @@ def integrate_device_loop(
             n_calls += 1
             running, bad, out_of_steps, passed, reach, *most = flags.tolist()  # the loop's one host read per call
             dense.add(records, reach)
+            if trace is not None:
+                calls_records.append((records[0], records[1], records[2], records[-1]))
             t, dt, y, k0, active, failed, n_steps, n_rej, nfe = state
             if bad:
                 worst = int(failed.nonzero()[0])
@@ -405,6 +418,10 @@ def integrate_device_loop(
     else:
         reached = dense.flush(passed)
     most_steps, most_rej, most_attempts = (int(v) for v in most)  # after the last call
+    if trace is not None:  # one record per attempt; an attempt accepted where the group's time moved
+        for t0s, hs, ys, after in calls_records:
+            for u in range(t0s.shape[0]):
+                trace.append((t0s[u], hs[u], ys[u], after[u] != t0s[u], after[u]))
     res = IntegrationResult(out[:reached].reshape(reached, -1), status, message, t_fail, most_steps, most_rej)
     if G == 1:
         res.next_step = float(dt[0])  # the controller's proposal after the last step (the adjoint starts there)

@@ -276,48 +276,130 @@ def _dense_values(co: _Coefficients, T_t, t, dt_try, y, h, K, ks) -> torch.Tenso
 
 class Replay:
     """Attempts of :func:`integrate_per_sample` rebuilt from its ``trace`` records, differentiably in their start
-    values (and ``func``'s parameters). ``replay(record)`` returns ``(y_next, values, ks, valid)``: the state
-    after the attempt (the end value where the sample accepted, the start value elsewhere) and the outputs the
-    attempt wrote, ``values[b, j]`` at output ``ks[b, j]`` of sample ``b`` where ``valid[b, j]`` (``values`` is
-    None where it wrote none). The first stage is evaluated afresh at the start (the loop carried it over from
-    the step before). Samples that did not accept are stepped with a zero step, so that a rejected attempt's
-    NaN/Inf does not reach the gradient through a zero weight."""
+    values (and ``func``'s parameters). ``replay(a)`` returns ``(y_next, values, ks, valid)`` for record ``a``:
+    the state after the attempt (the end value where the sample accepted, the start value elsewhere) and the
+    outputs the attempt wrote, ``values[b, j]`` at output ``ks[b, j]`` of sample ``b`` where ``valid[b, j]``
+    (``values`` is None where it wrote none). The first stage is evaluated afresh at the start (the loop
+    carried it over from the step before). Samples that did not accept are stepped with a zero step, so that a
+    rejected attempt's NaN/Inf does not reach the gradient through a zero weight. ``backend``: a
+    ``torch.compile`` backend for the attempt (its stages and outputs; autograd then runs their compiled
+    backward too), or None; ``calls`` counts the batched evaluations of ``func``."""
 
-    def __init__(self, func, shape: torch.Size, method: RungeKutta, t_out, dtype, device) -> None:
-        self.func, self.shape, self.method = func, shape, method
-        self.B = shape[0]
-        self.co = _Coefficients(method, dtype, device)
+    def __init__(self, func, shape: torch.Size, method: RungeKutta, t_out, trace: list, backend=None) -> None:
+        self.trace = trace
+        y = trace[0][2]
+        dtype, device = y.dtype, y.device
+        self.B = B = shape[0]
         rows = len(t_out) > 0 and isinstance(t_out[0], (list, tuple))
-        self.T_t = torch.tensor(t_out if rows else [list(t_out)], dtype=torch.float64, device=device).expand(self.B, -1)
-        self.direction = 1.0 if float(self.T_t[0, -1]) >= float(self.T_t[0, 0]) else -1.0
-        self.T_sorted = (self.direction * self.T_t).contiguous()
+        self.T_t = torch.tensor(t_out if rows else [list(t_out)], dtype=torch.float64, device=device).expand(B, -1)
+        d = 1.0 if float(self.T_t[0, -1]) >= float(self.T_t[0, 0]) else -1.0
+        T_sorted = (d * self.T_t).contiguous()
+        self.S1 = method.tableau.stages + (not method.fsal and method.interp_needs_f1)
+        self.calls = 0
+        # the outputs each attempt wrote (after its start time, up to its end time, where it accepted), for
+        # every attempt at once: one host read
+        t = torch.stack([r[0] for r in trace]).t().contiguous()  # (B, attempts)
+        t1 = torch.stack([r[4] for r in trace]).t().contiguous()
+        accept = torch.stack([r[3] for r in trace]).t()
+        self.next_k = torch.searchsorted(T_sorted, d * t, right=True).t()  # (attempts, B)
+        upto = torch.searchsorted(T_sorted, d * t1, right=True).t()
+        self.count = torch.where(accept.t(), upto - self.next_k, torch.zeros_like(upto)).clamp(min=0)
+        self.M = self.count.amax(1).tolist()
+        self.fn = _replay_fn(func, method, shape, dtype, device)
+        if backend:
+            self.fn = _compiled(self.fn, func, method, shape, dtype, device, backend)
 
-    def __call__(self, record: tuple) -> tuple:
-        t, dt_try, y, accept, t1 = record
-        B, d = y.shape
-        method, co, direction = self.method, self.co, self.direction
-
-        def f(t64: torch.Tensor, yy: torch.Tensor, active=None) -> torch.Tensor:
-            return self.func(t64.to(y.dtype), yy.view(self.shape)).reshape(B, d)
-
+    def __call__(self, a: int, y: torch.Tensor) -> tuple:
+        """Attempt ``a`` replayed from start values ``y`` (with ``requires_grad`` as the caller wants)."""
+        t, dt_try, _, accept, t1 = self.trace[a]
         dt = torch.where(accept, dt_try, torch.zeros_like(dt_try))
-        h = dt.to(y.dtype)[:, None]
-        K = torch.empty(max(method.rows, co.S), B, d, dtype=y.dtype, device=y.device)
-        K[0] = f(t, y)
-        y1 = _stages(f, co, t, y, dt, h, K, None, method.fsal)
-        if not method.fsal and method.interp_needs_f1:
-            K[co.S] = f(t1, y1)
-        y_next = torch.where(accept[:, None], y1, y)
-        # the outputs this attempt wrote: those after its start time, up to its end time, where it accepted
-        next_k = torch.searchsorted(self.T_sorted, (direction * t)[:, None], right=True)[:, 0]
-        upto = torch.searchsorted(self.T_sorted, (direction * t1)[:, None], right=True)[:, 0]
-        count = torch.where(accept, upto - next_k, torch.zeros_like(upto)).clamp(min=0)
-        M = int(count.max())
+        self.calls += self.S1
+        M = self.M[a]
+        # (padded to a power of two, so that a compiled replay sees few output shapes)
+        Mp = 1 << (M - 1).bit_length() if M else 0
+        ar = torch.arange(Mp, device=y.device)
+        ks = self.next_k[a][:, None] + ar
+        y_next, values = self.fn(t, dt, y, accept, t1, self.T_t, ks)
         if not M:
             return y_next, None, None, None
-        ks = next_k[:, None] + torch.arange(M, device=y.device)
-        valid = torch.arange(M, device=y.device) < count[:, None]
-        return y_next, _dense_values(co, self.T_t, t, dt, y, h, K, ks), ks, valid
+        return y_next, values, ks, ar < self.count[a][:, None]
+
+
+def _replay_fn(func, method: RungeKutta, shape: torch.Size, dtype, device):
+    """One attempt as a function ``(t, dt, y, accept, t1, T_t, ks) -> (y_next, values at T_t[b, ks[b, j]])``."""
+    tab = method.tableau
+    S, fsal, rows_used = tab.stages, method.fsal, method.rows_used
+    A = [[float(v) for v in row] for row in tab.a]
+    c = [float(v) for v in tab.c]
+    b = [float(v) for v in tab.b]
+    needs_f1 = not fsal and method.interp_needs_f1
+    W64_t = torch.from_numpy(method.W[:rows_used].T.copy()).to(dtype=torch.float64, device=device)  # (degree, rows)
+    B = shape[0]
+
+    def combo(coefs, K):
+        acc = None
+        for j, a in enumerate(coefs):
+            if a != 0.0:
+                acc = a * K[j] if acc is None else acc + a * K[j]
+        return acc
+
+    def replay_attempt(t, dt, y, accept, t1, T_t, ks):
+        def F(t64, yy):
+            return func(t64.to(yy.dtype), yy.view(shape)).reshape(B, -1)
+
+        h = dt.to(y.dtype)[:, None]
+        K = [F(t, y)]
+        yi = y
+        for i in range(1, S):
+            acc = combo(A[i][:i], K)
+            yi = y if acc is None else y + h * acc
+            K.append(F(t + c[i] * dt, yi))
+        y1 = yi if fsal else y + h * combo(b, K)
+        if needs_f1:
+            K.append(F(t1, y1))
+        y_next = torch.where(accept[:, None], y1, y)
+        if ks.shape[1] == 0:
+            return y_next, None
+        # the continuous extension at the outputs: y + h Σ_p θ^(p+1) Q_p, Q_p = Σ_r W[r, p] K_r
+        m = T_t.shape[1]
+        theta = ((T_t.gather(1, ks.clamp(max=m - 1)) - t[:, None]) / torch.where(dt == 0, 1.0, dt)[:, None]).clamp(
+            0.0, 1.0
+        )
+        coef = torch.cumprod(theta[..., None].expand(-1, -1, W64_t.shape[0]), -1) @ W64_t  # (B, M, rows)
+        interp = torch.einsum("bmr,rbd->bmd", coef.to(y.dtype), torch.stack(K[:rows_used]))
+        return y_next, y[:, None] + h[:, None] * interp
+
+    return replay_attempt
+
+
+_REPLAY_CACHE: dict = {}
+
+
+def _compiled(fn, func, method: RungeKutta, shape: torch.Size, dtype, device, backend: str):
+    """``fn`` (``_replay_fn``'s) through ``torch.compile``, cached per func; the eager ``fn`` where compiling
+    fails (with a one-line warning)."""
+    from .compiled import _warn_once, fresh_code
+    from .small_gemm import backend_for
+
+    key = (id(func), method.tableau.name, tuple(shape), dtype, str(device), backend)
+    hit = _REPLAY_CACHE.get(key)
+    if hit is not None and hit[0] is func:
+        compiled = hit[1]
+    else:
+        compiled = torch.compile(fresh_code(fn), backend=backend_for(backend, device), dynamic=False)
+        if len(_REPLAY_CACHE) > 32:
+            _REPLAY_CACHE.clear()
+        _REPLAY_CACHE[key] = (func, compiled)
+
+    def call(*args):
+        try:
+            return compiled(*args)
+        except Exception as exc:  # pragma: no cover - depends on the platform's compiler
+            _warn_once(f"compile=True: the replayed steps run eagerly ({type(exc).__name__}: {exc})")
+            _REPLAY_CACHE.pop(key, None)
+            return fn(*args)
+
+    return call
 
 
 class PerSampleDense:
