@@ -62,8 +62,14 @@ def _no_fallback(caught):
 
 
 @pytest.mark.parametrize("gradient", ["backprop", "checkpoint"])
-def test_gradients_through_the_compiled_step_equal_the_eager_ones(gradient):
-    """Backprop through the compiled step; checkpointing records its accepted steps for the eager recompute."""
+def test_gradients_through_the_compiled_step_equal_the_eager_ones(gradient, monkeypatch):
+    """Backprop through the compiled step; checkpointing records its accepted steps and rebuilds each through
+    the compiled step again."""
+    from neuralode.gradients import checkpoint
+
+    replays = []
+    real = checkpoint._compiled_replay
+    monkeypatch.setattr(checkpoint, "_compiled_replay", lambda *a: replays.append(real(*a)) or replays[-1])
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2)).double()
     y0 = torch.randn(8, 2, dtype=torch.float64)
@@ -90,6 +96,8 @@ def test_gradients_through_the_compiled_step_equal_the_eager_ones(gradient):
         if gradient == "backprop":
             assert sol.stats.nfe_backward == sol.stats.nfe
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-12)
+    if gradient == "checkpoint":  # (eager, then compiled)
+        assert len(replays) == 2 and replays[0] is None and replays[1] is not None
 
 
 def test_compile_falls_back_to_eager_with_a_warning_where_unsupported():

@@ -544,7 +544,8 @@ def _run_compiled(
         _warn_once(f"compile=True does not support {why} yet; using the eager solver")
         return None
     backend = opts["compile"] if isinstance(opts["compile"], str) else "inductor"
-    if trace is None and not torch.is_grad_enabled() and device_loop_supports(rk, ctrl):
+    if not torch.is_grad_enabled() and device_loop_supports(rk, ctrl):
+        records: list | None = [] if trace is not None else None  # (checkpointed gradients: the attempts)
         got = integrate_device_loop(
             rhs.func,
             y0.reshape(1, -1),
@@ -559,9 +560,15 @@ def _run_compiled(
             max_num_steps=max_steps,
             backend=backend,
             f0=rhs.at(float(t_out[0]), y0).reshape(1, -1),
+            trace=records,
         )
         if got is not None:
             res, counts = got
+            if trace is not None and records:  # the accepted attempts as the loop's trace records
+                t0s = torch.stack([r[0][0] for r in records]).tolist()
+                ends = torch.stack([r[4][0] for r in records]).tolist()
+                ok = torch.stack([r[3][0] for r in records]).tolist()
+                trace.extend((a, b, r[2][0], False, False) for a, b, r, k in zip(t0s, ends, records, ok) if k)
             rhs.nfe += int(counts["nfe"][0])
             res.method = rk
             return res

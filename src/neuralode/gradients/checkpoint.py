@@ -3,7 +3,8 @@
 The forward pass runs without a graph and keeps, per accepted step, only its start state (and how its first
 and last stages were evaluated). The backward pass walks the steps in reverse, rebuilds one step's graph
 at a time from its saved start state, and backpropagates the running adjoint through it. Step sizes are
-constants, as they are in plain backprop, so the result equals backprop's to rounding.
+constants, as they are in plain backprop, so the result equals backprop's to rounding. With ``compile=True``
+each rebuilt step is the forward's compiled step, whose backward autograd runs compiled too.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from .._problem import Problem, run
+from .._problem import ADAPTIVE_METHODS, Problem, run
 from ..solvers.runge_kutta import Segment
 from .common import SolveStats
 
@@ -44,6 +45,8 @@ class _CheckpointSolve(torch.autograd.Function):
         t_out = prob.t_out[: ctx.m]
         direction = 1.0 if t_out[-1] >= t_out[0] else -1.0
         rhs = prob.rhs()
+        step = _compiled_replay(prob, rhs, method)
+        tt = lambda s: torch.scalar_tensor(s, dtype=rhs.dtype, device=rhs.device)  # noqa: E731
         a = torch.zeros_like(grad_ys[0])
         p_grads = [torch.zeros_like(p) for p in wrt_params]
         j = ctx.m - 1  # next output (from the end) still to be attached to a step
@@ -54,15 +57,22 @@ class _CheckpointSolve(torch.autograd.Function):
                 j -= 1
             with torch.enable_grad():
                 y = y0.detach().requires_grad_(True)
-                buf = method.new_buffer()
-                buf.set(0, rhs.at(t0, y, perturb=int(direction) if perturb_first else 0))
-                y1, _ = method.step(rhs, t0, t1 - t0, y, buf, perturb_last=perturb_last)
-                targets, grads = [y1], [a]
                 inner = [k for k in outs if t_out[k] != t1]
-                if inner:
-                    if method.interp_needs_f1 and not method.fsal:
+                if step is not None and not (perturb_first or perturb_last):  # all stages in one compiled call
+                    y1, K, _ = step(tt(t0), tt(t1 - t0), y, rhs.at(t0, y), prob.atol / prob.rtol, 1.0 / prob.rtol)
+                    rhs.nfe += method.stages - 1
+                    if inner and method.interp_needs_f1 and not method.fsal:
+                        K = torch.cat([K, rhs.at(t1, y1)[None]])
+                else:
+                    buf = method.new_buffer()
+                    buf.set(0, rhs.at(t0, y, perturb=int(direction) if perturb_first else 0))
+                    y1, _ = method.step(rhs, t0, t1 - t0, y, buf, perturb_last=perturb_last)
+                    if inner and method.interp_needs_f1 and not method.fsal:
                         buf.set(method.f1_index, rhs.at(t1, y1))
-                    ys_in = Segment(t0, t1, y, y1, buf.K, method)([t_out[k] for k in inner])
+                    K = buf.K
+                targets, grads = [y1], [a]
+                if inner:
+                    ys_in = Segment(t0, t1, y, y1, K, method)([t_out[k] for k in inner])
                     targets.append(ys_in)
                     grads.append(grad_ys[inner])
                 for k in outs:
@@ -79,6 +89,23 @@ class _CheckpointSolve(torch.autograd.Function):
         for r in needs:
             out_params.append(next(it) if r else None)
         return (None, None, a, *out_params)
+
+
+def _compiled_replay(prob: Problem, rhs, method):
+    """With ``compile=True``, the compiled step of the forward solve (``solvers.compiled``), through which the
+    backward rebuilds each step's graph (autograd then runs its compiled backward); None otherwise."""
+    opts = prob.options
+    if not opts.get("compile") or prob.method not in ADAPTIVE_METHODS or rhs.buffer_shape is None:
+        return None
+    if not (isinstance(prob.rtol, float) and isinstance(prob.atol, float)):
+        return None
+    from ..solvers.compiled import compiled_step
+
+    backend = opts["compile"] if isinstance(opts["compile"], str) else "inductor"
+    try:
+        return compiled_step(rhs.func, method, rhs.buffer_shape, rhs.dtype, rhs.device, backend)
+    except Exception:  # pragma: no cover - depends on the platform's compiler (the forward warned already)
+        return None
 
 
 def checkpoint_solve(
