@@ -141,8 +141,9 @@ def solve(
             steps each sample's backward solve on its own too (``gradients.per_sample_adjoint``); the checkpoint
             replays the forward's attempts one at a time (``gradients.per_sample_checkpoint``).
         compile: ``torch.compile`` the solver (True: inductor, or a backend name). Without gradients the whole
-            adaptive loop runs compiled (joint or per-sample); with backprop or checkpointed gradients each step
-            is compiled; with the adjoint, the backward solve of an ``nn.Module`` func (its own parameters)
+            adaptive loop runs compiled (joint or per-sample); with backprop each step is compiled (joint
+            stepping; per-sample backprop runs eagerly); with checkpointed gradients the forward loop runs
+            compiled and the backward rebuilds each step through a compiled function; with the adjoint, the backward solve of an ``nn.Module`` func (its own parameters)
             runs in the compiled loop too, except on CPU where func is expensive (≥ 3 ms per augmented call),
             where eager kernels were measured as fast. Tensor states and scalar tolerances; no dense output
             (``dense`` is ignored). Anything else runs the eager solver with a one-line warning.

@@ -3,8 +3,8 @@
 The Python loop stays as it is (one host read per step: the error ratio, for accept/reject); time and step size
 enter the compiled function as 0-d tensors, so a new step size never recompiles. Compiled steps are cached per
 (func, method, shape, dtype, device, backend). This path serves solves with a graph (backprop through the
-compiled step) and checkpointed gradients (each accepted step is recorded; the backward pass recomputes it
-eagerly); solves without gradients run in ``device_loop``. Tensor states and scalar tolerances only; anything
+compiled step; checkpointed gradients rebuild each recorded step through it too); solves without gradients,
+the checkpoint's forward solve included, run in ``device_loop``. Tensor states and scalar tolerances only; anything
 else, or a failure to compile, falls back to the eager path with a one-line warning.
 """
 
