@@ -3,8 +3,8 @@ checkpoint.
 
 The van der Pol batch of issue 11 (μ from 0.5 to 5, one learnable μ per sample, t in [0, 7], dopri5 at
 rtol = atol = 1e-5); the loss is a weighted sum of the states at 20 output times. For each of the six
-combinations (and, with ``compile=True``, joint backprop and checkpoint and per-sample adjoint and
-checkpoint), in one process: forward + backward wall time (median; the first call, which compiles, is timed
+combinations (and each again with ``compile=True`` but the joint adjoint, whose compiled backward needs an
+``nn.Module`` func), in one process: forward + backward wall time (median; the first call, which compiles, is timed
 apart), function evaluations per sample
 (forward and backward; joint stepping evaluates every sample at every step), and the bytes kept between the
 forward and the backward pass: the tensors autograd saves (counted by a saved-tensors hook), plus the
@@ -36,6 +36,7 @@ COMBOS = [  # (name, per_sample, gradient, compile)
     ("per-sample checkpoint", True, "checkpoint", False),
     ("joint backprop, compile", False, "backprop", True),
     ("joint checkpoint, compile", False, "checkpoint", True),
+    ("per-sample backprop, compile", True, "backprop", True),
     ("per-sample adjoint, compile", True, "adjoint", True),
     ("per-sample checkpoint, compile", True, "checkpoint", True),
 ]

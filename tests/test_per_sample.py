@@ -185,19 +185,34 @@ def test_per_sample_output_times_bad_input_is_a_clear_error():
         node.solve(lambda t, y: y, (y0, y0), t, per_sample=True)
 
 
-def test_per_sample_compile_under_autograd_says_it_runs_eagerly():
-    """compile=True with per_sample=True compiles only solves without a graph: with autograd recording (the
-    default mode, even when nothing requires grad) the eager loop runs, and the user is told once."""
-    from neuralode.solvers import compiled
+def test_per_sample_backprop_with_compile_runs_each_attempt_compiled(monkeypatch):
+    """compile=True with backprop through the per-sample loop: each attempt's stages and error ratio are one
+    compiled function and autograd runs through it; steps, values and gradients (of a closure's tensor too)
+    equal the eager loop's. A method without FSAL runs the eager loop, and the user is told once."""
+    from neuralode.solvers import compiled, per_sample
 
+    made = []
+    real = per_sample.compiled_attempt
+    monkeypatch.setattr(per_sample, "compiled_attempt", lambda *a: made.append(a[5]) or real(*a))
+    mus = torch.tensor([0.5, 2.0, 4.0], dtype=torch.float64, requires_grad=True)
+    y0 = torch.tensor([[2.0, 0.0], [1.0, 0.5], [0.5, -1.0]], dtype=torch.float64, requires_grad=True)
+    t = torch.linspace(0, 3, 7, dtype=torch.float64)
+    w = torch.randn(7, 3, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    f = _vdp(mus)
+    got = {}
+    for mode in (False, "aot_eager"):
+        sol = node.solve(f, y0, t, rtol=1e-7, atol=1e-9, per_sample=True, compile=mode)
+        got[mode] = (sol.ys.detach(), *torch.autograd.grad((sol.ys * w).sum(), [mus, y0]))
+        got[mode] += (sol.sample_stats["n_steps"], sol.sample_stats["nfe"])
+        if mode:
+            assert sol.stats.nfe_backward == sol.stats.nfe
+    assert made == ["aot_eager"]
+    for a, b in zip(got[False], got["aot_eager"]):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
     compiled._WARNED.discard(next((w for w in compiled._WARNED if "per_sample=True" in w), ""))
-    mus = torch.tensor([0.5, 2.0], dtype=torch.float64, requires_grad=True)
-    y0 = torch.tensor([[2.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
-    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
-    with pytest.warns(RuntimeWarning, match="per_sample=True is compiled for solves without a graph"):
-        sol = node.solve(_vdp(mus), y0, t, rtol=1e-8, atol=1e-10, per_sample=True, compile="aot_eager")
-    sol.ys[-1].sum().backward()  # the closure's parameter still gets its gradient
-    assert mus.grad is not None and float(mus.grad.abs().sum()) > 0
+    with pytest.warns(RuntimeWarning, match="compiles FSAL methods' steps only"):
+        sol = node.solve(f, y0, t, method="fehlberg2", rtol=1e-5, atol=1e-7, per_sample=True, compile="aot_eager")
+    assert float(torch.autograd.grad(sol.ys[-1].sum(), mus)[0].abs().sum()) > 0
 
 
 @pytest.mark.parametrize("rows", [False, True])

@@ -141,11 +141,12 @@ def solve(
             steps each sample's backward solve on its own too (``gradients.per_sample_adjoint``); the checkpoint
             replays the forward's attempts one at a time (``gradients.per_sample_checkpoint``).
         compile: ``torch.compile`` the solver (True: inductor, or a backend name). Without gradients the whole
-            adaptive loop runs compiled (joint or per-sample); with backprop each step is compiled (joint
-            stepping; per-sample backprop runs eagerly); with checkpointed gradients the forward loop runs
-            compiled and the backward rebuilds each step through a compiled function; with the adjoint, the backward solve of an ``nn.Module`` func (its own parameters)
-            runs in the compiled loop too, except on CPU where func is expensive (≥ 3 ms per augmented call),
-            where eager kernels were measured as fast. Tensor states and scalar tolerances; no dense output
+            adaptive loop runs compiled (joint or per-sample); with backprop each step is compiled (per-sample
+            stepping: FSAL methods); with checkpointed gradients the forward loop runs compiled and the
+            backward rebuilds each step through a compiled function; with the adjoint, the backward solve of
+            an ``nn.Module`` func (its own parameters, joint stepping) runs in the compiled loop too, except
+            on CPU where func is expensive (≥ 3 ms per augmented call), where eager kernels were measured as
+            fast. Tensor states and scalar tolerances; no dense output
             (``dense`` is ignored). Anything else runs the eager solver with a one-line warning.
 
     Returns:
@@ -213,19 +214,27 @@ def _solve_per_sample(
     rows = prob.t.ndim == 2  # per-sample output times
     needs_t_grad = prob.t.requires_grad and torch.is_grad_enabled()
     compiled = False
+    step_fn = None  # backprop: each attempt's stages one compiled function, autograd through it
     if opts.get("compile"):
         from .solvers.device_loop import supports as device_loop_supports
 
         compiled = device_loop_supports(method, ctrl)
         if torch.is_grad_enabled() and gradient == "backprop":
-            from .solvers.compiled import _warn_once
+            if compiled:
+                from .solvers.per_sample import compiled_attempt
 
+                backend = opts["compile"] if isinstance(opts["compile"], str) else "inductor"
+                step_fn = compiled_attempt(
+                    prob.func, method, y0.shape, y0.dtype, y0.device, backend, prob.rtol, prob.atol
+                )
+            else:
+                from .solvers.compiled import _warn_once
+
+                _warn_once(
+                    f"compile=True with per_sample=True and gradient='backprop' compiles FSAL methods' steps "
+                    f"only, not {prob.method!r}'s; the eager per-sample loop runs"
+                )
             compiled = False
-            _warn_once(
-                "compile=True with per_sample=True is compiled for solves without a graph only (call it under "
-                "torch.no_grad(), or use gradient='adjoint' or 'checkpoint'); with autograd recording, the "
-                "eager per-sample loop runs"
-            )
 
     def solve_loop(y0_: torch.Tensor, trace: list | None = None) -> tuple:
         """(result, per-sample statistics): the compiled loop where it applies (no graph), else the eager one;
@@ -264,6 +273,7 @@ def _solve_per_sample(
             max_num_steps=max_steps,
             keep_dense=dense and not compiled,
             trace=trace,
+            step_fn=step_fn if torch.is_grad_enabled() else None,
         )
 
     box: dict = {}

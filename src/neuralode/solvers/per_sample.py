@@ -20,7 +20,7 @@ from .control import _MIN_RATIO, StepController
 from .integrate import IntegrationResult, _max_steps_message
 from .runge_kutta import RungeKutta
 
-__all__ = ["integrate_per_sample", "initial_steps", "Replay", "PerSampleDense", "PerSampleEvents"]
+__all__ = ["integrate_per_sample", "initial_steps", "Replay", "compiled_attempt", "PerSampleDense", "PerSampleEvents"]
 
 
 def _rms_rows(x: torch.Tensor) -> torch.Tensor:
@@ -58,6 +58,7 @@ def integrate_per_sample(
     quadrature=None,
     events: "PerSampleEvents | None" = None,
     trace: list | None = None,
+    step_fn=None,
 ) -> tuple[IntegrationResult, dict]:
     """Integrate a batch with per-sample steps. Returns the result (``ys``: ``(len(t_out), batch, n)``) and
     per-sample statistics (``n_steps``, ``n_rejected``, ``nfe``: tensors of shape ``(batch,)``).
@@ -70,7 +71,9 @@ def integrate_per_sample(
     adjoint integrates its parameter gradients along the accepted steps that way). ``events``: a
     :class:`PerSampleEvents`; each sample stops at its first event (give ``t_out`` an infinite end).
     ``trace``: a list that gets, per attempt, what :class:`Replay` needs to rebuild it (its start times,
-    steps, start values, acceptances and end times); not with ``events``."""
+    steps, start values, acceptances and end times); not with ``events``. ``step_fn`` (FSAL methods, no
+    ``quadrature``): an attempt's stages and error ratio as one function, ``(t, dt, y, k0) -> (y1, K, ratio)``
+    (:func:`compiled_attempt`), in place of the eager stages."""
     if trace is not None and events is not None:
         raise ValueError("integrate_per_sample: `trace` and `events` do not go together")
     if ctrl.beta2 != 0:
@@ -101,9 +104,11 @@ def integrate_per_sample(
     t = T_t[:, 0].clone()
     t_end = T_t[:, -1].clone()
     all_active = torch.ones(B, dtype=torch.bool, device=device)
+    if step_fn is not None and (not method.fsal or quadrature is not None):
+        raise ValueError("integrate_per_sample: `step_fn` needs an FSAL method and no `quadrature`")
     K = torch.empty(max(method.rows, S), B, d, dtype=dtype, device=device)
     f0 = f(t, y, all_active)
-    K[0] = f0
+    K[0] = k0 = f0
     if first_step is None:
         dt = initial_steps(lambda tt, yy: f(tt, yy, all_active), t, y, f0, direction, tab.order, rtol, atol)
     else:
@@ -143,11 +148,16 @@ def integrate_per_sample(
         h = dt_try.to(dtype)[:, None]
         if quadrature is not None:
             quadrature.begin(t, y)
-        y1 = _stages(f, co, t, y, dt_try, h, K, active, method.fsal)
-        with torch.no_grad():  # step-size control is not differentiated (as in the joint loop)
-            e = torch.tensordot(b_err, K[:S], dims=1)
-            scale = torch.maximum(y.abs(), y1.abs()) + tol_shift
-            ratio = dt_try.abs() * rms(e / scale) / rtol
+        if step_fn is not None:
+            y1, K, ratio = step_fn(t, dt_try, y, k0)
+            calls += S - 1
+            nfe = nfe + active.long() * (S - 1)
+        else:
+            y1 = _stages(f, co, t, y, dt_try, h, K, active, method.fsal)
+            with torch.no_grad():  # step-size control is not differentiated (as in the joint loop)
+                e = torch.tensordot(b_err, K[:S], dims=1)
+                scale = torch.maximum(y.abs(), y1.abs()) + tol_shift
+                ratio = dt_try.abs() * rms(e / scale) / rtol
         finite = torch.isfinite(ratio)
         nonfinite_last = torch.where(active, ~finite, nonfinite_last)  # each sample's last attempt was NaN/Inf
         accept = active & finite & (ratio <= 1.0)
@@ -183,7 +193,9 @@ def integrate_per_sample(
             records.append((t, dt_try, y, torch.einsum("rp,rbd->bpd", W, K[:rows_used]), t_after))
         y = torch.where(accept[:, None], y1, y)
         t = torch.where(accept, t1, t)
-        if method.fsal:
+        if step_fn is not None:
+            k0 = torch.where(accept[:, None], K[S - 1], k0)
+        elif method.fsal:
             K[0] = torch.where(accept[:, None], K[S - 1], K[0])
         else:
             if method.interp_needs_f1:
@@ -372,16 +384,59 @@ def _replay_fn(func, method: RungeKutta, shape: torch.Size, dtype, device):
     return replay_attempt
 
 
+def _attempt_fn(func, method: RungeKutta, shape: torch.Size, rtol: float, atol: float):
+    """An attempt of the per-sample loop (FSAL methods) as one function ``(t, dt, y, k0) -> (y1, K, ratio)``:
+    the stages (``K`` stacked, ``K[0] = k0``), the end value and each sample's error ratio (not
+    differentiated), as the eager loop computes them."""
+    tab = method.tableau
+    S = tab.stages
+    A = [[float(v) for v in row] for row in tab.a]
+    c = [float(v) for v in tab.c]
+    b_err = [float(v) for v in tab.b_err]
+    B, d = shape[0], math.prod(shape[1:])
+    tol_shift, inv_rtol, inv_sqrt_d = atol / rtol, 1.0 / rtol, 1.0 / math.sqrt(max(d, 1))
+
+    def combo(coefs, K):
+        acc = None
+        for j, a in enumerate(coefs):
+            if a != 0.0:
+                acc = a * K[j] if acc is None else acc + a * K[j]
+        return acc
+
+    def attempt(t, dt, y, k0):
+        h = dt.to(y.dtype)[:, None]
+        K = [k0]
+        yi = y
+        for i in range(1, S):
+            yi = y + h * combo(A[i][:i], K)
+            K.append(func((t + c[i] * dt).to(y.dtype), yi.view(shape)).reshape(B, d))
+        with torch.no_grad():
+            e = combo(b_err, K)
+            scale = torch.maximum(y.abs(), yi.abs()) + tol_shift
+            ratio = dt.abs() * (torch.linalg.vector_norm(e / scale, dim=1) * inv_sqrt_d).double() * inv_rtol
+        return yi, torch.stack(K), ratio
+
+    return attempt
+
+
+def compiled_attempt(func, method: RungeKutta, shape: torch.Size, dtype, device, backend: str, rtol, atol):
+    """:func:`_attempt_fn` through ``torch.compile`` (cached per func and tolerances), for
+    ``integrate_per_sample(step_fn=...)``; the eager function where compiling fails (with a one-line
+    warning)."""
+    fn = _attempt_fn(func, method, shape, rtol, atol)
+    return _compiled(fn, func, method, shape, dtype, device, backend, ("attempt", rtol, atol))
+
+
 _REPLAY_CACHE: dict = {}
 
 
-def _compiled(fn, func, method: RungeKutta, shape: torch.Size, dtype, device, backend: str):
-    """``fn`` (``_replay_fn``'s) through ``torch.compile``, cached per func; the eager ``fn`` where compiling
-    fails (with a one-line warning)."""
+def _compiled(fn, func, method: RungeKutta, shape: torch.Size, dtype, device, backend: str, kind: tuple = ("replay",)):
+    """``fn`` (``_replay_fn``'s or ``_attempt_fn``'s) through ``torch.compile``, cached per func; the eager
+    ``fn`` where compiling fails (with a one-line warning)."""
     from .compiled import _warn_once, fresh_code
     from .small_gemm import backend_for
 
-    key = (id(func), method.tableau.name, tuple(shape), dtype, str(device), backend)
+    key = (id(func), method.tableau.name, tuple(shape), dtype, str(device), backend, kind)
     hit = _REPLAY_CACHE.get(key)
     if hit is not None and hit[0] is func:
         compiled = hit[1]
@@ -395,7 +450,7 @@ def _compiled(fn, func, method: RungeKutta, shape: torch.Size, dtype, device, ba
         try:
             return compiled(*args)
         except Exception as exc:  # pragma: no cover - depends on the platform's compiler
-            _warn_once(f"compile=True: the replayed steps run eagerly ({type(exc).__name__}: {exc})")
+            _warn_once(f"compile=True: the per-sample steps run eagerly ({type(exc).__name__}: {exc})")
             _REPLAY_CACHE.pop(key, None)
             return fn(*args)
 
