@@ -33,7 +33,7 @@ from .._errors import Status
 from .compiled import _warn_once, fresh_code
 from .control import _MIN_RATIO, StepController, initial_step
 from .integrate import IntegrationResult, _l2_norm, _max_steps_message, _underflow_message
-from .runge_kutta import RungeKutta
+from .runge_kutta import RungeKutta, combo
 from .small_gemm import backend_for
 
 __all__ = ["integrate_device_loop", "supports"]
@@ -100,13 +100,6 @@ def _make_attempts(
             # in the state's own (d, groups) layout: stages read it along the groups (faster than a strided view)
             return _evaluate(func, shape, per_sample, t64, y.t()).t().contiguous()
         return _evaluate(func, shape, per_sample, t64, y)
-
-    def combo(coefs, K):
-        acc = None
-        for j, a in enumerate(coefs):
-            if a != 0.0:
-                acc = a * K[j] if acc is None else acc + a * K[j]
-        return acc
 
     def attempt(t, dt, y, k0, running, failed, n_steps, n_rej, nfe, t_end):
         d = y.shape[1 - gdim]

@@ -18,7 +18,7 @@ import torch
 from .._errors import Status
 from .control import _MIN_RATIO, StepController
 from .integrate import IntegrationResult, _max_steps_message
-from .runge_kutta import RungeKutta
+from .runge_kutta import RungeKutta, combo
 
 __all__ = ["integrate_per_sample", "initial_steps", "Replay", "compiled_attempt", "PerSampleDense", "PerSampleEvents"]
 
@@ -348,13 +348,6 @@ def _replay_fn(func, method: RungeKutta, shape: torch.Size, dtype, device):
     W64_t = torch.from_numpy(method.W[:rows_used].T.copy()).to(dtype=torch.float64, device=device)  # (degree, rows)
     B = shape[0]
 
-    def combo(coefs, K):
-        acc = None
-        for j, a in enumerate(coefs):
-            if a != 0.0:
-                acc = a * K[j] if acc is None else acc + a * K[j]
-        return acc
-
     def replay_attempt(t, dt, y, accept, t1, T_t, ks):
         def F(t64, yy):
             return func(t64.to(yy.dtype), yy.view(shape)).reshape(B, -1)
@@ -395,13 +388,6 @@ def _attempt_fn(func, method: RungeKutta, shape: torch.Size, rtol: float, atol: 
     b_err = [float(v) for v in tab.b_err]
     B, d = shape[0], math.prod(shape[1:])
     tol_shift, inv_rtol, inv_sqrt_d = atol / rtol, 1.0 / rtol, 1.0 / math.sqrt(max(d, 1))
-
-    def combo(coefs, K):
-        acc = None
-        for j, a in enumerate(coefs):
-            if a != 0.0:
-                acc = a * K[j] if acc is None else acc + a * K[j]
-        return acc
 
     def attempt(t, dt, y, k0):
         h = dt.to(y.dtype)[:, None]

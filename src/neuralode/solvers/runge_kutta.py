@@ -16,12 +16,22 @@ import torch
 
 from .tableaus import ButcherTableau
 
-__all__ = ["RungeKutta", "StageBuffer", "Segment"]
+__all__ = ["RungeKutta", "StageBuffer", "Segment", "combo"]
 
 RHS = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 POOL_MAX_BYTES = 1 << 20  # buffers up to this size are pooled between solves
+
+
+def combo(coefs, K):
+    """``Σⱼ coefs[j] K[j]`` over the nonzero coefficients (Python floats), as plain tensor arithmetic that
+    ``torch.compile`` traces into one fused expression; None where every coefficient is zero."""
+    acc = None
+    for j, a in enumerate(coefs):
+        if a != 0.0:
+            acc = a * K[j] if acc is None else acc + a * K[j]
+    return acc
 
 
 class StageBuffer:
