@@ -95,32 +95,48 @@ def test_per_sample_adjoint_float32_and_backwards_in_time():
         torch.testing.assert_close(a, r, rtol=2e-3, atol=2e-4)
 
 
-def test_per_sample_adjoint_with_compile_runs_the_forward_compiled(monkeypatch):
-    """The adjoint's forward solve has no graph, so compile=True runs it in the compiled per-sample loop (no
-    warning about autograd); the gradients are the eager adjoint's."""
+@pytest.mark.parametrize("vmap", [True, False])
+def test_per_sample_adjoint_with_compile_runs_forward_and_backward_compiled(monkeypatch, vmap):
+    """compile=True: the forward solve (no graph) and every interval's backward solve run in the compiled
+    per-sample loop (no warning), and the parameter integral is added per chunk of backward attempts (vmapped
+    over them, or one at a time where vmap fails); the backward takes the eager adjoint's steps and its
+    gradients (μ, y0, every time) equal the eager adjoint's."""
     import warnings
 
+    from neuralode.gradients import per_sample_adjoint
     from neuralode.solvers import device_loop
 
     calls = []
     original = device_loop.integrate_device_loop
 
     def counted(*args, **kwargs):
-        calls.append(kwargs.get("per_sample"))
+        calls.append(type(kwargs.get("trace")).__name__)
         return original(*args, **kwargs)
 
+    monkeypatch.setattr(per_sample_adjoint, "integrate_device_loop", counted)
     monkeypatch.setattr(device_loop, "integrate_device_loop", counted)
-    mus = torch.tensor([0.5, 2.0], dtype=torch.float64, requires_grad=True)
-    y0 = torch.tensor([[2.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
-    t = torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64)
+    monkeypatch.setattr(per_sample_adjoint._Compiled, "CHUNK", 5)  # (several chunks per interval)
+    if not vmap:
+
+        def no_vmap(*args, **kwargs):
+            raise RuntimeError("vmap unavailable")
+
+        monkeypatch.setattr(torch, "vmap", no_vmap)
+    mus = torch.tensor([0.5, 2.0, 4.0], dtype=torch.float64, requires_grad=True)
+    y0 = torch.tensor([[2.0, 0.0], [1.0, 0.0], [0.5, -1.0]], dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64, requires_grad=True)
     kw = dict(rtol=1e-9, atol=1e-9, per_sample=True, gradient="adjoint", params=(mus,))
+    f = _vdp(mus)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        sol = node.solve(_vdp(mus), y0, t, compile="aot_eager", **kw)
-    assert calls == [True]
-    g = torch.autograd.grad(sol.ys[-1].sum(), mus)[0]
-    ref = torch.autograd.grad(node.solve(_vdp(mus), y0, t, **kw).ys[-1].sum(), mus)[0]
-    torch.testing.assert_close(g, ref, rtol=1e-8, atol=1e-10)
+        sol = node.solve(f, y0, t, compile="aot_eager", **kw)
+        g = torch.autograd.grad(sol.ys[1:].square().sum(), [mus, y0, t])
+    assert calls == ["NoneType", "_Compiled", "_Compiled"]
+    ref_sol = node.solve(f, y0, t, **kw)
+    ref = torch.autograd.grad(ref_sol.ys[1:].square().sum(), [mus, y0, t])
+    assert sol.stats.n_steps_backward == ref_sol.stats.n_steps_backward > 0
+    for a, r in zip(g, ref):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
 
 
 def test_per_sample_adjoint_bad_input_is_a_clear_error():

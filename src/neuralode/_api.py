@@ -280,6 +280,8 @@ def _solve_per_sample(
     if gradient == "adjoint" and torch.is_grad_enabled():
         box = _per_sample_adjoint_cfg(prob, adjoint, rhs, max_steps)
         box["forward"] = solve_loop
+        if opts.get("compile"):  # the backward solves in the compiled per-sample loop too
+            box["backend"] = opts["compile"] if isinstance(opts["compile"], str) else "inductor"
         ps = _params_of(prob.func, params, "params")
 
         def core(y0_: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..solvers.device_loop import integrate_device_loop
+from ..solvers.device_loop import supports as device_loop_supports
 from ..solvers.per_sample import integrate_per_sample
 from .common import SolveStats, raise_on_failure, warn_on_drift
 
@@ -104,6 +106,110 @@ class _Augmented:
                 acc.add_(gr)
 
 
+_AUG_CACHE: dict = {}
+
+
+class _Compiled:
+    """The backward solves in the compiled per-sample loop (``compile=True``): the augmented dynamics
+    ``[y, a] -> [f, -aᵀ∂f/∂y]`` (``torch.func.vjp``) traced into its fused attempts, which stream their
+    attempts here (``append``). The parameter integral is then added per chunk of attempts: each accepted
+    attempt's stages recomputed without a graph, and one backward pass through ``func`` at the stages with a
+    nonzero weight, ``Σᵢ bᵢ Σᵦ (-hᵦ) aᵢᵦᵀ f(yᵢᵦ)`` differentiated in θ (``torch.vmap`` over the chunk's
+    attempts; one attempt at a time where ``func`` does not vectorise). Memory: one chunk of attempts'
+    states."""
+
+    CHUNK = 64
+
+    def __init__(self, func: Callable, shape: torch.Size, wrt: Sequence[torch.Tensor], method, dtype, device):
+        self.wrt = list(wrt)
+        key = (id(func), tuple(shape), dtype, str(device))
+        hit = _AUG_CACHE.get(key)
+        if hit is None or hit[0] is not func:  # (one aug per func: the compiled loop is cached per aug)
+            if len(_AUG_CACHE) > 32:
+                _AUG_CACHE.clear()
+            hit = _AUG_CACHE[key] = (func, _make_aug(func, shape), {})
+        self.aug, self.flags = hit[1], hit[2]
+        self.quad = _make_quadrature(func, self.aug, shape, method)
+        self.S_used = self.quad.stages_used
+        self.g = [torch.zeros_like(p) for p in self.wrt]
+        self.calls = 0
+        self.pending: list = []
+
+    def append(self, record: tuple) -> None:
+        self.pending.append(record)
+        if len(self.pending) >= self.CHUNK:
+            self.flush()
+
+    def flush(self) -> None:
+        recs = [r for r in self.pending if bool(r[3].any())] if self.wrt else []
+        self.pending = []
+        if not recs:
+            return
+        self.calls += len(recs) * self.S_used
+        with torch.enable_grad():
+            if not self.flags.get("no_vmap"):
+                try:
+                    L = torch.vmap(self.quad)(*(torch.stack([r[i] for r in recs]) for i in range(4))).sum()
+                    self._add(torch.autograd.grad(L, self.wrt, allow_unused=True))
+                    return
+                except Exception:  # (an op vmap does not batch: one attempt at a time from now on)
+                    self.flags["no_vmap"] = True
+            for r in recs:
+                self._add(torch.autograd.grad(self.quad(*r[:4]), self.wrt, allow_unused=True))
+
+    def _add(self, grads) -> None:
+        for acc, gr in zip(self.g, grads):
+            if gr is not None:
+                acc.add_(gr)
+
+
+def _make_aug(func: Callable, shape: torch.Size) -> Callable:
+    """``(t (B,), [y, a] (B, 2d)) -> [f, -aᵀ∂f/∂y]``, traceable by ``torch.compile``."""
+    B, d = shape[0], math.prod(shape[1:])
+
+    def aug(t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        y, a = z[:, :d].reshape(shape), z[:, d:].reshape(shape)
+        out, pull = torch.func.vjp(lambda yy: func(t, yy), y)
+        (vy,) = pull(a)
+        return torch.cat([out.reshape(B, d), vy.reshape(B, d).neg()], 1)
+
+    return aug
+
+
+def _make_quadrature(func: Callable, aug: Callable, shape: torch.Size, method) -> Callable:
+    """``(t, dt, z, accept) -> L`` whose gradient in θ is the attempt's share of the parameter integral,
+    ``Σᵢ bᵢ Σᵦ (-hᵦ accepted) aᵢᵦᵀ ∂f/∂θ(tᵢᵦ, yᵢᵦ)``; the stages are recomputed without a graph."""
+    tab = method.tableau
+    A = [[float(v) for v in row] for row in tab.a]
+    c = [float(v) for v in tab.c]
+    b = [float(v) for v in tab.b]
+    last = max(i for i, v in enumerate(b) if v != 0)  # stages past the last weighted one are not needed
+    B, d = shape[0], math.prod(shape[1:])
+
+    def quad(t: torch.Tensor, dt: torch.Tensor, z: torch.Tensor, accept: torch.Tensor) -> torch.Tensor:
+        from ..solvers.runge_kutta import combo
+
+        dtype = z.dtype
+        with torch.no_grad():
+            h = dt.to(dtype)[:, None]
+            K, Z = [aug(t.to(dtype), z)], [z]
+            for i in range(1, last + 1):
+                Z.append(z + h * combo(A[i][:i], K))
+                if i < last:
+                    K.append(aug((t + c[i] * dt).to(dtype), Z[i]))
+        w = torch.where(accept, dt, torch.zeros_like(dt)).to(dtype)[:, None]
+        L = None
+        for i in range(last + 1):
+            if b[i] != 0:
+                f = func((t + c[i] * dt).to(dtype), Z[i][:, :d].reshape(shape)).reshape(B, d)
+                term = (-b[i]) * (w * Z[i][:, d:] * f).sum()
+                L = term if L is None else L + term
+        return L
+
+    quad.stages_used = 2 * last + 1 - sum(v == 0 for v in b[: last + 1])  # aug calls and weighted func calls
+    return quad
+
+
 class _PerSampleAdjoint(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cfg: dict, y0: torch.Tensor, *params: torch.Tensor):
@@ -137,23 +243,53 @@ class _PerSampleAdjoint(torch.autograd.Function):
         def t_out_of(k: int):  # (for messages: each sample's own times where it has them)
             return [row[k] for row in t_out] if rows else t_out[k]
 
+        fused, use_fused = None, False
+        if cfg.get("backend") and device_loop_supports(method, cfg["ctrl"]):
+            fused = _Compiled(cfg["func"], shape, wrt, method, grad_ys.dtype, grad_ys.device)
+            use_fused = True
         for k in range(m - 1, 0, -1):
             interval = [[row[k], row[k - 1]] for row in t_out] if rows else [t_out[k], t_out[k - 1]]
             z0 = torch.cat([ys[k].reshape(B, d), a.reshape(B, d)], 1)
             aug.carry = None  # (a new interval: its first step starts from a fresh evaluation)
-            with torch.no_grad():
-                res, _ = integrate_per_sample(
-                    aug,
-                    z0,
-                    interval,
-                    method,
-                    cfg["ctrl"],
-                    rtol=cfg["rtol"],
-                    atol=cfg["atol"],
-                    first_step=cfg["first_step"],
-                    max_num_steps=cfg["max_num_steps"],
-                    quadrature=aug,
-                )
+            got = None
+            if use_fused:
+                saved = [x.clone() for x in fused.g]
+                with torch.no_grad():
+                    got = integrate_device_loop(
+                        fused.aug,
+                        z0,
+                        torch.Size([B, 2 * d]),
+                        interval,
+                        method,
+                        cfg["ctrl"],
+                        per_sample=True,
+                        rtol=cfg["rtol"],
+                        atol=cfg["atol"],
+                        first_step=cfg["first_step"],
+                        max_num_steps=cfg["max_num_steps"],
+                        backend=cfg["backend"],
+                        trace=fused,
+                    )
+                if got is None:  # (compiling failed, warned: the eager backward from here on)
+                    fused.g, fused.pending, use_fused = saved, [], False
+                else:
+                    fused.flush()
+                    res = got[0]
+                    fused.calls += got[1]["calls"]
+            if got is None:
+                with torch.no_grad():
+                    res, _ = integrate_per_sample(
+                        aug,
+                        z0,
+                        interval,
+                        method,
+                        cfg["ctrl"],
+                        rtol=cfg["rtol"],
+                        atol=cfg["atol"],
+                        first_step=cfg["first_step"],
+                        max_num_steps=cfg["max_num_steps"],
+                        quadrature=aug,
+                    )
             where = f"in the per-sample adjoint's backward solve over output interval {k}: "
             raise_on_failure(res, where)
             stats.n_steps_backward += res.n_steps  # (the most of any sample, as the forward counts)
@@ -171,6 +307,10 @@ class _PerSampleAdjoint(torch.autograd.Function):
                 )
             a = z1[:, d:].reshape(shape) + grad_ys[k - 1]
         stats.nfe_backward += aug.calls
+        if fused is not None:  # (the compiled backward's share)
+            stats.nfe_backward += fused.calls
+            for acc, gr in zip(aug.g, fused.g):
+                acc.add_(gr)
         grads = iter(aug.g)
         p_grads = [next(grads) if p.requires_grad else None for p in params]
         return (None, a, *p_grads)

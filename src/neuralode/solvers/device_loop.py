@@ -227,7 +227,8 @@ def integrate_device_loop(
     ``norm_blocks`` ((start, size) pairs, joint stepping only) measures the error as the largest RMS over those
     slices of the state; parts outside every block are not error-controlled. ``trace`` (per-sample stepping)
     gets, per attempt, ``per_sample.integrate_per_sample``'s trace record (start times, steps, start values,
-    acceptances, end times), for a checkpointed backward."""
+    acceptances, end times) as each compiled call returns, for a checkpointed backward (or anything with an
+    ``append``)."""
     G, d = y0.shape
     dtype, device = y0.dtype, y0.device
     # per-sample output times: ``t_out`` has one row per group (each its own start and end)
@@ -356,7 +357,6 @@ def integrate_device_loop(
     # TorchDynamo's frame hook); the later ones take call 1's kind of inputs and skip the check (``DirectCall``)
     direct = None if _NO_DIRECT else DirectCall.of(fn)
     n_calls = 0
-    calls_records: list = []
     try:
         while True:
             args = (*state, t_end)
@@ -369,8 +369,10 @@ def integrate_device_loop(
             n_calls += 1
             running, bad, out_of_steps, passed, reach, *most = flags.tolist()  # the loop's one host read per call
             dense.add(records, reach)
-            if trace is not None:
-                calls_records.append((records[0], records[1], records[2], records[-1]))
+            if trace is not None:  # one record per attempt; an attempt accepted where the group's time moved
+                t0s, hs, ys, after = records[0], records[1], records[2], records[-1]
+                for u in range(t0s.shape[0]):
+                    trace.append((t0s[u], hs[u], ys[u], after[u] != t0s[u], after[u]))
             t, dt, y, k0, active, failed, n_steps, n_rej, nfe = state
             if bad:
                 worst = int(failed.nonzero()[0])
@@ -411,10 +413,6 @@ def integrate_device_loop(
     else:
         reached = dense.flush(passed)
     most_steps, most_rej, most_attempts = (int(v) for v in most)  # after the last call
-    if trace is not None:  # one record per attempt; an attempt accepted where the group's time moved
-        for t0s, hs, ys, after in calls_records:
-            for u in range(t0s.shape[0]):
-                trace.append((t0s[u], hs[u], ys[u], after[u] != t0s[u], after[u]))
     res = IntegrationResult(out[:reached].reshape(reached, -1), status, message, t_fail, most_steps, most_rej)
     if G == 1:
         res.next_step = float(dt[0])  # the controller's proposal after the last step (the adjoint starts there)
