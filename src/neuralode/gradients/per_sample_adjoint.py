@@ -12,6 +12,12 @@ Cost per backward attempt: the stages' evaluations with their state VJPs (as the
 start point evaluated again where the step before had rejections (otherwise the FSAL stage's graph serves
 it), and one pass of parameter VJPs through the step's retained stage graphs, weighted by each sample's step
 and acceptance. Memory: one step's graphs, not the trajectory.
+
+With ``compile=True`` (FSAL methods) each interval's backward solve runs in the compiled per-sample loop
+(``device_loop``), the augmented dynamics traced into it by ``torch.func.vjp``; the loop streams its attempts
+to ``_Compiled``, which adds the parameter integral per chunk of attempts (their stages recomputed without a
+graph, then one backward pass through ``func`` at the weighted stages, vmapped over the chunk). The steps are
+the eager backward's; the cost is the stages once more, and the memory one chunk of attempts' states.
 """
 
 from __future__ import annotations
