@@ -23,6 +23,7 @@ the eager backward's; the cost is the stages once more, and the memory one chunk
 from __future__ import annotations
 
 import math
+import time
 from typing import Callable, Sequence
 
 import torch
@@ -141,6 +142,23 @@ class _Compiled:
         self.calls = 0
         self.pending: list = []
 
+    def worth(self, z: torch.Tensor, t_out, rows: bool) -> bool:
+        """Whether to run compiled: on CPU, an expensive func (one eager augmented call ≥ 3 ms, e.g.
+        convolutions) keeps the eager backward, as the joint adjoint does (``adjoint._EAGER_AUG_SECONDS``);
+        decided once per func."""
+        from .adjoint import _EAGER_AUG_SECONDS
+
+        if "eager" not in self.flags:
+            self.flags["eager"] = False
+            if z.device.type == "cpu":
+                t = torch.tensor([row[-1] for row in t_out] if rows else [t_out[-1]] * z.shape[0], dtype=z.dtype)
+                with torch.no_grad():
+                    self.aug(t, z)  # (a first call pays one-time setup)
+                    start = time.perf_counter()
+                    self.aug(t, z)
+                self.flags["eager"] = time.perf_counter() - start >= _EAGER_AUG_SECONDS
+        return not self.flags["eager"]
+
     def append(self, record: tuple) -> None:
         self.pending.append(record)
         if len(self.pending) >= self.CHUNK:
@@ -252,7 +270,7 @@ class _PerSampleAdjoint(torch.autograd.Function):
         fused, use_fused = None, False
         if cfg.get("backend") and device_loop_supports(method, cfg["ctrl"]):
             fused = _Compiled(cfg["func"], shape, wrt, method, grad_ys.dtype, grad_ys.device)
-            use_fused = True
+            use_fused = fused.worth(torch.cat([ys[-1].reshape(B, d), a.reshape(B, d)], 1), t_out, rows)
         for k in range(m - 1, 0, -1):
             interval = [[row[k], row[k - 1]] for row in t_out] if rows else [t_out[k], t_out[k - 1]]
             z0 = torch.cat([ys[k].reshape(B, d), a.reshape(B, d)], 1)
