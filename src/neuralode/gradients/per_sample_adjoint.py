@@ -125,7 +125,8 @@ class _Compiled:
     attempts; one attempt at a time where ``func`` does not vectorise). Memory: one chunk of attempts'
     states."""
 
-    CHUNK = 64
+    CHUNK = 256  # attempts per quadrature pass, at most
+    CHUNK_BYTES = 64 * 2**20  # and their states' bytes
 
     def __init__(self, func: Callable, shape: torch.Size, wrt: Sequence[torch.Tensor], method, dtype, device):
         self.wrt = list(wrt)
@@ -140,7 +141,8 @@ class _Compiled:
         self.S_used = self.quad.stages_used
         self.g = [torch.zeros_like(p) for p in self.wrt]
         self.calls = 0
-        self.pending: list = []
+        self.pending: list = []  # attempts (of any interval: each record stands alone) not yet integrated
+        self.nbytes = 0
 
     def worth(self, z: torch.Tensor, t_out, rows: bool) -> bool:
         """Whether to run compiled: on CPU, an expensive func (one eager augmented call ≥ 3 ms, e.g.
@@ -161,12 +163,13 @@ class _Compiled:
 
     def append(self, record: tuple) -> None:
         self.pending.append(record)
-        if len(self.pending) >= self.CHUNK:
+        self.nbytes += record[2].numel() * record[2].element_size()
+        if len(self.pending) >= self.CHUNK or self.nbytes >= self.CHUNK_BYTES:
             self.flush()
 
     def flush(self) -> None:
         recs = [r for r in self.pending if bool(r[3].any())] if self.wrt else []
-        self.pending = []
+        self.pending, self.nbytes = [], 0
         if not recs:
             return
         self.calls += len(recs) * self.S_used
@@ -277,7 +280,7 @@ class _PerSampleAdjoint(torch.autograd.Function):
             aug.carry = None  # (a new interval: its first step starts from a fresh evaluation)
             got = None
             if use_fused:
-                saved = [x.clone() for x in fused.g]
+                saved = ([x.clone() for x in fused.g], list(fused.pending), fused.nbytes)
                 with torch.no_grad():
                     got = integrate_device_loop(
                         fused.aug,
@@ -295,9 +298,8 @@ class _PerSampleAdjoint(torch.autograd.Function):
                         trace=fused,
                     )
                 if got is None:  # (compiling failed, warned: the eager backward from here on)
-                    fused.g, fused.pending, use_fused = saved, [], False
+                    (fused.g, fused.pending, fused.nbytes), use_fused = saved, False
                 else:
-                    fused.flush()
                     res = got[0]
                     fused.calls += got[1]["calls"]
             if got is None:
@@ -332,6 +334,7 @@ class _PerSampleAdjoint(torch.autograd.Function):
             a = z1[:, d:].reshape(shape) + grad_ys[k - 1]
         stats.nfe_backward += aug.calls
         if fused is not None:  # (the compiled backward's share)
+            fused.flush()
             stats.nfe_backward += fused.calls
             for acc, gr in zip(aug.g, fused.g):
                 acc.add_(gr)
