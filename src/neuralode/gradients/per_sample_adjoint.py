@@ -168,8 +168,11 @@ class _Compiled:
             self.flush()
 
     def flush(self) -> None:
-        recs = [r for r in self.pending if bool(r[3].any())] if self.wrt else []
-        self.pending, self.nbytes = [], 0
+        pending, self.pending, self.nbytes = self.pending, [], 0
+        if not (self.wrt and pending):
+            return
+        moved = torch.stack([r[3].any() for r in pending]).tolist()  # (one host read per chunk)
+        recs = [r for r, k in zip(pending, moved) if k]
         if not recs:
             return
         self.calls += len(recs) * self.S_used
