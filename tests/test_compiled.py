@@ -491,3 +491,11 @@ def test_per_sample_output_times_in_the_compiled_loop(direction, monkeypatch):
     for k in ("n_steps", "n_rejected", "nfe"):
         assert torch.equal(comp.sample_stats[k], eager.sample_stats[k]), k
     torch.testing.assert_close(comp.ys, eager.ys, rtol=0, atol=1e-12)
+
+
+def test_interpolate_after_a_compiled_solve_says_why_it_cannot():
+    f, y0, t = _problem()
+    with torch.no_grad():
+        sol = node.solve(f, y0, t, rtol=1e-7, atol=1e-9, compile="aot_eager")
+    with pytest.raises(RuntimeError, match=r"compiled solver \(compile=True\) does not keep its steps"):
+        sol.interpolate(t[:1])

@@ -53,6 +53,11 @@ class Solution:
         per-sample solve ``t_new`` may also be ``(batch, K)``, each sample's own times inside its own interval.
         """
         if self._segments is None:
+            if self._prob is not None and self._prob.options.get("compile"):
+                raise RuntimeError(
+                    "this solution keeps no dense output: the compiled solver (compile=True) does not keep its "
+                    "steps; solve without compile=True to interpolate"
+                )
             raise RuntimeError("this solution keeps no dense output: call solve(..., dense=True)")
         if isinstance(self._segments, PerSampleDense):  # per-sample solve: (K,) or (batch, K) times
             ys = self._segments(t_new)
