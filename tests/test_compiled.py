@@ -499,3 +499,23 @@ def test_interpolate_after_a_compiled_solve_says_why_it_cannot():
         sol = node.solve(f, y0, t, rtol=1e-7, atol=1e-9, compile="aot_eager")
     with pytest.raises(RuntimeError, match=r"compiled solver \(compile=True\) does not keep its steps"):
         sol.interpolate(t[:1])
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_compiled_solves_keep_dense_output_when_asked(per_sample):
+    """dense=True with compile=True: the compiled loop keeps every attempt's continuous extension (no graph:
+    the device loop; backprop: the compiled step), and interpolate() equals the eager solver's."""
+    f, y0, t = _problem()
+    ts = torch.tensor([0.05, 0.33, 0.9, 1.7], dtype=torch.float64) * float(t[-1]) / 2
+    kw = dict(rtol=1e-7, atol=1e-9, per_sample=per_sample)
+    ref = node.solve(f, y0, t, **kw).interpolate(ts)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            got = node.solve(f, y0, t, compile="aot_eager", dense=True, **kw).interpolate(ts)
+        x = y0.clone().requires_grad_(True)
+        graph = node.solve(f, x, t, compile="aot_eager", dense=True, **kw).interpolate(ts)
+    _no_fallback(caught)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(graph.detach(), ref, rtol=1e-10, atol=1e-12)
+    assert graph.requires_grad

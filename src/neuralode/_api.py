@@ -110,7 +110,7 @@ def solve(
     adjoint_method: str | None = None,
     adjoint_options: dict | None = None,
     on_failure: str = "raise",
-    dense: bool = True,
+    dense: bool | None = None,
     event_fn: Callable | None = None,
     per_sample: bool = False,
     compile: bool | str = False,
@@ -135,7 +135,9 @@ def solve(
             the forward's); ``adjoint_options=dict(norm="seminorm")`` uses the seminorm.
         on_failure: ``"raise"`` (default) or ``"return"``: give back the solution up to the failure with
             ``status``, ``message`` and ``t_fail`` set.
-        dense: keep each step's interpolant so that ``Solution.interpolate`` works.
+        dense: keep each step's interpolant so that ``Solution.interpolate`` works (default: yes, except with
+            ``compile=True``, where the compiled loop then keeps every attempt's continuous extension instead of
+            evaluating and dropping them as it goes: pass ``dense=True`` for that).
         event_fn: stop at the first zero crossing of ``event_fn(t, y)``; ``Solution.event_t`` holds it. With
             ``per_sample=True`` every sample stops at its own first event: ``event_fn(t (batch,), y)`` returns
             one row per sample (``(batch,)`` or ``(batch, k)``), ``event_t`` is ``(batch,)``.
@@ -151,8 +153,8 @@ def solve(
             backward rebuilds each step through a compiled function; with the adjoint, the backward solve of
             an ``nn.Module`` func (its own parameters, joint stepping) runs in the compiled loop too, except
             on CPU where func is expensive (≥ 3 ms per augmented call), where eager kernels were measured as
-            fast. Tensor states and scalar tolerances; no dense output
-            (``dense`` is ignored). Anything else runs the eager solver with a one-line warning.
+            fast. Tensor states and scalar tolerances. Anything else runs the eager solver with a one-line
+            warning.
 
     Returns:
         a :class:`Solution`.
@@ -166,7 +168,7 @@ def solve(
         raise ValueError(f"`gradient` must be one of {GRADIENT_MODES}, got {gradient!r}")
     if compile:
         options = {**(options or {}), "compile": compile}
-        dense = False
+    dense = not compile if dense is None else bool(dense)
     if on_failure not in ("raise", "return"):
         raise ValueError(f"`on_failure` must be 'raise' or 'return', got {on_failure!r}")
     prob = prepare(func, y0, t, rtol, atol, method, options, event_fn, per_sample=per_sample)
@@ -247,6 +249,7 @@ def _solve_per_sample(
         if compiled and not torch.is_grad_enabled():
             from .solvers.device_loop import integrate_device_loop
 
+            kept: list | None = [] if dense else None
             got = integrate_device_loop(
                 prob.func,
                 y0_.reshape(y0_.shape[0], -1),
@@ -261,8 +264,14 @@ def _solve_per_sample(
                 max_num_steps=max_steps,
                 backend=opts["compile"] if isinstance(opts["compile"], str) else "inductor",
                 trace=trace,
+                keep=kept,
             )
             if got is not None:
+                if kept is not None:  # (every attempt's continuous extension, for Solution.interpolate)
+                    T = torch.as_tensor(prob.t_out, dtype=torch.float64).to(y0_.device)
+                    T = T if T.ndim == 2 else T.expand(y0_.shape[0], -1)
+                    direction = 1.0 if float(T[0, -1]) >= float(T[0, 0]) else -1.0
+                    got[0].segments = PerSampleDense.from_calls(kept, direction, T[:, 0]) if kept else []
                 return got
             if trace is not None:
                 trace.clear()  # (a compiled loop that failed part-way)
@@ -276,7 +285,7 @@ def _solve_per_sample(
             atol=prob.atol,
             first_step=opts.get("first_step"),
             max_num_steps=max_steps,
-            keep_dense=dense and not compiled,
+            keep_dense=dense,
             trace=trace,
             step_fn=step_fn if torch.is_grad_enabled() else None,
         )

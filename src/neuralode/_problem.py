@@ -536,8 +536,8 @@ def _run_compiled(
         why = "tuple states"
     elif not (isinstance(rtol, float) and isinstance(atol, float)):
         why = "tensor tolerances"
-    elif norm is not None or step_t or opts.get("jump_t") or keep_segments or event is not None:
-        why = "norms, step_t/jump_t, dense output or events"
+    elif norm is not None or step_t or opts.get("jump_t") or event is not None:
+        why = "norms, step_t/jump_t or events"
     elif any(getattr(callbacks, n, None) for n in ("callback_step", "callback_accept_step", "callback_reject_step")):
         why = "callbacks"
     if why is not None:
@@ -546,6 +546,7 @@ def _run_compiled(
     backend = opts["compile"] if isinstance(opts["compile"], str) else "inductor"
     if not torch.is_grad_enabled() and device_loop_supports(rk, ctrl):
         records: list | None = [] if trace is not None else None  # (checkpointed gradients: the attempts)
+        kept: list | None = [] if keep_segments else None  # (dense output: every attempt's extension)
         got = integrate_device_loop(
             rhs.func,
             y0.reshape(1, -1),
@@ -561,9 +562,16 @@ def _run_compiled(
             backend=backend,
             f0=rhs.at(float(t_out[0]), y0).reshape(1, -1),
             trace=records,
+            keep=kept,
         )
         if got is not None:
             res, counts = got
+            if kept is not None:
+                from .solvers.per_sample import PerSampleDense
+
+                start = torch.tensor([float(t_out[0])], dtype=torch.float64, device=y0.device)
+                direction = 1.0 if float(t_out[-1]) >= float(t_out[0]) else -1.0
+                res.segments = PerSampleDense.from_calls(kept, direction, start) if kept else []
             if trace is not None and records:  # the accepted attempts as the loop's trace records
                 t0s = torch.stack([r[0][0] for r in records]).tolist()
                 ends = torch.stack([r[4][0] for r in records]).tolist()
@@ -584,6 +592,7 @@ def _run_compiled(
         max_num_steps=max_steps,
         backend=backend,
         trace=trace,
+        keep_segments=keep_segments,
     )
     if res is not None:
         res.method = rk

@@ -106,6 +106,7 @@ def integrate_compiled(
     max_num_steps: int,
     backend: str = "inductor",
     trace: list | None = None,
+    keep_segments: bool = False,
 ) -> IntegrationResult | None:
     """The adaptive loop around a compiled step; ``None`` when compilation is unavailable (the caller then runs
     the eager loop)."""
@@ -118,9 +119,9 @@ def integrate_compiled(
     t = float(t_out[0])
     t_end = float(t_out[-1])
     direction = 1.0 if t_end >= t else -1.0
-    out = Outputs(t_out, direction, y0, False, None)
+    out = Outputs(t_out, direction, y0, keep_segments, None)
     if t_end == t:
-        return IntegrationResult(out.result(), Status.SUCCESS)
+        return IntegrationResult(out.result(), Status.SUCCESS, segments=out.segments)
     dtype, device = rhs.dtype, rhs.device
     tt = lambda s: torch.scalar_tensor(s, dtype=dtype, device=device)  # noqa: E731
     y = y0
@@ -178,7 +179,7 @@ def integrate_compiled(
     except Exception as exc:  # pragma: no cover - a backend that compiles lazily may fail on the first call
         _warn_once(f"compile=True: the compiled step failed ({type(exc).__name__}: {exc}); using the eager solver")
         return None
-    res = IntegrationResult(out.result(), status, message, t_fail, n_steps, n_rej)
+    res = IntegrationResult(out.result(), status, message, t_fail, n_steps, n_rej, out.segments)
     res.next_step = dt
     return res
 

@@ -216,6 +216,7 @@ def integrate_device_loop(
     f0: torch.Tensor | None = None,
     norm_blocks: tuple | None = None,
     trace: list | None = None,
+    keep: list | None = None,
 ) -> tuple[IntegrationResult, dict] | None:
     """Integrate with the compiled device loop. ``y0`` is flat ``(groups, d)``: one group for joint stepping,
     the batch for per-sample stepping. ``f0``, if given, is f(t0, y0) as ``(groups, d)``, evaluated and checked
@@ -228,7 +229,8 @@ def integrate_device_loop(
     slices of the state; parts outside every block are not error-controlled. ``trace`` (per-sample stepping)
     gets, per attempt, ``per_sample.integrate_per_sample``'s trace record (start times, steps, start values,
     acceptances, end times) as each compiled call returns, for a checkpointed backward (or anything with an
-    ``append``)."""
+    ``append``). ``keep`` gets every call's records (start times, steps, start values, continuous-extension
+    coefficients, times after), for ``per_sample.PerSampleDense.from_calls`` (dense output)."""
     G, d = y0.shape
     dtype, device = y0.dtype, y0.device
     # per-sample output times: ``t_out`` has one row per group (each its own start and end)
@@ -238,7 +240,7 @@ def integrate_device_loop(
     m = len(T)
     direction = 1.0 if T[-1] >= T[0] else -1.0
     transposed = G > 1 and d < 16
-    dense_out = m > 2
+    dense_out = m > 2 or keep is not None
     cheap = False  # func's eager calls were timed under _EXPENSIVE_CALL_S (in its first solve)
     if unroll is None:
         known = _UNROLL.get(_unroll_key(func, shape, dtype, device, per_sample), (None,))
@@ -369,6 +371,8 @@ def integrate_device_loop(
             n_calls += 1
             running, bad, out_of_steps, passed, reach, *most = flags.tolist()  # the loop's one host read per call
             dense.add(records, reach)
+            if keep is not None:
+                keep.append(records)
             if trace is not None:  # one record per attempt; an attempt accepted where the group's time moved
                 t0s, hs, ys, after = records[0], records[1], records[2], records[-1]
                 for u in range(t0s.shape[0]):

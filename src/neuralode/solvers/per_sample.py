@@ -461,6 +461,16 @@ class PerSampleDense:
         self.direction = direction
         self.start, self.stop = start.clone(), stop.clone()  # each sample's solved interval
 
+    @classmethod
+    def from_calls(cls, calls: list, direction: float, start: torch.Tensor) -> "PerSampleDense":
+        """From the compiled loop's records (``device_loop.integrate_device_loop(keep=...)``: per call, stacks
+        over its attempts); each group's solved interval runs from ``start`` to its time after the last."""
+        self = cls.__new__(cls)
+        self.t0, self.h, self.y, self.Q, self.after = (torch.cat([c[i] for c in calls]) for i in range(5))
+        self.direction = direction
+        self.start, self.stop = start.clone(), self.after[-1].clone()
+        return self
+
     def __call__(self, t_new) -> torch.Tensor:
         """The solution at ``t_new`` ((K,) for every sample, or (B, K) each its own) as (K, B, d)."""
         from .device_loop import _interpolate
@@ -478,10 +488,8 @@ class PerSampleDense:
         outside = (T < lo[:, None]) | (T > hi[:, None]) | ~torch.isfinite(T)
         if bool(outside.any()):
             b, k = (int(v) for v in outside.nonzero()[0])
-            raise ValueError(
-                f"`t_new` holds {float(T[b, k])} for sample {b}, outside its solved interval "
-                f"[{float(lo[b])}, {float(hi[b])}]"
-            )
+            whose = f" for sample {b}, outside its" if B > 1 else ", outside the"
+            raise ValueError(f"`t_new` holds {float(T[b, k])}{whose} solved interval [{float(lo[b])}, {float(hi[b])}]")
         d = self.direction
         keys = (d * self.after).t().contiguous()  # (B, A), non-decreasing
         a = torch.searchsorted(keys, (d * T).contiguous()).clamp(max=self.t0.shape[0] - 1).t()  # (K, B)
