@@ -337,42 +337,43 @@ class Replay:
         return y_next, values, ks, ar < self.count[a][:, None]
 
 
+def _stage_list(F, A: list, c: list, t, dt, y, K: list) -> torch.Tensor:
+    """Stages 1 … S−1 appended to ``K`` (``[K₀]`` given), as plain tensor arithmetic for ``torch.compile``
+    (``A``, ``c``: the tableau as Python floats); returns the last stage's input."""
+    h = dt.to(y.dtype)[:, None]
+    yi = y
+    for i in range(1, len(c)):
+        acc = combo(A[i][:i], K)
+        yi = y if acc is None else y + h * acc
+        K.append(F(t + c[i] * dt, yi))
+    return yi
+
+
 def _replay_fn(func, method: RungeKutta, shape: torch.Size, dtype, device):
     """One attempt as a function ``(t, dt, y, accept, t1, T_t, ks) -> (y_next, values at T_t[b, ks[b, j]])``."""
     tab = method.tableau
-    S, fsal, rows_used = tab.stages, method.fsal, method.rows_used
     A = [[float(v) for v in row] for row in tab.a]
     c = [float(v) for v in tab.c]
     b = [float(v) for v in tab.b]
-    needs_f1 = not fsal and method.interp_needs_f1
-    W64_t = torch.from_numpy(method.W[:rows_used].T.copy()).to(dtype=torch.float64, device=device)  # (degree, rows)
+    needs_f1 = not method.fsal and method.interp_needs_f1
+    co = _Coefficients(method, dtype, device)
     B = shape[0]
 
     def replay_attempt(t, dt, y, accept, t1, T_t, ks):
         def F(t64, yy):
             return func(t64.to(yy.dtype), yy.view(shape)).reshape(B, -1)
 
-        h = dt.to(y.dtype)[:, None]
         K = [F(t, y)]
-        yi = y
-        for i in range(1, S):
-            acc = combo(A[i][:i], K)
-            yi = y if acc is None else y + h * acc
-            K.append(F(t + c[i] * dt, yi))
-        y1 = yi if fsal else y + h * combo(b, K)
+        y1 = _stage_list(F, A, c, t, dt, y, K)
+        h = dt.to(y.dtype)[:, None]
+        if not method.fsal:
+            y1 = y + h * combo(b, K)
         if needs_f1:
             K.append(F(t1, y1))
         y_next = torch.where(accept[:, None], y1, y)
         if ks.shape[1] == 0:
             return y_next, None
-        # the continuous extension at the outputs: y + h Σ_p θ^(p+1) Q_p, Q_p = Σ_r W[r, p] K_r
-        m = T_t.shape[1]
-        theta = ((T_t.gather(1, ks.clamp(max=m - 1)) - t[:, None]) / torch.where(dt == 0, 1.0, dt)[:, None]).clamp(
-            0.0, 1.0
-        )
-        coef = torch.cumprod(theta[..., None].expand(-1, -1, W64_t.shape[0]), -1) @ W64_t  # (B, M, rows)
-        interp = torch.einsum("bmr,rbd->bmd", coef.to(y.dtype), torch.stack(K[:rows_used]))
-        return y_next, y[:, None] + h[:, None] * interp
+        return y_next, _dense_values(co, T_t, t, dt, y, h, torch.stack(K[: co.rows_used]), ks)
 
     return replay_attempt
 
@@ -382,7 +383,6 @@ def _attempt_fn(func, method: RungeKutta, shape: torch.Size, rtol: float, atol: 
     the stages (``K`` stacked, ``K[0] = k0``), the end value and each sample's error ratio (not
     differentiated), as the eager loop computes them."""
     tab = method.tableau
-    S = tab.stages
     A = [[float(v) for v in row] for row in tab.a]
     c = [float(v) for v in tab.c]
     b_err = [float(v) for v in tab.b_err]
@@ -390,12 +390,8 @@ def _attempt_fn(func, method: RungeKutta, shape: torch.Size, rtol: float, atol: 
     tol_shift, inv_rtol, inv_sqrt_d = atol / rtol, 1.0 / rtol, 1.0 / math.sqrt(max(d, 1))
 
     def attempt(t, dt, y, k0):
-        h = dt.to(y.dtype)[:, None]
         K = [k0]
-        yi = y
-        for i in range(1, S):
-            yi = y + h * combo(A[i][:i], K)
-            K.append(func((t + c[i] * dt).to(y.dtype), yi.view(shape)).reshape(B, d))
+        yi = _stage_list(lambda tt, yy: func(tt.to(y.dtype), yy.view(shape)).reshape(B, d), A, c, t, dt, y, K)
         with torch.no_grad():
             e = combo(b_err, K)
             scale = torch.maximum(y.abs(), yi.abs()) + tol_shift
