@@ -253,3 +253,29 @@ def test_adjoints_warn_when_the_backward_state_drifts_from_the_forward_one():
             y = torch.stack([y0, y0]) if per_sample else y0
             sol = node.solve(healthy, y, t, gradient="adjoint", per_sample=per_sample, rtol=1e-7, atol=1e-7)
             torch.autograd.grad(sol.ys.sum(), healthy.mu)
+
+
+def test_per_sample_adjoint_with_compile_falls_back_where_func_cannot_be_transformed(monkeypatch):
+    """Where torch.func cannot transform func (here: an augmented call that raises), the compiled per-sample
+    adjoint says so once and the eager backward gives the gradients."""
+    from neuralode.gradients import per_sample_adjoint
+    from neuralode.solvers import compiled
+
+    def broken(func, shape):
+        def aug(t, z):
+            raise RuntimeError("not transformable")
+
+        return aug
+
+    monkeypatch.setattr(per_sample_adjoint, "_make_aug", broken)
+    compiled._WARNED.discard(next((w for w in compiled._WARNED if "per-sample adjoint" in w), ""))
+    mus = torch.tensor([0.5, 2.0], dtype=torch.float64, requires_grad=True)
+    y0 = torch.tensor([[2.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
+    t = torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64)
+    kw = dict(rtol=1e-8, atol=1e-8, per_sample=True, gradient="adjoint", params=(mus,))
+    f = _vdp(mus)
+    sol = node.solve(f, y0, t, compile="aot_eager", **kw)
+    with pytest.warns(RuntimeWarning, match="per-sample adjoint's backward runs eagerly"):
+        g = torch.autograd.grad(sol.ys[-1].sum(), mus)[0]
+    ref = torch.autograd.grad(node.solve(f, y0, t, **kw).ys[-1].sum(), mus)[0]
+    torch.testing.assert_close(g, ref, rtol=1e-10, atol=1e-12)

@@ -154,11 +154,18 @@ class _Compiled:
             self.flags["eager"] = False
             if z.device.type == "cpu":
                 t = torch.tensor([row[-1] for row in t_out] if rows else [t_out[-1]] * z.shape[0], dtype=z.dtype)
-                with torch.no_grad():
-                    self.aug(t, z)  # (a first call pays one-time setup)
-                    start = time.perf_counter()
-                    self.aug(t, z)
-                self.flags["eager"] = time.perf_counter() - start >= _EAGER_AUG_SECONDS
+                try:
+                    with torch.no_grad():
+                        self.aug(t, z)  # (a first call pays one-time setup)
+                        start = time.perf_counter()
+                        self.aug(t, z)
+                    self.flags["eager"] = time.perf_counter() - start >= _EAGER_AUG_SECONDS
+                except Exception as exc:  # (a func torch.func cannot transform: the eager backward serves it)
+                    from ..solvers.compiled import _warn_once
+
+                    why = f"{type(exc).__name__}: {exc}"
+                    _warn_once(f"compile=True: the per-sample adjoint's backward runs eagerly ({why})")
+                    self.flags["eager"] = True
         return not self.flags["eager"]
 
     def append(self, record: tuple) -> None:
