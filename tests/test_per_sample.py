@@ -185,11 +185,12 @@ def test_per_sample_output_times_bad_input_is_a_clear_error():
         node.solve(lambda t, y: y, (y0, y0), t, per_sample=True)
 
 
-def test_per_sample_backprop_with_compile_runs_each_attempt_compiled(monkeypatch):
+@pytest.mark.parametrize("method", ["dopri5", "fehlberg2", "adaptive_heun"])
+def test_per_sample_backprop_with_compile_runs_each_attempt_compiled(monkeypatch, method):
     """compile=True with backprop through the per-sample loop: each attempt's stages and error ratio are one
-    compiled function and autograd runs through it; steps, values and gradients (of a closure's tensor too)
-    equal the eager loop's. A method without FSAL runs the eager loop, and the user is told once."""
-    from neuralode.solvers import compiled, per_sample
+    compiled function and autograd runs through it; steps, values, dense output and gradients (of a closure's
+    tensor too) equal the eager loop's, for FSAL methods and not."""
+    from neuralode.solvers import per_sample
 
     made = []
     real = per_sample.compiled_attempt
@@ -198,21 +199,18 @@ def test_per_sample_backprop_with_compile_runs_each_attempt_compiled(monkeypatch
     y0 = torch.tensor([[2.0, 0.0], [1.0, 0.5], [0.5, -1.0]], dtype=torch.float64, requires_grad=True)
     t = torch.linspace(0, 3, 7, dtype=torch.float64)
     w = torch.randn(7, 3, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    ts = torch.tensor([0.1, 1.25, 2.9], dtype=torch.float64)
     f = _vdp(mus)
     got = {}
     for mode in (False, "aot_eager"):
-        sol = node.solve(f, y0, t, rtol=1e-7, atol=1e-9, per_sample=True, compile=mode)
-        got[mode] = (sol.ys.detach(), *torch.autograd.grad((sol.ys * w).sum(), [mus, y0]))
+        sol = node.solve(f, y0, t, method=method, rtol=1e-5, atol=1e-7, per_sample=True, compile=mode, dense=True)
+        got[mode] = (sol.ys.detach(), sol.interpolate(ts).detach(), *torch.autograd.grad((sol.ys * w).sum(), [mus, y0]))
         got[mode] += (sol.sample_stats["n_steps"], sol.sample_stats["nfe"])
         if mode:
             assert sol.stats.nfe_backward == sol.stats.nfe
     assert made == ["aot_eager"]
     for a, b in zip(got[False], got["aot_eager"]):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
-    compiled._WARNED.discard(next((w for w in compiled._WARNED if "per_sample=True" in w), ""))
-    with pytest.warns(RuntimeWarning, match="compiles FSAL methods' steps only"):
-        sol = node.solve(f, y0, t, method="fehlberg2", rtol=1e-5, atol=1e-7, per_sample=True, compile="aot_eager")
-    assert float(torch.autograd.grad(sol.ys[-1].sum(), mus)[0].abs().sum()) > 0
 
 
 @pytest.mark.parametrize("rows", [False, True])

@@ -148,8 +148,8 @@ def solve(
             steps each sample's backward solve on its own too (``gradients.per_sample_adjoint``); the checkpoint
             replays the forward's attempts one at a time (``gradients.per_sample_checkpoint``).
         compile: ``torch.compile`` the solver (True: inductor, or a backend name). Without gradients the whole
-            adaptive loop runs compiled (joint or per-sample); with backprop each step is compiled (per-sample
-            stepping: FSAL methods); with checkpointed gradients the forward loop runs compiled and the
+            adaptive loop runs compiled (joint or per-sample); with backprop each step is compiled; with
+            checkpointed gradients the forward loop runs compiled and the
             backward rebuilds each step through a compiled function; with the adjoint, the backward solve of
             an ``nn.Module`` func (its own parameters, joint stepping) runs in the compiled loop too, except
             on CPU where func is expensive (≥ 3 ms per augmented call), where eager kernels were measured as
@@ -227,20 +227,10 @@ def _solve_per_sample(
 
         compiled = device_loop_supports(method, ctrl)
         if torch.is_grad_enabled() and gradient == "backprop":
-            if compiled:
-                from .solvers.per_sample import compiled_attempt
+            from .solvers.per_sample import compiled_attempt
 
-                backend = opts["compile"] if isinstance(opts["compile"], str) else "inductor"
-                step_fn = compiled_attempt(
-                    prob.func, method, y0.shape, y0.dtype, y0.device, backend, prob.rtol, prob.atol
-                )
-            else:
-                from .solvers.compiled import _warn_once
-
-                _warn_once(
-                    f"compile=True with per_sample=True and gradient='backprop' compiles FSAL methods' steps "
-                    f"only, not {prob.method!r}'s; the eager per-sample loop runs"
-                )
+            backend = opts["compile"] if isinstance(opts["compile"], str) else "inductor"
+            step_fn = compiled_attempt(prob.func, method, y0.shape, y0.dtype, y0.device, backend, prob.rtol, prob.atol)
             compiled = False
 
     def solve_loop(y0_: torch.Tensor, trace: list | None = None) -> tuple:

@@ -71,7 +71,7 @@ def integrate_per_sample(
     adjoint integrates its parameter gradients along the accepted steps that way). ``events``: a
     :class:`PerSampleEvents`; each sample stops at its first event (give ``t_out`` an infinite end).
     ``trace``: a list that gets, per attempt, what :class:`Replay` needs to rebuild it (its start times,
-    steps, start values, acceptances and end times); not with ``events``. ``step_fn`` (FSAL methods, no
+    steps, start values, acceptances and end times); not with ``events``. ``step_fn`` (not with
     ``quadrature``): an attempt's stages and error ratio as one function, ``(t, dt, y, k0) -> (y1, K, ratio)``
     (:func:`compiled_attempt`), in place of the eager stages."""
     if trace is not None and events is not None:
@@ -104,8 +104,8 @@ def integrate_per_sample(
     t = T_t[:, 0].clone()
     t_end = T_t[:, -1].clone()
     all_active = torch.ones(B, dtype=torch.bool, device=device)
-    if step_fn is not None and (not method.fsal or quadrature is not None):
-        raise ValueError("integrate_per_sample: `step_fn` needs an FSAL method and no `quadrature`")
+    if step_fn is not None and quadrature is not None:
+        raise ValueError("integrate_per_sample: `step_fn` and `quadrature` do not go together")
     K = torch.empty(max(method.rows, S), B, d, dtype=dtype, device=device)
     f0 = f(t, y, all_active)
     K[0] = k0 = f0
@@ -166,8 +166,13 @@ def integrate_per_sample(
             quadrature.end(accept, dt_try)
         t1 = torch.where(lands, t_end, t + dt_try)
         # outputs passed by accepted steps: the method's continuous extension, per sample
-        if not method.fsal and method.interp_needs_f1 and bool(accept.any()):
-            K[S] = f(t1, y1, accept)
+        if not method.fsal and method.interp_needs_f1:
+            if step_fn is None:
+                if bool(accept.any()):
+                    K[S] = f(t1, y1, accept)
+            else:  # (K is the compiled attempt's output: a new tensor, its last row unread where none accepted)
+                f1 = f(t1, y1, accept) if bool(accept.any()) else torch.zeros_like(K[0])
+                K = torch.cat([K, f1[None]])
         hit = None
         if events is not None:  # samples whose accepted step crosses their event stop there
             hit = events.check(t, dt_try, y, torch.einsum("rp,rbd->bpd", W, K[:rows_used]), t1, y1, accept)
@@ -194,7 +199,10 @@ def integrate_per_sample(
         y = torch.where(accept[:, None], y1, y)
         t = torch.where(accept, t1, t)
         if step_fn is not None:
-            k0 = torch.where(accept[:, None], K[S - 1], k0)
+            if method.fsal or method.interp_needs_f1:
+                k0 = torch.where(accept[:, None], K[S - 1 if method.fsal else S], k0)
+            elif bool(accept.any()):
+                k0 = torch.where(accept[:, None], f(t, y, accept), k0)
         elif method.fsal:
             K[0] = torch.where(accept[:, None], K[S - 1], K[0])
         else:
@@ -379,24 +387,28 @@ def _replay_fn(func, method: RungeKutta, shape: torch.Size, dtype, device):
 
 
 def _attempt_fn(func, method: RungeKutta, shape: torch.Size, rtol: float, atol: float):
-    """An attempt of the per-sample loop (FSAL methods) as one function ``(t, dt, y, k0) -> (y1, K, ratio)``:
-    the stages (``K`` stacked, ``K[0] = k0``), the end value and each sample's error ratio (not
-    differentiated), as the eager loop computes them."""
+    """An attempt of the per-sample loop as one function ``(t, dt, y, k0) -> (y1, K, ratio)``: the stages
+    (``K`` stacked, ``K[0] = k0``), the end value and each sample's error ratio (not differentiated), as the
+    eager loop computes them."""
     tab = method.tableau
     A = [[float(v) for v in row] for row in tab.a]
     c = [float(v) for v in tab.c]
+    b = [float(v) for v in tab.b]
     b_err = [float(v) for v in tab.b_err]
+    fsal = method.fsal
     B, d = shape[0], math.prod(shape[1:])
     tol_shift, inv_rtol, inv_sqrt_d = atol / rtol, 1.0 / rtol, 1.0 / math.sqrt(max(d, 1))
 
     def attempt(t, dt, y, k0):
         K = [k0]
-        yi = _stage_list(lambda tt, yy: func(tt.to(y.dtype), yy.view(shape)).reshape(B, d), A, c, t, dt, y, K)
+        y1 = _stage_list(lambda tt, yy: func(tt.to(y.dtype), yy.view(shape)).reshape(B, d), A, c, t, dt, y, K)
+        if not fsal:
+            y1 = y + dt.to(y.dtype)[:, None] * combo(b, K)
         with torch.no_grad():
             e = combo(b_err, K)
-            scale = torch.maximum(y.abs(), yi.abs()) + tol_shift
+            scale = torch.maximum(y.abs(), y1.abs()) + tol_shift
             ratio = dt.abs() * (torch.linalg.vector_norm(e / scale, dim=1) * inv_sqrt_d).double() * inv_rtol
-        return yi, torch.stack(K), ratio
+        return y1, torch.stack(K), ratio
 
     return attempt
 
