@@ -31,6 +31,7 @@ import torch
 from ..solvers.device_loop import integrate_device_loop
 from ..solvers.device_loop import supports as device_loop_supports
 from ..solvers.per_sample import integrate_per_sample
+from ..solvers.runge_kutta import combo, tableau_floats
 from .common import SolveStats, raise_on_failure, warn_on_drift
 
 __all__ = ["per_sample_adjoint_solve"]
@@ -217,15 +218,11 @@ def _make_quadrature(func: Callable, aug: Callable, shape: torch.Size, method) -
     """``(t, dt, z, accept) -> L`` whose gradient in θ is the attempt's share of the parameter integral,
     ``Σᵢ bᵢ Σᵦ (-hᵦ accepted) aᵢᵦᵀ ∂f/∂θ(tᵢᵦ, yᵢᵦ)``; the stages are recomputed without a graph."""
     tab = method.tableau
-    A = [[float(v) for v in row] for row in tab.a]
-    c = [float(v) for v in tab.c]
-    b = [float(v) for v in tab.b]
+    A, c, b, _ = tableau_floats(tab)
     last = max(i for i, v in enumerate(b) if v != 0)  # stages past the last weighted one are not needed
     B, d = shape[0], math.prod(shape[1:])
 
     def quad(t: torch.Tensor, dt: torch.Tensor, z: torch.Tensor, accept: torch.Tensor) -> torch.Tensor:
-        from ..solvers.runge_kutta import combo
-
         dtype = z.dtype
         with torch.no_grad():
             h = dt.to(dtype)[:, None]

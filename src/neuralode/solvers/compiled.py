@@ -20,7 +20,7 @@ import torch
 from .._errors import Status
 from .control import StepController, initial_step
 from .integrate import IntegrationResult, Outputs, _max_steps_message, _underflow, _underflow_message
-from .runge_kutta import RungeKutta, Segment
+from .runge_kutta import RungeKutta, Segment, tableau_floats
 from .small_gemm import backend_for
 
 __all__ = ["integrate_compiled", "compiled_step"]
@@ -33,10 +33,7 @@ _SERIAL = 0
 def _make_step(func: Callable, method: RungeKutta, shape: torch.Size, dtype: torch.dtype, device: torch.device):
     tab = method.tableau
     S = tab.stages
-    A = [[float(v) for v in row] for row in tab.a]
-    c = [float(v) for v in tab.c]
-    b_err = [float(v) for v in tab.b_err]
-    b = [float(v) for v in tab.b]
+    A, c, b, b_err = tableau_floats(tab)
     fsal = method.fsal
 
     def step(t: torch.Tensor, dt: torch.Tensor, y: torch.Tensor, k0: torch.Tensor, tol_shift: float, inv_rtol: float):

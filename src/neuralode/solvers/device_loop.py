@@ -33,7 +33,7 @@ from .._errors import Status
 from .compiled import _warn_once, fresh_code
 from .control import _MIN_RATIO, StepController, initial_step
 from .integrate import IntegrationResult, _l2_norm, _max_steps_message, _underflow_message
-from .runge_kutta import RungeKutta, combo
+from .runge_kutta import RungeKutta, combo, tableau_floats
 from .small_gemm import backend_for
 
 __all__ = ["integrate_device_loop", "supports"]
@@ -75,9 +75,7 @@ def _make_attempts(
 ):
     tab = method.tableau
     S = tab.stages
-    A = [[float(v) for v in row] for row in tab.a]
-    c = [float(v) for v in tab.c]
-    b_err = [float(v) for v in tab.b_err]
+    A, c, _, b_err = tableau_floats(tab)
     rows_used = method.rows_used
     Wm = np.asarray(method.W, dtype=np.float64)[:rows_used]  # (rows, degree)
     degree = Wm.shape[1]

@@ -18,7 +18,7 @@ import torch
 from .._errors import Status
 from .control import _MIN_RATIO, StepController
 from .integrate import IntegrationResult, _max_steps_message
-from .runge_kutta import RungeKutta, combo
+from .runge_kutta import RungeKutta, combo, tableau_floats
 
 __all__ = ["integrate_per_sample", "initial_steps", "Replay", "compiled_attempt", "PerSampleDense", "PerSampleEvents"]
 
@@ -360,9 +360,7 @@ def _stage_list(F, A: list, c: list, t, dt, y, K: list) -> torch.Tensor:
 def _replay_fn(func, method: RungeKutta, shape: torch.Size, dtype, device):
     """One attempt as a function ``(t, dt, y, accept, t1, T_t, ks) -> (y_next, values at T_t[b, ks[b, j]])``."""
     tab = method.tableau
-    A = [[float(v) for v in row] for row in tab.a]
-    c = [float(v) for v in tab.c]
-    b = [float(v) for v in tab.b]
+    A, c, b, _ = tableau_floats(tab)
     needs_f1 = not method.fsal and method.interp_needs_f1
     co = _Coefficients(method, dtype, device)
     B = shape[0]
@@ -391,10 +389,7 @@ def _attempt_fn(func, method: RungeKutta, shape: torch.Size, rtol: float, atol: 
     (``K`` stacked, ``K[0] = k0``), the end value and each sample's error ratio (not differentiated), as the
     eager loop computes them."""
     tab = method.tableau
-    A = [[float(v) for v in row] for row in tab.a]
-    c = [float(v) for v in tab.c]
-    b = [float(v) for v in tab.b]
-    b_err = [float(v) for v in tab.b_err]
+    A, c, b, b_err = tableau_floats(tab)
     fsal = method.fsal
     B, d = shape[0], math.prod(shape[1:])
     tol_shift, inv_rtol, inv_sqrt_d = atol / rtol, 1.0 / rtol, 1.0 / math.sqrt(max(d, 1))

@@ -16,12 +16,19 @@ import torch
 
 from .tableaus import ButcherTableau
 
-__all__ = ["RungeKutta", "StageBuffer", "Segment", "combo"]
+__all__ = ["RungeKutta", "StageBuffer", "Segment", "combo", "tableau_floats"]
 
 RHS = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 POOL_MAX_BYTES = 1 << 20  # buffers up to this size are pooled between solves
+
+
+def tableau_floats(tab) -> tuple[list, list, list, list | None]:
+    """A tableau's ``(a, c, b, b_err)`` as Python floats: constants that ``torch.compile`` folds into a graph."""
+    a = [[float(v) for v in row] for row in tab.a]
+    b_err = [float(v) for v in tab.b_err] if tab.b_err is not None else None
+    return a, [float(v) for v in tab.c], [float(v) for v in tab.b], b_err
 
 
 def combo(coefs, K):
