@@ -222,14 +222,15 @@ def _solve_per_sample(
     needs_t_grad = prob.t.requires_grad and torch.is_grad_enabled()
     compiled = False
     step_fn = None  # backprop: each attempt's stages one compiled function, autograd through it
-    if opts.get("compile"):
+    # the torch.compile backend of every compiled part (None: all eager)
+    backend = (opts["compile"] if isinstance(opts["compile"], str) else "inductor") if opts.get("compile") else None
+    if backend is not None:
         from .solvers.device_loop import supports as device_loop_supports
 
         compiled = device_loop_supports(method, ctrl)
         if torch.is_grad_enabled() and gradient == "backprop":
             from .solvers.per_sample import compiled_attempt
 
-            backend = opts["compile"] if isinstance(opts["compile"], str) else "inductor"
             step_fn = compiled_attempt(prob.func, method, y0.shape, y0.dtype, y0.device, backend, prob.rtol, prob.atol)
             compiled = False
 
@@ -252,7 +253,7 @@ def _solve_per_sample(
                 atol=prob.atol,
                 first_step=opts.get("first_step"),
                 max_num_steps=max_steps,
-                backend=opts["compile"] if isinstance(opts["compile"], str) else "inductor",
+                backend=backend,
                 trace=trace,
                 keep=kept,
             )
@@ -284,17 +285,15 @@ def _solve_per_sample(
     if gradient == "adjoint" and torch.is_grad_enabled():
         box = _per_sample_adjoint_cfg(prob, adjoint, rhs, max_steps)
         box["forward"] = solve_loop
-        if opts.get("compile"):  # the backward solves in the compiled per-sample loop too
-            box["backend"] = opts["compile"] if isinstance(opts["compile"], str) else "inductor"
+        box["backend"] = backend  # (the backward solves in the compiled per-sample loop too)
         ps = _params_of(prob.func, params, "params")
 
         def core(y0_: torch.Tensor) -> torch.Tensor:
             return per_sample_adjoint_solve(prob.func, y0_, ps, stats, box)
 
     elif gradient == "checkpoint" and torch.is_grad_enabled():
-        box = {"forward": solve_loop, "method": method, "t_out": prob.t_out, "backend": None}
-        if opts.get("compile"):  # the replayed attempts' stages compiled too
-            box["backend"] = opts["compile"] if isinstance(opts["compile"], str) else "inductor"
+        # (with a backend, the replayed attempts are compiled too)
+        box = {"forward": solve_loop, "method": method, "t_out": prob.t_out, "backend": backend}
         ps = _params_of(prob.func, params, "params")
 
         def core(y0_: torch.Tensor) -> torch.Tensor:
