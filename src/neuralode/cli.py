@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     dynamics_args(
         sub.add_parser("demo", help="short run: learn the cubic spiral from one trajectory (no download)"),
-        iters=300,
+        iters=1000,
         out="runs/demo",
     )
     dynamics_args(
