@@ -277,3 +277,50 @@ def test_adjoint_seminorm_and_user_norm_options():
         assert torch.allclose(g, grads[0], atol=1e-7)
     with pytest.raises(ValueError, match="seminorm' or a callable"):
         nd.odeint_adjoint(f, y0, t, adjoint_options={"norm": "l2"})[-1].sum().backward()
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"safety": 2.0}, "`safety` must be at most 1"),  # would retry one rejected step size forever
+        ({"safety": 0.0}, "`safety` must be a positive"),
+        ({"first_step": 0.0}, "`first_step` must be a finite non-zero"),
+        ({"first_step": float("nan")}, "`first_step` must be a finite non-zero"),
+        ({"first_step": torch.tensor(0.1)}, None),  # a 0-d tensor is a number
+        ({"max_num_steps": 0}, "`max_num_steps` must be a positive integer"),
+        ({"max_num_steps": 2.5}, "`max_num_steps` must be a positive integer"),
+        ({"max_num_steps": float("inf")}, "`max_num_steps` must be a positive integer"),
+    ],
+)
+def test_step_options_are_checked_before_the_solve(options, match):
+    calls = []
+
+    def f(t, y):
+        calls.append(1)
+        return -y
+
+    y0, t = torch.ones(2, dtype=D), torch.tensor([0.0, 1.0], dtype=D)
+    if match is None:
+        ys = nd.odeint(f, y0, t, options=options)
+        torch.testing.assert_close(ys[-1], y0 * torch.exp(-t[-1]), rtol=1e-6, atol=0)
+        with pytest.raises(TypeError, match="`first_step` must be a number, got str"):
+            nd.odeint(f, y0, t, options={"first_step": "0.1"})
+        return
+    with pytest.raises(ValueError, match=match):
+        nd.odeint(f, y0, t, options=options)
+    assert not calls  # rejected up front, not after a hundred thousand rejected steps
+
+
+def test_adjoint_step_options_are_checked_at_the_forward_and_named_in_backward_failures():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(2, 2).double()
+    y0 = torch.randn(3, 2, dtype=D, requires_grad=True)
+    t = torch.linspace(0, 1, 5, dtype=D)
+    for bad, match in (({"safety": 2.0}, "`safety` must be at most 1"), ({"first_step": 0.0}, "`first_step`")):
+        with pytest.raises(ValueError, match=match):  # raised by solve(), before any backward pass
+            nd.solve(lambda t, y: lin(y), y0, t, gradient="adjoint", params=lin.parameters(), adjoint_options=bad)
+    sol = nd.solve(
+        lambda t, y: lin(y), y0, t, gradient="adjoint", params=lin.parameters(), adjoint_options={"max_num_steps": 1}
+    )
+    with pytest.raises(nd.MaxStepsError, match=r"adjoint's backward solve.*Raise adjoint_options\['max_num_steps'\]"):
+        sol.ys.sum().backward()

@@ -567,7 +567,7 @@ def _count_backprop(stats: SolveStats, rhs) -> Callable:
 
 
 def _adjoint_cfg(prob: Problem, rtol, atol, method, options) -> dict:
-    from ._problem import _check_tol, valid_options
+    from ._problem import ADAPTIVE_METHODS, _check_step_options, _check_tol, make_controller, valid_options
 
     method = prob.method if method is None else method
     if options is None:
@@ -582,6 +582,9 @@ def _adjoint_cfg(prob: Problem, rtol, atol, method, options) -> dict:
             f"unknown adjoint_options {sorted(unknown)} for adjoint_method {method!r}; valid: "
             f"{sorted(valid_options(method))}"
         )
+    _check_step_options(options)  # now, not halfway through the backward pass
+    if method in ADAPTIVE_METHODS:
+        make_controller(1, options)  # checks safety, ifactor, dfactor, min_step, max_step
     shapes, shape = prob.shapes, prob.shape
     rtol = prob.rtol if rtol is None else _check_tol("adjoint_rtol", rtol, prob.y0, shapes, shape)
     atol = prob.atol if atol is None else _check_tol("adjoint_atol", atol, prob.y0, shapes, shape)

@@ -278,6 +278,7 @@ def prepare(
         raise ValueError(
             f"option `dtype` (the dtype of times) must be torch.float32 or torch.float64, got {options['dtype']!r}"
         )
+    _check_step_options(options)
     rtol_ = _check_tol("rtol", rtol, flat, shapes, shape)
     atol_ = _check_tol("atol", atol, flat, shapes, shape)
     if (
@@ -296,6 +297,28 @@ def prepare(
     prob = Problem(func, flat, t, t_out, method, options, rtol_, atol_, shapes, shape, event_fn=event_fn)
     prob.norm = _make_norm(options.get("norm"), prob)
     return prob
+
+
+def _check_step_options(options: dict) -> None:
+    """`first_step` a finite non-zero number (its direction follows t), `max_num_steps` a positive integer."""
+    first = options.get("first_step")
+    if first is not None:
+        if not (isinstance(first, (int, float)) or (torch.is_tensor(first) and first.numel() == 1)):
+            raise TypeError(f"option `first_step` must be a number, got {type(first).__name__}")
+        h = float(first)
+        if not (math.isfinite(h) and h != 0):
+            raise ValueError(f"option `first_step` must be a finite non-zero step size (its sign follows t), got {h}")
+    steps = options.get("max_num_steps")
+    if steps is not None:
+        try:
+            ok = float(steps).is_integer() and steps >= 1
+        except (TypeError, ValueError, OverflowError, RuntimeError):
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"option `max_num_steps` must be a positive integer, got {steps!r} (it bounds the attempted steps; "
+                "a solve that needs more raises MaxStepsError)"
+            )
 
 
 def _make_norm(norm: Any, prob: Problem) -> Callable | None:

@@ -73,7 +73,14 @@ def raise_on_failure(res, where: str = "") -> None:
     from .._errors import Status, exception_for
 
     if res.status not in (Status.SUCCESS, Status.EVENT):
-        raise exception_for(res.status, where + res.message, res.t_fail)
+        message = res.message
+        if "adjoint" in where:  # the backward solve takes its settings from adjoint_options and has no partial result
+            message = (
+                message.replace("options['", "adjoint_options['")
+                .replace(", loosen rtol/atol, or pass", " or loosen adjoint_rtol/adjoint_atol; or pass")
+                .replace("; or pass on_failure='return' to solve() to keep the partial solution", "")
+            )
+        raise exception_for(res.status, where + message, res.t_fail)
 
 
 #: when the adjoint's backward re-solve of the state has drifted from the forward solution at an output time

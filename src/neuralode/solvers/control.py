@@ -58,6 +58,11 @@ class StepController:
         for name, value in (("safety", safety), ("ifactor", ifactor), ("dfactor", dfactor)):
             if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
                 raise ValueError(f"option `{name}` must be a positive finite number, got {value!r}")
+        if safety > 1:
+            raise ValueError(
+                f"option `safety` must be at most 1, got {safety!r}: above 1, a rejected step can be retried at the "
+                "same size forever (the usual values are 0.8-0.9)"
+            )
         if dfactor > 1 or ifactor < 1:
             raise ValueError(f"options need dfactor <= 1 <= ifactor, got dfactor={dfactor}, ifactor={ifactor}")
         if not 0 <= min_step <= max_step:
