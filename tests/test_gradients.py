@@ -316,8 +316,8 @@ def test_event_time_gradient_matches_the_formula(interface):
 @pytest.mark.parametrize("mode", MODES)
 def test_fixed_step_time_gradients_are_the_exact_flows(method, mode):
     """Fixed-step solves give every entry of t the exact flow's gradient, evaluated at the computed states:
-    ∂L/∂tᵢ = wᵢ·f(tᵢ, yᵢ) for i ≥ 1 and ∂L/∂t₀ = -(∂L/∂y₀ - w₀)·f(t₀, y₀) (y(t₀) = y₀ whatever t₀); and, with a fine step, these approach
-    central differences of a tight dopri5 solve."""
+    ∂L/∂tᵢ = wᵢ·f(tᵢ, yᵢ) for i ≥ 1 and ∂L/∂t₀ = -(∂L/∂y₀ - w₀)·f(t₀, y₀) (y(t₀) = y₀ whatever t₀); and,
+    with a fine step, these approach central differences of a tight dopri5 solve."""
     if mode == "checkpoint" and method == "explicit_adams":
         pytest.skip("checkpointing supports the Runge–Kutta methods only")
     torch.manual_seed(11)
