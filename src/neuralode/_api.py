@@ -9,6 +9,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ._amp import full_precision
 from ._errors import SolverError, Status, exception_for
 from ._problem import DEFAULT_MAX_NUM_STEPS, Problem, make_controller, prepare, run, stepper
 from .gradients.adjoint import adjoint_solve
@@ -46,6 +47,7 @@ class Solution:
     def success(self) -> bool:
         return self.status == Status.SUCCESS
 
+    @full_precision
     def interpolate(self, t_new) -> Any:
         """The dense output at any times inside the solved interval (shape ``(len(t_new), *y0.shape)``).
 
@@ -94,6 +96,7 @@ def _params_of(func: Callable, params: Sequence[torch.Tensor] | None, what: str)
     )
 
 
+@full_precision
 def solve(
     func: Callable,
     y0: Any,
@@ -426,6 +429,7 @@ class _PerSampleEventTime(torch.autograd.Function):
         return t_event.clone(), y_event.clone()
 
     @staticmethod
+    @full_precision
     def backward(ctx, grad_t: torch.Tensor, grad_y: torch.Tensor):
         prob = ctx.prob
         sign0, comp, t_event, y_event = ctx.saved_tensors
@@ -607,6 +611,7 @@ class _EventTime(torch.autograd.Function):
         return t_event.clone(), y_event.clone()
 
     @staticmethod
+    @full_precision
     def backward(ctx, grad_t: torch.Tensor, grad_y: torch.Tensor):
         prob = ctx.prob
         t_event, y_event = ctx.saved_tensors
@@ -703,6 +708,7 @@ def _solve_event(
 # torchdiffeq-compatible interface
 
 
+@full_precision
 def odeint(
     func: Callable,
     y0: Any,

@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ._amp import caller_autocast, under_autocast
 from .solvers.adams import integrate_adams
 from .solvers.control import StepController
 from .solvers.implicit import IMPLICIT_TABLEAUS, AdaptiveTRBDF2, ImplicitRK
@@ -264,6 +265,9 @@ def prepare(
     if not callable(func):
         raise TypeError(f"`func` must be callable as func(t, y), got {type(func).__name__}")
     flat, shapes, shape = _check_y0(y0)
+    amp_dtype = caller_autocast(flat.device.type)
+    if amp_dtype is not None:  # func under the caller's autocast, the solver in the state's dtype (_amp)
+        func = under_autocast(func, flat.device.type, amp_dtype, flat.dtype)
     t, t_list = _check_t(t, per_sample, shape if shapes is None else None)
     method = "dopri5" if method is None else method
     if method not in METHODS:

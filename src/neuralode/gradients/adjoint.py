@@ -22,6 +22,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .._amp import full_precision
 from .._problem import Problem, run, valid_options
 from ..solvers.integrate import _callbacks, block_rms_max
 from .common import SolveStats, raise_on_failure, warn_on_drift
@@ -48,6 +49,7 @@ class _AdjointSolve(torch.autograd.Function):
         return res.ys
 
     @staticmethod
+    @full_precision
     def backward(ctx, grad_ys: torch.Tensor):
         prob, cfg = ctx.prob, ctx.cfg
         ys, t, *params = ctx.saved_tensors

@@ -13,6 +13,7 @@ from typing import Sequence
 
 import torch
 
+from .._amp import full_precision
 from .._problem import ADAPTIVE_METHODS, Problem, run
 from ..solvers.runge_kutta import Segment
 from .common import SolveStats
@@ -37,6 +38,7 @@ class _CheckpointSolve(torch.autograd.Function):
         return res.ys
 
     @staticmethod
+    @full_precision
     def backward(ctx, grad_ys: torch.Tensor):
         prob, trace, method = ctx.prob, ctx.trace, ctx.method
         params: Sequence[torch.Tensor] = ctx.saved_tensors

@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .._amp import full_precision
 from ..solvers.device_loop import integrate_device_loop
 from ..solvers.device_loop import supports as device_loop_supports
 from ..solvers.per_sample import integrate_per_sample
@@ -256,6 +257,7 @@ class _PerSampleAdjoint(torch.autograd.Function):
         return ys
 
     @staticmethod
+    @full_precision
     def backward(ctx, grad_ys: torch.Tensor):
         cfg = ctx.cfg
         ys, *params = ctx.saved_tensors

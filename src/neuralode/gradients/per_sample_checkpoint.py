@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .._amp import full_precision
 from ..solvers.per_sample import Replay
 from .common import SolveStats
 
@@ -41,6 +42,7 @@ class _PerSampleCheckpoint(torch.autograd.Function):
         return res.ys.view(-1, *y0.shape)
 
     @staticmethod
+    @full_precision
     def backward(ctx, grad_ys: torch.Tensor):
         cfg, trace, shape = ctx.cfg, ctx.trace, ctx.shape
         params: Sequence[torch.Tensor] = ctx.saved_tensors
