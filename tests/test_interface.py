@@ -293,3 +293,22 @@ def test_min_step_floor_raises_instead_of_accepting_bad_steps():
 def test_max_step_caps_the_step():
     sol = nd.solve(decay, torch.ones(1, dtype=D), torch.tensor([0.0, 10.0], dtype=D), options={"max_step": 0.5})
     assert sol.stats.n_steps >= 20
+
+
+def test_vmap_over_a_solve_gets_a_clear_error_and_jacrev_works():
+    net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+    y0, t = torch.randn(5, 3, dtype=D), torch.linspace(0, 1, 3, dtype=D)
+    with pytest.raises(RuntimeError, match="cannot run under torch.func.vmap.*per_sample=True"):
+        torch.func.vmap(lambda y: nd.odeint(lambda tt, x: net(x), y, t)[-1])(y0)
+    with pytest.raises(RuntimeError, match="cannot run under torch.func.vmap"):  # batched through func only
+        torch.func.vmap(lambda k: nd.odeint(lambda tt, x: -k * x, y0[0], t)[-1])(torch.rand(4, dtype=D))
+    # function transforms that do not batch work: the Jacobian of y(1) against y(0), by central differences
+    J = torch.func.jacrev(lambda y: nd.odeint(lambda tt, x: net(x), y, t, rtol=1e-10, atol=1e-10)[-1])(y0[0])
+    eps, fd = 1e-6, torch.empty(3, 3, dtype=D)
+    for j in range(3):
+        e = torch.zeros(3, dtype=D)
+        e[j] = eps
+        hi = nd.odeint(lambda tt, x: net(x), y0[0] + e, t, rtol=1e-10, atol=1e-10)[-1]
+        lo = nd.odeint(lambda tt, x: net(x), y0[0] - e, t, rtol=1e-10, atol=1e-10)[-1]
+        fd[:, j] = (hi - lo) / (2 * eps)
+    torch.testing.assert_close(J.detach(), fd.detach(), rtol=1e-6, atol=1e-7)

@@ -19,12 +19,14 @@ from .solvers.control import StepController
 from .solvers.implicit import IMPLICIT_TABLEAUS, AdaptiveTRBDF2, ImplicitRK
 from .solvers.integrate import (
     RHS,
+    VMAP_MESSAGE,
     EventGrid,
     EventLocator,
     IntegrationResult,
     block_rms_max,
     integrate_adaptive,
     integrate_fixed,
+    is_vmapped,
 )
 from .solvers.rosenbrock import RODAS4, ROSENBROCK_METHODS, Rosenbrock, Rosenbrock23
 from .solvers.runge_kutta import RungeKutta
@@ -265,6 +267,8 @@ def prepare(
     if not callable(func):
         raise TypeError(f"`func` must be callable as func(t, y), got {type(func).__name__}")
     flat, shapes, shape = _check_y0(y0)
+    if is_vmapped(flat) or (torch.is_tensor(t) and is_vmapped(t)):
+        raise RuntimeError(VMAP_MESSAGE)
     amp_dtype = caller_autocast(flat.device.type)
     if amp_dtype is not None:  # func under the caller's autocast, the solver in the state's dtype (_amp)
         func = under_autocast(func, flat.device.type, amp_dtype, flat.dtype)

@@ -80,6 +80,8 @@ class RHS:
 
     def _check(self, out):
         self._checked = True
+        if any(torch.is_tensor(o) and is_vmapped(o) for o in (out if isinstance(out, (tuple, list)) else (out,))):
+            raise RuntimeError(VMAP_MESSAGE)
         if (
             torch.is_tensor(out)
             and self.buffer_shape is not None
@@ -129,6 +131,21 @@ class RHS:
 
     def time(self, t: float) -> torch.Tensor:
         return torch.scalar_tensor(t, dtype=self.dtype, device=self.device)
+
+
+_is_batched = getattr(getattr(torch._C, "_functorch", None), "is_batchedtensor", None)
+VMAP_MESSAGE = (
+    "neuralode's solvers cannot run under torch.func.vmap: an adaptive step's accept/reject decision and every "
+    "solver's in-place stage arithmetic do not batch. Put the batch in the state instead (y0 of shape "
+    "(batch, ...), with func batched over it), and pass solve(..., per_sample=True) to give each sample its own "
+    "steps; parameters that differ per sample can be part of the state (with zero derivative) or indexed by "
+    "batch inside func"
+)
+
+
+def is_vmapped(x: torch.Tensor) -> bool:
+    """Whether ``x`` is batched by ``torch.func.vmap`` (the solvers then cannot run: VMAP_MESSAGE)."""
+    return _is_batched is not None and _is_batched(x)
 
 
 @dataclasses.dataclass
