@@ -10,6 +10,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ._amp import full_precision
+from ._complex import ComplexSolution, is_complex_state, real_problem
 from ._errors import SolverError, Status, exception_for
 from ._problem import DEFAULT_MAX_NUM_STEPS, Problem, make_controller, prepare, run, stepper
 from .gradients.adjoint import adjoint_solve
@@ -169,6 +170,29 @@ def solve(
     """
     if gradient not in GRADIENT_MODES:
         raise ValueError(f"`gradient` must be one of {GRADIENT_MODES}, got {gradient!r}")
+    if is_complex_state(y0):  # solved as the real view (_complex); the solution seen as complex again
+        func, y0, rtol, atol, event_fn, conv = real_problem(func, y0, rtol, atol, event_fn)
+        sol = solve(
+            func,
+            y0,
+            t,
+            method=method,
+            rtol=rtol,
+            atol=atol,
+            options=options,
+            gradient=gradient,
+            params=params,
+            adjoint_rtol=adjoint_rtol,
+            adjoint_atol=adjoint_atol,
+            adjoint_method=adjoint_method,
+            adjoint_options=adjoint_options,
+            on_failure=on_failure,
+            dense=dense,
+            event_fn=event_fn,
+            per_sample=per_sample,
+            compile=compile,
+        )
+        return ComplexSolution(sol, conv)
     if compile:
         options = {**(options or {}), "compile": compile}
     dense = not compile if dense is None else bool(dense)
@@ -728,6 +752,9 @@ def odeint(
     if event_fn is not None:
         sol = solve(func, y0, t, method=method, rtol=rtol, atol=atol, options=options, dense=False, event_fn=event_fn)
         return sol.event_t, sol.ys
+    if is_complex_state(y0):
+        func, y0, rtol, atol, _, conv = real_problem(func, y0, rtol, atol, None)
+        return conv.to_complex(odeint(func, y0, t, rtol=rtol, atol=atol, method=method, options=options))
     prob = prepare(func, y0, t, rtol, atol, method, options)
     if prob.t.requires_grad and torch.is_grad_enabled():
         return solve(func, y0, t, method=method, rtol=rtol, atol=atol, options=options, dense=False).ys
