@@ -139,3 +139,14 @@ def test_tuple_states_events_per_sample_and_tensor_tolerances():
     atol = torch.tensor([1e-12, 1e-3], dtype=D)
     ys = nd.odeint(f, batch, t, rtol=0.0, atol=atol)
     assert (ys - exact(f, batch, t)).abs()[..., 0].max() < 1e-8
+
+
+def test_callbacks_see_complex_states_and_are_looked_up_at_each_solve():
+    f = Schroedinger(n=2)
+    psi0 = psi0_of(batch=(), n=2)
+    t = torch.tensor([0.0, 1.0], dtype=D)
+    nd.odeint(f, psi0, t)  # a first solve without callbacks: the wrapper kept on f must still see new ones
+    seen = []
+    f.callback_accept_step = lambda tt, y, dt: seen.append(y.dtype)
+    nd.odeint(f, psi0, t)
+    assert seen and set(seen) == {C}

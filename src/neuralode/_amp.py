@@ -19,11 +19,9 @@ from typing import Any, Callable
 
 import torch
 
+from ._wrap import cached_wrapper
+
 _DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu")
-#: attributes the solvers look up on ``func`` (callbacks, a user-supplied Jacobian), passed through a wrapper
-_PASSED_THROUGH = tuple(
-    n + s for n in ("callback_step", "callback_accept_step", "callback_reject_step") for s in ("", "_adjoint")
-) + ("jacobian",)
 #: {device type: autocast dtype} that the outermost entry point found on (a solve nested in another sees it)
 _CALLER: contextvars.ContextVar[dict | None] = contextvars.ContextVar("neuralode_caller_autocast", default=None)
 _any_enabled = getattr(torch._C, "_is_any_autocast_enabled", None)
@@ -76,57 +74,13 @@ def _cast(out: Any, dtype: torch.dtype) -> Any:
     return out  # (anything else: the usual checks say what is wrong)
 
 
-def _pass_through(wrapper: Any, func: Any) -> None:
-    for name in _PASSED_THROUGH:
-        value = getattr(func, name, None)
-        if value is not None:
-            object.__setattr__(wrapper, name, value)
-
-
-class _AutocastModule(torch.nn.Module):
-    """An ``nn.Module`` func under autocast; its parameters stay the module's own (as ``func.<name>``)."""
-
-    def __init__(self, func: torch.nn.Module, device_type: str, amp_dtype: torch.dtype, dtype: torch.dtype):
-        super().__init__()
-        self.func = func
-        self.device_type, self.amp_dtype, self.dtype = device_type, amp_dtype, dtype
-        _pass_through(self, func)
-
-    def forward(self, t, y):
-        with torch.autocast(self.device_type, dtype=self.amp_dtype):
-            out = self.func(t, y)
-        return _cast(out, self.dtype)
-
-
-class _AutocastFunc:
-    """Any other callable func under autocast."""
-
-    def __init__(self, func: Callable, device_type: str, amp_dtype: torch.dtype, dtype: torch.dtype):
-        self.func = func
-        self.device_type, self.amp_dtype, self.dtype = device_type, amp_dtype, dtype
-        _pass_through(self, func)
-
-    def __call__(self, t, y):
-        with torch.autocast(self.device_type, dtype=self.amp_dtype):
-            out = self.func(t, y)
-        return _cast(out, self.dtype)
-
-
 def under_autocast(func: Callable, device_type: str, amp_dtype: torch.dtype, dtype: torch.dtype) -> Callable:
-    """``func`` wrapped to run under autocast with its output in ``dtype``. The wrapper is kept on ``func``
-    (outside ``nn.Module``'s registries, so state dicts and ``parameters()`` do not see it), so that the
-    compiled solver's caches, keyed by the func, find it again on the next solve."""
-    key = (device_type, amp_dtype, dtype)
-    cache = func.__dict__.get("_neuralode_autocast") if hasattr(func, "__dict__") else None
-    if cache is not None and key in cache:
-        return cache[key]
-    cls = _AutocastModule if isinstance(func, torch.nn.Module) else _AutocastFunc
-    wrapped = cls(func, device_type, amp_dtype, dtype)
-    try:
-        if cache is None:
-            cache = {}
-            object.__setattr__(func, "_neuralode_autocast", cache)
-        cache[key] = wrapped
-    except (AttributeError, TypeError):  # (a bound method, or a class with __slots__: a new wrapper per solve)
-        pass
-    return wrapped
+    """``func`` run under autocast (``device_type``, ``amp_dtype``), its output cast to ``dtype``; one wrapper
+    per func and setting (``_wrap``)."""
+
+    def call(f, t, y):
+        with torch.autocast(device_type, dtype=amp_dtype):
+            out = f(t, y)
+        return _cast(out, dtype)
+
+    return cached_wrapper(func, ("autocast", device_type, amp_dtype, dtype), call)

@@ -14,9 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-_PASSED_THROUGH = tuple(
-    n + s for n in ("callback_step", "callback_accept_step", "callback_reject_step") for s in ("", "_adjoint")
-)
+from ._wrap import cached_wrapper
 
 
 def is_complex_state(y0: Any) -> bool:
@@ -67,57 +65,21 @@ def _forth(o: Any, dtype: torch.dtype) -> Any:
     return torch.view_as_real(o) if o.is_complex() else o
 
 
-class _ComplexModule(torch.nn.Module):
-    """An ``nn.Module`` func of a complex state, on the real view (its parameters stay the module's own)."""
-
-    def __init__(self, func: torch.nn.Module, conv: _Converter):
-        super().__init__()
-        self.func = func
-        object.__setattr__(self, "_conv", conv)
-        for name in _PASSED_THROUGH:
-            if getattr(func, name, None) is not None:
-                object.__setattr__(self, name, _callback(getattr(func, name), conv))
-
-    def forward(self, t, y):
-        return self._conv.func_output(self.func(t, self._conv.to_complex(y)))
-
-
-class _ComplexFunc:
-    def __init__(self, func: Callable, conv: _Converter):
-        self.func, self._conv = func, conv
-        for name in _PASSED_THROUGH:
-            if getattr(func, name, None) is not None:
-                setattr(self, name, _callback(getattr(func, name), conv))
-
-    def __call__(self, t, y):
-        return self._conv.func_output(self.func(t, self._conv.to_complex(y)))
-
-
-def _callback(cb: Callable, conv: _Converter) -> Callable:
-    def call(t, y, *args):  # callbacks get the state in the user's layout
-        return cb(t, conv.to_complex(y), *args)
-
-    return call
-
-
 def real_problem(func: Callable, y0: Any, rtol: Any, atol: Any, event_fn: Callable | None):
     """The real problem standing for a complex one, and the converter back: ``(func, y0, rtol, atol,
-    event_fn, converter)``. The wrapped func is kept on ``func`` (outside ``nn.Module``'s registries) so
-    that compiled solvers, whose caches are keyed by the func, find it again on the next solve."""
+    event_fn, converter)``. ``func`` and its callbacks see the state in the user's (complex) layout."""
     conv = _Converter(y0)
-    key = ("complex", conv.dtypes, conv.tuple)
-    cache = func.__dict__.get("_neuralode_wrappers") if hasattr(func, "__dict__") else None
-    wrapped = None if cache is None else cache.get(key)
-    if wrapped is None:
-        # (a new converter per solve would do: it holds only which entries are complex, and their dtypes)
-        wrapped = _ComplexModule(func, conv) if isinstance(func, torch.nn.Module) else _ComplexFunc(func, conv)
-        try:
-            if cache is None:
-                cache = {}
-                object.__setattr__(func, "_neuralode_wrappers", cache)
-            cache[key] = wrapped
-        except (AttributeError, TypeError):  # (a bound method, or __slots__: a new wrapper per solve)
-            pass
+
+    def call(f, t, y):
+        return conv.func_output(f(t, conv.to_complex(y)))
+
+    def adapt(name, value):  # callbacks get the state in the user's layout; a complex Jacobian does not fit
+        if name == "jacobian":  # the real view's, so Rosenbrock methods compute their own
+            return None
+        return lambda t, y, *args: value(t, conv.to_complex(y), *args)
+
+    # (the converter holds only each entry's dtype, so the key determines call and adapt)
+    wrapped = cached_wrapper(func, ("complex", conv.dtypes, conv.tuple), call, adapt)
     event = None if event_fn is None else (lambda t, y: event_fn(t, conv.to_complex(y)))
     return wrapped, conv.to_real(y0), _tol(rtol, conv), _tol(atol, conv), event, conv
 

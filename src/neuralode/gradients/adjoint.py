@@ -212,7 +212,7 @@ def _compiled_segment(prob: Problem, cfg: dict, wrt: Sequence[torch.Tensor], n: 
         why = "parameters that are not the nn.Module func's own"
     elif any(p.dtype != ys.dtype for p in wrt):
         why = "parameters of another dtype than the state"
-    elif any(hasattr(module, name + "_adjoint") for name in CALLBACK_NAMES):
+    elif any(getattr(module, name + "_adjoint", None) is not None for name in CALLBACK_NAMES):
         why = "callbacks"
     rk = ctrl = None
     if why is None:
