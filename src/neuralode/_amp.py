@@ -45,6 +45,8 @@ def full_precision(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        if _any_enabled is not None and not _any_enabled():  # (the common case, in ~0.2 µs)
+            return fn(*args, **kwargs)
         on = _enabled()
         if not on:
             return fn(*args, **kwargs)

@@ -80,16 +80,17 @@ class RHS:
 
     def _check(self, out):
         self._checked = True
-        if any(torch.is_tensor(o) and is_vmapped(o) for o in (out if isinstance(out, (tuple, list)) else (out,))):
-            raise RuntimeError(VMAP_MESSAGE)
         if (
             torch.is_tensor(out)
             and self.buffer_shape is not None
             and out.shape == self.shape
             and out.dtype == self.dtype
             and out.device == self.device
+            and not is_vmapped(out)
         ):
             return out
+        if any(torch.is_tensor(o) and is_vmapped(o) for o in (out if isinstance(out, (tuple, list)) else (out,))):
+            raise RuntimeError(VMAP_MESSAGE)
         shaped = self.unflatten(torch.zeros(self.n, dtype=self.dtype, device=self.device))
         if isinstance(shaped, tuple):
             if not isinstance(out, (tuple, list)) or len(out) != len(shaped):
