@@ -153,3 +153,35 @@ def test_jacobian_regulariser_is_an_unbiased_estimate_of_the_frobenius_norm():
     draws = torch.tensor(draws)
     se = float(draws.std()) / len(draws) ** 0.5
     assert abs(float(draws.mean()) - float((A**2).sum())) < 3 * se  # ∫0^1 ‖A‖²_F dt
+
+
+@pytest.mark.parametrize("gradient", ["adjoint", "backprop", "checkpoint"])
+def test_a_torch_compiled_model_runs_its_ode_block_eagerly_with_the_same_result(gradient):
+    # Dynamo cannot capture an adaptive loop: before the solvers broke the graph at their entry, tracing the
+    # backprop solve failed in AOT autograd (an in-place write to a view made without grad), and the other
+    # modes took 4-30 s to trace. With the break the layers around the block compile and the solve runs eagerly.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 8), ODEBlock(MLPODEFunc(8, 16), gradient=gradient), torch.nn.Linear(8, 2)
+    )
+    x = torch.randn(16, 4)
+    ref = model(x)
+    ref.square().sum().backward()
+    g_ref = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled = torch.compile(model, backend="aot_eager")
+    out = compiled(x)
+    out.square().sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-7)
+    for p, g in zip(model.parameters(), g_ref):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-6)
+    assert model[1].nfe_forward > 0 and model[1].nfe_backward > 0
+
+
+def test_our_compile_inside_a_torch_compiled_model():
+    torch.manual_seed(1)
+    block = ODEBlock(MLPODEFunc(4, 16), gradient="backprop", compile="aot_eager")
+    x = torch.randn(8, 4)
+    ref = ODEBlock(block.func, gradient="backprop")(x)
+    out = torch.compile(torch.nn.Sequential(block), backend="aot_eager")(x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)

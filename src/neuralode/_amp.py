@@ -1,6 +1,7 @@
-"""Mixed precision: a solve called under ``torch.autocast`` runs ``func`` under that autocast, and everything
-the solver itself computes (stage combinations, error norms, interpolation, the adjoint's and checkpoint's
-backward arithmetic) in the state's dtype.
+"""The public solvers' boundary (``entry_point``), and mixed precision: a solve called under
+``torch.autocast`` runs ``func`` under that autocast, and everything the solver itself computes (stage
+combinations, error norms, interpolation, the adjoint's and checkpoint's backward arithmetic) in the state's
+dtype.
 
 Left alone, autocast would run the solver's ``addmm``/``tensordot`` stage and interpolation arithmetic in
 bfloat16/float16 (on one problem an error of 1e-2 where 1e-7 was asked), and ``func``'s half-precision output
@@ -86,3 +87,14 @@ def under_autocast(func: Callable, device_type: str, amp_dtype: torch.dtype, dty
         return _cast(out, dtype)
 
     return cached_wrapper(func, ("autocast", device_type, amp_dtype, dtype), call)
+
+
+def entry_point(fn: Callable) -> Callable:
+    """The public solvers' boundary: autocast off for the solver's own arithmetic (``full_precision``), and
+    not traced when the caller's model is ``torch.compile``-d. Dynamo cannot capture an adaptive loop (its
+    accept/reject decisions read the device, and its stage buffers are written in place: tracing it failed in
+    AOT autograd for backprop), so it breaks its graph here and the solve runs eagerly, func included, between
+    the compiled graphs of the layers around it. ``compile=True`` is how to compile the solver itself (its
+    compiled functions still compile inside: ``torch.compiler.disable`` does not reach an explicit
+    ``torch.compile``). Not compiling, the boundary costs about 1.5 µs a call."""
+    return torch.compiler.disable(full_precision(fn))

@@ -9,7 +9,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ._amp import full_precision
+from ._amp import entry_point, full_precision
 from ._complex import ComplexSolution, is_complex_state, real_problem
 from ._errors import SolverError, Status, exception_for
 from ._problem import DEFAULT_MAX_NUM_STEPS, Problem, make_controller, prepare, run, stepper
@@ -48,7 +48,7 @@ class Solution:
     def success(self) -> bool:
         return self.status == Status.SUCCESS
 
-    @full_precision
+    @entry_point
     def interpolate(self, t_new) -> Any:
         """The dense output at any times inside the solved interval (shape ``(len(t_new), *y0.shape)``).
 
@@ -97,7 +97,7 @@ def _params_of(func: Callable, params: Sequence[torch.Tensor] | None, what: str)
     )
 
 
-@full_precision
+@entry_point
 def solve(
     func: Callable,
     y0: Any,
@@ -732,7 +732,7 @@ def _solve_event(
 # torchdiffeq-compatible interface
 
 
-@full_precision
+@entry_point
 def odeint(
     func: Callable,
     y0: Any,
