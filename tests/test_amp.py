@@ -132,3 +132,23 @@ def test_callbacks_and_tuple_states_under_autocast():
     torch.testing.assert_close(xs[:, 0], torch.cos(t), rtol=0, atol=1e-6)
     torch.testing.assert_close(vs[:, 0], -torch.sin(t), rtol=0, atol=1e-6)
     assert f.steps > 0
+
+
+def test_a_func_that_was_wrapped_still_pickles_and_copies():
+    # the wrappers kept on func (for the compiled caches) hold closures: they must not travel with it
+    import copy
+    import io
+
+    torch.manual_seed(4)
+    f, y0, t = Decay(), torch.randn(4, 4), torch.linspace(0, 1, 3)
+    with torch.autocast(**BF16):
+        ys = nd.odeint(f, y0, t)
+    zs = nd.odeint(f, torch.complex(y0, -y0), t)  # (a complex solve wraps it too)
+    assert f.__dict__["_neuralode_wrappers"]
+    buf = io.BytesIO()
+    torch.save(f, buf)
+    buf.seek(0)
+    for g in (torch.load(buf, weights_only=False), copy.deepcopy(f)):
+        with torch.autocast(**BF16):
+            torch.testing.assert_close(nd.odeint(g, y0, t), ys, rtol=0, atol=0)
+        torch.testing.assert_close(nd.odeint(g, torch.complex(y0, -y0), t), zs, rtol=0, atol=0)

@@ -53,6 +53,17 @@ for _cls in (_ModuleWrapper, _FuncWrapper):
         setattr(_cls, _name, _passed_through(_name))
 
 
+class _Cache(dict):
+    """The wrappers kept on a func. Not part of its state: pickled (``torch.save(model)``) and deep-copied as
+    empty, since a wrapper holds closures and the func itself (a copy makes its own on its first solve)."""
+
+    def __reduce__(self):
+        return (_Cache, ())
+
+    def __deepcopy__(self, memo):
+        return _Cache()
+
+
 def cached_wrapper(func: Callable, key: tuple, call: Callable, adapt: Callable = lambda name, value: value) -> Callable:
     """A func computing ``call(func, t, y)``, with ``func``'s looked-up attributes as ``adapt(name, value)``;
     one per ``(func, key)``: ``key`` must determine ``call`` and ``adapt``."""
@@ -63,7 +74,7 @@ def cached_wrapper(func: Callable, key: tuple, call: Callable, adapt: Callable =
     wrapped = cls(func, call, adapt)
     try:
         if cache is None:
-            cache = {}
+            cache = _Cache()
             object.__setattr__(func, "_neuralode_wrappers", cache)
         cache[key] = wrapped
     except (AttributeError, TypeError):  # (a bound method, or a class with __slots__: a new wrapper per solve)
