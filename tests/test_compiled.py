@@ -306,6 +306,51 @@ def test_adjoint_backward_stays_eager_with_a_warning_for_foreign_parameters():
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("with_params", [True, False])
+def test_adjoint_backward_of_a_closure_compiled_with_the_seminorm(with_params):
+    """A closure's parameters (torch.func cannot substitute them): with the seminorm, or none to integrate, the
+    compiled loop solves [y, a] and a quadrature adds dL/dθ over its accepted steps; the steps are the eager
+    backward's and the gradients equal its to rounding."""
+    from neuralode.gradients import adjoint
+    from neuralode.solvers import device_loop
+
+    torch.manual_seed(2)
+    w = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    y0 = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.0, 0.5, 1.3], dtype=torch.float64)
+
+    def f(tt, y):
+        return torch.tanh(y @ w) * (1 + 0.5 * torch.sin(tt))
+
+    got = []
+    for mode in (False, "aot_eager"):
+        w.grad = y0.grad = None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sol = node.solve(
+                f,
+                y0,
+                t,
+                gradient="adjoint",
+                params=[w] if with_params else [],
+                adjoint_options={"norm": "seminorm"} if with_params else None,
+                rtol=1e-8,
+                atol=1e-9,
+                compile=mode,
+            )
+            (sol.ys**2).sum().backward()
+        _no_fallback(caught)
+        got.append(((sol.stats.n_steps_backward, sol.stats.n_rejected_backward), y0.grad.clone(), w.grad))
+    assert got[1][0] == got[0][0]
+    torch.testing.assert_close(got[1][1], got[0][1], rtol=1e-9, atol=1e-11)
+    if with_params:
+        torch.testing.assert_close(got[1][2], got[0][2], rtol=1e-9, atol=1e-11)
+    else:
+        assert got[0][2] is None and got[1][2] is None
+    augs = [v[1] for v in adjoint._AUG_CACHE.values() if v[0] is f]
+    assert augs and any(v[0] is augs[0] for v in device_loop._CACHE.values()), "the backward ran compiled"
+
+
 def test_attempts_per_compiled_call_follow_the_cost_of_func():
     from neuralode.solvers.device_loop import _UNROLL, _choose_unroll, _unroll_key
 

@@ -153,12 +153,12 @@ def solve(
             replays the forward's attempts one at a time (``gradients.per_sample_checkpoint``).
         compile: ``torch.compile`` the solver (True: inductor, or a backend name). Without gradients the whole
             adaptive loop runs compiled (joint or per-sample); with backprop each step is compiled; with
-            checkpointed gradients the forward loop runs compiled and the
-            backward rebuilds each step through a compiled function; with the adjoint, the backward solve of
-            an ``nn.Module`` func (its own parameters, joint stepping) runs in the compiled loop too, except
-            on CPU where func is expensive (≥ 3 ms per augmented call), where eager kernels were measured as
-            fast. Tensor states and scalar tolerances. Anything else runs the eager solver with a one-line
-            warning.
+            checkpointed gradients the forward loop runs compiled and the backward rebuilds each step through
+            a compiled function; with the adjoint, the backward solve of an ``nn.Module`` func (its own
+            parameters, joint stepping), or of any func with the seminorm, runs in the compiled loop too,
+            except on CPU where func is expensive (≥ 3 ms per augmented call), where eager kernels were
+            measured as fast. Tensor states and scalar tolerances. Anything else runs the eager solver with a
+            one-line warning.
 
     Returns:
         a :class:`Solution`.

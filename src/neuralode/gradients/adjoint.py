@@ -114,6 +114,8 @@ class _AdjointSolve(torch.autograd.Function):
         g = torch.zeros(n_g, dtype=dtype, device=ys.device)
         t_grad = torch.zeros(m, dtype=dtype, device=ys.device) if t.requires_grad else None
         fused = _compiled_segment(prob, cfg, wrt, n, ys) if cfg.get("compile") and m > 1 else None
+        # (kept apart: its quadrature holds a share of dL/dθ even if a later segment falls back to eager)
+        closure = fused if isinstance(fused, _ClosureSegment) else None
         drift_warned = False
         for i in range(m - 1, 0, -1):
             if t_grad is not None:
@@ -164,6 +166,8 @@ class _AdjointSolve(torch.autograd.Function):
             a.add_(grad_ys[i - 1])  # a is this function's own copy
         if m == 1:
             a = grad_ys[0]
+        if closure is not None and (extra := closure.finish()) is not None:  # its parameter quadrature
+            g = g + extra
         stats.nfe_backward += rhs_plain.nfe  # every augmented evaluation calls func once through rhs_plain
         p_grads: list[Any] = []
         offsets = iter(torch.split(g, sizes) if sizes else [])
@@ -208,8 +212,11 @@ def _compiled_segment(prob: Problem, cfg: dict, wrt: Sequence[torch.Tensor], n: 
         why = "tensor tolerances"
     elif cfg["norm"] not in (None, "seminorm") or {"step_t", "jump_t"} & set(options):
         why = "adjoint norms other than the default and 'seminorm', or step_t/jump_t"
-    elif names is None or None in names:
-        why = "parameters that are not the nn.Module func's own"
+    elif (names is None or None in names) and wrt and cfg["norm"] != "seminorm":
+        why = (
+            "parameters that are not the nn.Module func's own, with the default adjoint norm (pass "
+            "adjoint_options=dict(norm='seminorm') to run such a backward compiled)"
+        )
     elif any(p.dtype != ys.dtype for p in wrt):
         why = "parameters of another dtype than the state"
     elif any(getattr(module, name + "_adjoint", None) is not None for name in CALLBACK_NAMES):
@@ -223,6 +230,8 @@ def _compiled_segment(prob: Problem, cfg: dict, wrt: Sequence[torch.Tensor], n: 
     if why is not None:
         _warn_once(f"compile=True: the adjoint's backward solve runs eagerly ({why} not supported compiled)")
         return None
+    if names is None or None in names:  # a closure's parameters (or none): [y, a] compiled, θ by quadrature
+        return _ClosureSegment(prob, cfg, wrt, n, ys, rk, ctrl)
     sizes = [p.numel() for p in wrt]
     width = 2 * n + sum(sizes)
     starts = [0, n] + [2 * n + sum(sizes[:j]) for j in range(len(sizes))]
@@ -279,6 +288,95 @@ def _compiled_segment(prob: Problem, cfg: dict, wrt: Sequence[torch.Tensor], n: 
         return res
 
     return segment
+
+
+class _ClosureSegment:
+    """The compiled backward of a func whose parameters autograd can reach but ``torch.func`` cannot (a
+    closure, or parameters not the module's own), with the seminorm: the device loop solves ``[y, a]`` only
+    (``dy/dt = f``, ``da/dt = -aᵀ∂f/∂y``, ``torch.func.vjp`` in ``y``, the parameters constants of the trace),
+    error-controlled on both, and streams its attempts to the per-sample adjoint's quadrature
+    (``per_sample_adjoint._Compiled`` with one sample), which adds ``dL/dθ = Σ h Σᵢ bᵢ (-aᵢᵀ ∂f/∂θ)`` over the
+    accepted steps as the eager seminorm backward does inside its steps. The steps are the eager seminorm
+    backward's. ``finish()`` returns the parameter integral (flat) and counts its evaluations."""
+
+    def __init__(self, prob: Problem, cfg: dict, wrt, n: int, ys: torch.Tensor, rk, ctrl):
+        from .._problem import DEFAULT_MAX_NUM_STEPS
+        from .per_sample_adjoint import _Compiled
+
+        func, shape = prob.func, prob.shape
+        self.n, self.rk, self.ctrl, self.cfg, self.stats = n, rk, ctrl, cfg, cfg["stats"]
+        key = (id(func), "closure", shape, ys.dtype, str(ys.device))
+        hit = _AUG_CACHE.get(key)
+        if hit is None or hit[0] is not func:
+            if len(_AUG_CACHE) > 64:
+                _AUG_CACHE.clear()
+            hit = _AUG_CACHE[key] = (func, _make_state_aug(func, shape, n), {})
+        self.aug, self.speed = hit[1], hit[2]
+
+        def one_sample(t1: torch.Tensor, y1: torch.Tensor) -> torch.Tensor:  # (1,) times, (1, n) states
+            return func(t1.reshape(()), y1.reshape(shape)).reshape(1, n)
+
+        self.quad = _Compiled(one_sample, torch.Size([1, n]), wrt, rk, ys.dtype, ys.device) if wrt else None
+        self.backend = cfg["compile"] if isinstance(cfg["compile"], str) else "inductor"
+        self.max_steps = int(cfg["options"].get("max_num_steps", DEFAULT_MAX_NUM_STEPS))
+
+    def __call__(self, z0: torch.Tensor, f0: Callable, t_from: float, t_to: float, first_step: float | None):
+        from ..solvers.device_loop import integrate_device_loop
+
+        n = self.n
+        if "eager" not in self.speed and z0.device.type == "cpu":  # (as the module path: once per func)
+            start = time.perf_counter()
+            f0 = f0()
+            self.speed["eager"] = time.perf_counter() - start >= _EAGER_AUG_SECONDS
+            if self.speed["eager"]:
+                return None
+        else:
+            f0 = f0()
+        options = self.cfg["options"]
+        got = integrate_device_loop(
+            self.aug,
+            z0[: 2 * n].reshape(1, -1),
+            torch.Size([1, 2 * n]),
+            [t_from, t_to],
+            self.rk,
+            self.ctrl,
+            per_sample=False,
+            rtol=self.cfg["rtol"],
+            atol=self.cfg["atol"],
+            first_step=first_step if options.get("first_step") is None else options["first_step"],
+            max_num_steps=self.max_steps,
+            backend=self.backend,
+            f0=f0[: 2 * n].reshape(1, -1),
+            norm_blocks=((0, n), (n, n)),
+            trace=self.quad,
+        )
+        if got is None:
+            return None
+        res, counts = got
+        res.nfe = int(counts["nfe"][0])
+        # the parameter part passes through unchanged: the quadrature keeps its own sum (finish)
+        res.ys = torch.cat([res.ys, z0[2 * n :].expand(res.ys.shape[0], -1)], 1)
+        return res
+
+    def finish(self) -> torch.Tensor | None:
+        if self.quad is None:
+            return None
+        self.quad.flush()
+        self.stats.nfe_backward += self.quad.calls
+        return torch.cat([g.reshape(-1) for g in self.quad.g])
+
+
+def _make_state_aug(func: Callable, shape: torch.Size, n: int) -> Callable:
+    """``[y, a]`` ↦ ``[f, -aᵀ∂f/∂y]`` on a ``(1, 2n)`` state, traceable by ``torch.compile``."""
+    from torch.func import vjp
+
+    def aug(tt: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        y, a = z[:, :n].reshape(shape), z[:, n : 2 * n].reshape(shape)
+        out, pull = vjp(lambda yy: func(tt, yy), y)
+        (vy,) = pull(a)
+        return torch.cat([out.reshape(1, -1), vy.reshape(1, -1).neg()], 1)
+
+    return aug
 
 
 def _make_aug(module: torch.nn.Module, names: tuple, shape: torch.Size, n: int) -> Callable:
