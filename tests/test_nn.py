@@ -185,3 +185,24 @@ def test_our_compile_inside_a_torch_compiled_model():
     ref = ODEBlock(block.func, gradient="backprop")(x)
     out = torch.compile(torch.nn.Sequential(block), backend="aot_eager")(x)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_block_keeps_float64_times():
+    # times given as float64 stay float64 (they were rounded to float32: 0.1 became 0.10000000149)
+    lin = torch.nn.Linear(1, 1, bias=False).double()
+    with torch.no_grad():
+        lin.weight.fill_(-1.0)
+    t = torch.tensor([0.0, 0.1, 0.7], dtype=torch.float64)
+    block = ODEBlock(MLPFree(lin), t=t, return_all=True, rtol=1e-12, atol=1e-12, gradient="backprop").double()
+    out = block(torch.ones(2, 1, dtype=torch.float64))
+    torch.testing.assert_close(out[:, 0, 0], torch.exp(-t), rtol=1e-10, atol=0)
+    assert ODEBlock(MLPFree(lin)).t.dtype == torch.get_default_dtype()
+
+
+class MLPFree(torch.nn.Module):
+    def __init__(self, lin):
+        super().__init__()
+        self.lin = lin
+
+    def forward(self, t, y):
+        return self.lin(y)

@@ -90,7 +90,10 @@ class ODEBlock(nn.Module):
         #: output keeps them (func must map the augmented shape to itself)
         self.augment_dim = augment_dim
         self.func = func
-        self.register_buffer("t", torch.as_tensor(t, dtype=torch.float32).clone(), persistent=False)
+        # (the times in the dtype given: a float64 tensor keeps float64 times; numbers take the default dtype)
+        t = torch.as_tensor(t)
+        t = t if t.is_floating_point() else t.to(torch.get_default_dtype())
+        self.register_buffer("t", t.detach().clone(), persistent=False)
         self.method, self.rtol, self.atol = method, rtol, atol
         self.options = dict(options or {})
         self.gradient = gradient
