@@ -254,17 +254,9 @@ def _compiled_segment(prob: Problem, cfg: dict, wrt: Sequence[torch.Tensor], n: 
 
     def segment(z0: torch.Tensor, f0: Callable, t_from: float, t_to: float, first_step: float | None):
         # f0: the augmented dynamics at the segment's start, evaluated eagerly (and counted) by the caller
-        if "eager" not in speed and ys.device.type == "cpu":
-            # an expensive func (convolutions: milliseconds per call) leaves the loop's own overhead
-            # negligible, and on CPU Inductor's kernels for its vector-Jacobian products were measured slower
-            # than eager ones (GroupNorm's backward), so such a backward stays eager; decided once per module
-            start = time.perf_counter()
-            f0 = f0()
-            speed["eager"] = time.perf_counter() - start >= _EAGER_AUG_SECONDS
-            if speed["eager"]:
-                return None
-        else:
-            f0 = f0()
+        f0 = _timed_start(f0, speed, ys.device)
+        if f0 is None:
+            return None
         got = integrate_device_loop(
             aug,
             z0.reshape(1, -1),
@@ -288,6 +280,19 @@ def _compiled_segment(prob: Problem, cfg: dict, wrt: Sequence[torch.Tensor], n: 
         return res
 
     return segment
+
+
+def _timed_start(f0: Callable, speed: dict, device: torch.device) -> torch.Tensor | None:
+    """The augmented dynamics at a segment's start (``f0()``), or None where the backward should stay eager.
+    An expensive func (convolutions: milliseconds per call) leaves the loop's own overhead negligible, and on
+    CPU Inductor's kernels for its vector-Jacobian products were measured slower than eager ones (GroupNorm's
+    backward), so such a backward stays eager; decided once per func, by timing this first call."""
+    if "eager" in speed or device.type != "cpu":
+        return f0()
+    start = time.perf_counter()
+    out = f0()
+    speed["eager"] = time.perf_counter() - start >= _EAGER_AUG_SECONDS
+    return None if speed["eager"] else out
 
 
 class _ClosureSegment:
@@ -324,14 +329,9 @@ class _ClosureSegment:
         from ..solvers.device_loop import integrate_device_loop
 
         n = self.n
-        if "eager" not in self.speed and z0.device.type == "cpu":  # (as the module path: once per func)
-            start = time.perf_counter()
-            f0 = f0()
-            self.speed["eager"] = time.perf_counter() - start >= _EAGER_AUG_SECONDS
-            if self.speed["eager"]:
-                return None
-        else:
-            f0 = f0()
+        f0 = _timed_start(f0, self.speed, z0.device)
+        if f0 is None:
+            return None
         options = self.cfg["options"]
         got = integrate_device_loop(
             self.aug,
