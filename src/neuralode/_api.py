@@ -10,7 +10,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ._amp import entry_point, full_precision
-from ._complex import ComplexSolution, is_complex_state, real_problem
+from ._convert import ConvertedSolution, needs_conversion, solver_problem
 from ._errors import SolverError, Status, exception_for
 from ._problem import DEFAULT_MAX_NUM_STEPS, Problem, make_controller, prepare, run, stepper
 from .gradients.adjoint import adjoint_solve
@@ -61,7 +61,10 @@ class Solution:
                     "this solution keeps no dense output: the compiled solver (compile=True) does not keep its "
                     "steps; solve without compile=True to interpolate"
                 )
-            raise RuntimeError("this solution keeps no dense output: call solve(..., dense=True)")
+            raise RuntimeError(
+                "this solution keeps no dense output: call solve(..., dense=True) (gradient='adjoint' and "
+                "compile=True keep none by default, so that memory does not grow with the number of steps)"
+            )
         if isinstance(self._segments, PerSampleDense):  # per-sample solve: (K,) or (batch, K) times
             ys = self._segments(t_new)
             return self._prob.unflatten(ys.reshape(ys.shape[0], -1))
@@ -83,11 +86,14 @@ class Solution:
 
 def _params_of(func: Callable, params: Sequence[torch.Tensor] | None, what: str) -> tuple[torch.Tensor, ...]:
     if params is not None:
+        if torch.is_tensor(params) or not isinstance(params, Sequence) and not hasattr(params, "__iter__"):
+            raise TypeError(f"`{what}` must be a sequence of tensors, got {type(params).__name__}")
         params = tuple(params)
         for i, p in enumerate(params):
             if not torch.is_tensor(p):
                 raise TypeError(f"`{what}[{i}]` must be a tensor, got {type(p).__name__}")
-        return params
+        # a tensor given twice gets its gradient once (autograd would add the two returned copies)
+        return tuple({id(p): p for p in params}.values())
     if isinstance(func, torch.nn.Module):
         return tuple(p for p in func.parameters() if p.requires_grad)
     raise TypeError(
@@ -136,12 +142,14 @@ def solve(
             recomputed one step at a time).
         params: tensors to differentiate for ``adjoint``/``checkpoint`` (default: ``func.parameters()``).
         adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options: the adjoint's backward solve (default:
-            the forward's); ``adjoint_options=dict(norm="seminorm")`` uses the seminorm.
+            the forward's); ``adjoint_options=dict(norm="seminorm")`` uses the seminorm. With the forward's
+            method, ``adjoint_options`` adds to and overrides the forward's options (torchdiffeq replaces them).
         on_failure: ``"raise"`` (default) or ``"return"``: give back the solution up to the failure with
             ``status``, ``message`` and ``t_fail`` set.
-        dense: keep each step's interpolant so that ``Solution.interpolate`` works (default: yes, except with
-            ``compile=True``, where the compiled loop then keeps every attempt's continuous extension instead of
-            evaluating and dropping them as it goes: pass ``dense=True`` for that).
+        dense: keep each step's interpolant so that ``Solution.interpolate`` works. Default: yes, except with
+            ``gradient="adjoint"`` (whose memory would then grow with the number of steps, which the adjoint
+            exists to avoid) and with ``compile=True`` (where the compiled loop then keeps every attempt's
+            continuous extension instead of evaluating and dropping them as it goes); pass ``dense=True`` there.
         event_fn: stop at the first zero crossing of ``event_fn(t, y)``; ``Solution.event_t`` holds it. With
             ``per_sample=True`` every sample stops at its own first event: ``event_fn(t (batch,), y)`` returns
             one row per sample (``(batch,)`` or ``(batch, k)``), ``event_t`` is ``(batch,)``.
@@ -170,8 +178,14 @@ def solve(
     """
     if gradient not in GRADIENT_MODES:
         raise ValueError(f"`gradient` must be one of {GRADIENT_MODES}, got {gradient!r}")
-    if is_complex_state(y0):  # solved as the real view (_complex); the solution seen as complex again
-        func, y0, rtol, atol, event_fn, conv = real_problem(func, y0, rtol, atol, event_fn)
+    if per_sample and not (torch.is_tensor(y0) and y0.ndim >= 2):  # (checked on the user's shape: a complex
+        # state's real view has one dimension more)
+        got = f"shape {tuple(y0.shape)}" if torch.is_tensor(y0) else f"a {type(y0).__name__}"
+        raise ValueError(
+            f"per_sample=True needs a tensor state of shape (batch, ...) with the samples along dimension 0; got {got}"
+        )
+    if needs_conversion(y0):  # complex or half precision: solved as real float32 or wider (_convert)
+        func, y0, rtol, atol, event_fn, conv = solver_problem(func, y0, rtol, atol, event_fn)
         sol = solve(
             func,
             y0,
@@ -192,10 +206,11 @@ def solve(
             per_sample=per_sample,
             compile=compile,
         )
-        return ComplexSolution(sol, conv)
+        return ConvertedSolution(sol, conv)
     if compile:
         options = {**(options or {}), "compile": compile}
-    dense = not compile if dense is None else bool(dense)
+    # the adjoint's memory must not grow with the steps: it keeps no dense output unless asked to
+    dense = (not compile and gradient != "adjoint") if dense is None else bool(dense)
     if on_failure not in ("raise", "return"):
         raise ValueError(f"`on_failure` must be 'raise' or 'return', got {on_failure!r}")
     prob = prepare(func, y0, t, rtol, atol, method, options, event_fn, per_sample=per_sample)
@@ -595,24 +610,37 @@ def _count_backprop(stats: SolveStats, rhs) -> Callable:
 
 
 def _adjoint_cfg(prob: Problem, rtol, atol, method, options) -> dict:
-    from ._problem import ADAPTIVE_METHODS, _check_step_options, _check_tol, make_controller, valid_options
+    from ._problem import (
+        ADAPTIVE_METHODS,
+        _check_tol,
+        check_method,
+        check_option_values,
+        check_options,
+        valid_options,
+    )
 
-    method = prob.method if method is None else method
-    if options is None:
-        options = (
-            {k: v for k, v in prob.options.items() if k not in ("norm", "compile")} if method == prob.method else {}
-        )
-    options = dict(options)
+    method = prob.method if method is None else check_method(method, "adjoint_method")
+    if method == "scipy_solver":
+        raise ValueError("adjoint_method='scipy_solver' cannot solve the adjoint's augmented system; use a neuralode method")
+    options = check_options(options, "adjoint_options")
+    if method == prob.method:
+        # the backward solve with the forward's method keeps the forward's options (a fixed step size, above
+        # all) unless adjoint_options overrides them: adjoint_options=dict(norm="seminorm") must not drop
+        # step_size and silently fall back to stepping on the output grid
+        inherited = {k: v for k, v in prob.options.items() if k not in ("norm", "compile")}
+        options = {**inherited, **options}
     norm = options.pop("norm", None)
+    if not (norm is None or norm == "seminorm" or callable(norm)):
+        raise ValueError(
+            f"adjoint_options['norm'] must be 'seminorm' or a callable on the scaled error, got {norm!r}"
+        )
     unknown = set(options) - valid_options(method)
     if unknown:
         raise ValueError(
             f"unknown adjoint_options {sorted(unknown)} for adjoint_method {method!r}; valid: "
             f"{sorted(valid_options(method))}"
         )
-    _check_step_options(options)  # now, not halfway through the backward pass
-    if method in ADAPTIVE_METHODS:
-        make_controller(1, options)  # checks safety, ifactor, dfactor, min_step, max_step
+    check_option_values(method, options, "adjoint_options")  # now, not halfway through the backward pass
     shapes, shape = prob.shapes, prob.shape
     rtol = prob.rtol if rtol is None else _check_tol("adjoint_rtol", rtol, prob.y0, shapes, shape)
     atol = prob.atol if atol is None else _check_tol("adjoint_atol", atol, prob.y0, shapes, shape)
@@ -752,9 +780,9 @@ def odeint(
     if event_fn is not None:
         sol = solve(func, y0, t, method=method, rtol=rtol, atol=atol, options=options, dense=False, event_fn=event_fn)
         return sol.event_t, sol.ys
-    if is_complex_state(y0):
-        func, y0, rtol, atol, _, conv = real_problem(func, y0, rtol, atol, None)
-        return conv.to_complex(odeint(func, y0, t, rtol=rtol, atol=atol, method=method, options=options))
+    if needs_conversion(y0):
+        func, y0, rtol, atol, _, conv = solver_problem(func, y0, rtol, atol, None)
+        return conv.to_user(odeint(func, y0, t, rtol=rtol, atol=atol, method=method, options=options))
     prob = prepare(func, y0, t, rtol, atol, method, options)
     if prob.t.requires_grad and torch.is_grad_enabled():
         return solve(func, y0, t, method=method, rtol=rtol, atol=atol, options=options, dense=False).ys

@@ -25,11 +25,25 @@ import torch
 from .._amp import full_precision
 from .._problem import Problem, run, valid_options
 from ..solvers.integrate import _callbacks, block_rms_max
-from .common import SolveStats, raise_on_failure, warn_on_drift
+from .common import SolveStats, direct_gradients, raise_on_failure, vjp, warn_on_drift
 
 __all__ = ["adjoint_solve", "CALLBACK_NAMES"]
 
 CALLBACK_NAMES = ("callback_step", "callback_accept_step", "callback_reject_step")
+
+
+def _real_size(p: torch.Tensor) -> int:
+    """Entries of ``p``'s parameter integral in the (real) augmented state: a complex entry takes two."""
+    return p.numel() * (2 if p.is_complex() else 1)
+
+
+def _as_real_flat(v: torch.Tensor) -> torch.Tensor:
+    return (torch.view_as_real(v) if v.is_complex() else v).reshape(-1)
+
+
+def _from_real(seg: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """A segment of the parameter integral back in ``p``'s shape (and complex, where ``p`` is)."""
+    return torch.view_as_complex(seg.reshape(*p.shape, 2)) if p.is_complex() else seg.view_as(p)
 
 
 class _AdjointSolve(torch.autograd.Function):
@@ -58,7 +72,7 @@ class _AdjointSolve(torch.autograd.Function):
         m, n = ys.shape
         t_out = prob.t_out[:m]
         rhs_plain = prob.rhs()
-        sizes = [p.numel() for p in wrt]
+        sizes = [_real_size(p) for p in wrt]
         n_g = sum(sizes)
         dtype = ys.dtype
 
@@ -70,11 +84,11 @@ class _AdjointSolve(torch.autograd.Function):
             with torch.enable_grad():
                 y_ = y if graph else y.detach().requires_grad_(True)
                 f = rhs_plain(tt, y_)
-                vjps = torch.autograd.grad(f, [y_] + wrt, -a, allow_unused=True, create_graph=graph)
+                vjps = vjp(f, [y_] + wrt, -a, create_graph=graph)
             parts = [f if graph else f.detach(), vjps[0] if vjps[0] is not None else torch.zeros_like(a)]
             for p, v in zip(wrt, vjps[1:]):
                 parts.append(
-                    v.reshape(-1).to(dtype) if v is not None else torch.zeros(p.numel(), dtype=dtype, device=z.device)
+                    _as_real_flat(v).to(dtype) if v is not None else z.new_zeros(_real_size(p))
                 )
             return torch.cat(parts)
 
@@ -83,7 +97,7 @@ class _AdjointSolve(torch.autograd.Function):
             with torch.enable_grad():
                 y_ = y.detach().requires_grad_(True)
                 f = rhs_plain(tt, y_)
-                vjps = torch.autograd.grad(f, [y_] + wrt, a, allow_unused=True)  # negated below, in place
+                vjps = vjp(f, [y_] + wrt, a)  # negated below, in place
             out[:n].copy_(f.detach())
             del f
             if vjps[0] is None:
@@ -92,9 +106,9 @@ class _AdjointSolve(torch.autograd.Function):
                 out[n : 2 * n].copy_(vjps[0])
             start = 2 * n
             for p, v in zip(wrt, vjps[1:]):
-                seg = out[start : start + p.numel()]
-                seg.zero_() if v is None else seg.copy_(v.reshape(-1))
-                start += p.numel()
+                seg = out[start : start + _real_size(p)]
+                seg.zero_() if v is None else seg.copy_(_as_real_flat(v))
+                start += _real_size(p)
             out[n:].neg_()  # d a/dt = -a ∂f/∂y, d g/dt = -a ∂f/∂θ
 
         aug_prob_rhs = _flat_rhs(aug_func, 2 * n + n_g, dtype, ys.device)
@@ -172,12 +186,12 @@ class _AdjointSolve(torch.autograd.Function):
         p_grads: list[Any] = []
         offsets = iter(torch.split(g, sizes) if sizes else [])
         for p in params:
-            p_grads.append(next(offsets).view_as(p).to(p.dtype) if p.requires_grad else None)
+            p_grads.append(_from_real(next(offsets), p).to(p.dtype) if p.requires_grad else None)
         if t_grad is not None:
             t_grad = t_grad.to(device=t.device, dtype=t.dtype)
             if len(t) > m:
                 t_grad = torch.cat([t_grad, t_grad.new_zeros(len(t) - m)])
-        return (None, None, a, t_grad, *p_grads)
+        return (None, None, a, t_grad, *direct_gradients(params, p_grads))
 
 
 _AUG_CACHE: dict = {}
@@ -410,15 +424,15 @@ def _aug_tol(tol: Any, n: int, n_g: int):
 
 def _aug_norm(norm: Any, prob: Problem, n: int, wrt: Sequence[torch.Tensor], device) -> Callable | None:
     if norm is None:
-        return block_rms_max([n, n] + [p.numel() for p in wrt], device)
+        return block_rms_max([n, n] + [_real_size(p) for p in wrt], device)
     if norm == "seminorm":
         return block_rms_max([n, n], device)
     if callable(norm):
-        sizes = [p.numel() for p in wrt]
+        sizes = [_real_size(p) for p in wrt]
 
         def user(x: torch.Tensor) -> torch.Tensor:
             y, a, g = x[:n], x[n : 2 * n], x[2 * n :]
-            gs = [gi.view_as(p) for gi, p in zip(torch.split(g, sizes), wrt)] if sizes else []
+            gs = [_from_real(gi, p) for gi, p in zip(torch.split(g, sizes), wrt)] if sizes else []
             return torch.as_tensor(norm((prob.unflatten(y), prob.unflatten(a), *gs)))
 
         return user

@@ -16,7 +16,7 @@ import torch
 from .._amp import full_precision
 from .._problem import ADAPTIVE_METHODS, Problem, run
 from ..solvers.runge_kutta import Segment
-from .common import SolveStats
+from .common import SolveStats, direct_gradients, vjp
 
 __all__ = ["checkpoint_solve"]
 
@@ -80,7 +80,7 @@ class _CheckpointSolve(torch.autograd.Function):
                 for k in outs:
                     if t_out[k] == t1:
                         grads[0] = grads[0] + grad_ys[k]
-                got = torch.autograd.grad(targets, [y] + wrt_params, grads, allow_unused=True)
+                got = vjp(targets, [y] + wrt_params, grads)
             a = got[0]
             for i, g in enumerate(got[1:]):
                 if g is not None:
@@ -90,7 +90,7 @@ class _CheckpointSolve(torch.autograd.Function):
         out_params, it = [], iter(p_grads)
         for r in needs:
             out_params.append(next(it) if r else None)
-        return (None, None, a, *out_params)
+        return (None, None, a, *direct_gradients(params, out_params))
 
 
 def _compiled_replay(prob: Problem, rhs, method):

@@ -3,11 +3,52 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["SolveStats", "time_gradient_wrapper", "raise_on_failure", "warn_on_drift"]
+__all__ = ["SolveStats", "time_gradient_wrapper", "raise_on_failure", "warn_on_drift", "vjp", "direct_gradients"]
+
+
+def vjp(outputs, inputs, grad_outputs, *, create_graph: bool = False) -> tuple:
+    """``torch.autograd.grad`` for the vector-Jacobian products of a backward pass (adjoint, checkpoint).
+
+    The graph is retained: ``func`` may use tensors computed before the solve from the tensors being
+    differentiated (a spline's coefficients from data that requires grad, a weight shared by stacked solves).
+    Every product of the backward pass walks that shared history, so none of them may free it; it is freed with
+    the tensors that hold it. Unused inputs get ``None``.
+    """
+    return torch.autograd.grad(
+        outputs, inputs, grad_outputs, allow_unused=True, retain_graph=True, create_graph=create_graph
+    )
+
+
+def direct_gradients(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> list:
+    """What a backward pass returns for ``params`` so that every path through ``func`` is counted once.
+
+    The vector-Jacobian products give each parameter its *total* gradient, through all of its uses, including
+    those through another parameter computed from it (``params=(a, b)`` with ``b = 2 * a``). Autograd then walks
+    the history of each returned parameter, so a path through ``b`` would reach ``a`` twice. The gradient that
+    flows into each parameter directly is its total less what autograd adds back through the parameters made
+    from it: ``D_x = G_x - Σ_y (∂y/∂x)ᵀ D_y``, solved from the last-made parameter to the first (a parameter
+    is made after its ancestors, so its node's sequence number is larger). Leaf parameters have no
+    ancestors: with none but leaves, this returns ``grads`` as they are.
+    """
+    made = [i for i, p in enumerate(params) if p.grad_fn is not None and grads[i] is not None]
+    if not made:
+        return list(grads)
+    out = list(grads)
+    for i in sorted(made, key=lambda i: params[i].grad_fn._sequence_nr(), reverse=True):
+        others = [j for j, p in enumerate(params) if j != i and p.requires_grad and out[j] is not None]
+        if not others:
+            continue
+        back = torch.autograd.grad(
+            params[i], [params[j] for j in others], out[i], allow_unused=True, retain_graph=True
+        )
+        for j, g in zip(others, back):
+            if g is not None:
+                out[j] = out[j] - g
+    return out
 
 
 @dataclasses.dataclass

@@ -33,7 +33,7 @@ from ..solvers.device_loop import integrate_device_loop
 from ..solvers.device_loop import supports as device_loop_supports
 from ..solvers.per_sample import integrate_per_sample
 from ..solvers.runge_kutta import combo, tableau_floats
-from .common import SolveStats, raise_on_failure, warn_on_drift
+from .common import SolveStats, direct_gradients, raise_on_failure, vjp, warn_on_drift
 
 __all__ = ["per_sample_adjoint_solve"]
 
@@ -104,12 +104,7 @@ class _Augmented:
         w = torch.where(accept, dt, torch.zeros_like(dt)).to(pending[0][2].dtype)
         w = w.view(self.B, *([1] * (len(self.shape) - 1)))
         # g += h Σᵢ bᵢ (-aᵢᵀ ∂f/∂θ): one backward pass through the step's stage graphs
-        grads = torch.autograd.grad(
-            [out for _, out, _ in pending],
-            self.wrt,
-            [(-self.b[i]) * w * a for i, _, a in pending],
-            allow_unused=True,
-        )
+        grads = vjp([out for _, out, _ in pending], self.wrt, [(-self.b[i]) * w * a for i, _, a in pending])
         for acc, gr in zip(self.g, grads):
             if gr is not None:
                 acc.add_(gr)
@@ -189,12 +184,12 @@ class _Compiled:
             if not self.flags.get("no_vmap"):
                 try:
                     L = torch.vmap(self.quad)(*(torch.stack([r[i] for r in recs]) for i in range(4))).sum()
-                    self._add(torch.autograd.grad(L, self.wrt, allow_unused=True))
+                    self._add(vjp(L, self.wrt, None))
                     return
                 except Exception:  # (an op vmap does not batch: one attempt at a time from now on)
                     self.flags["no_vmap"] = True
             for r in recs:
-                self._add(torch.autograd.grad(self.quad(*r[:4]), self.wrt, allow_unused=True))
+                self._add(vjp(self.quad(*r[:4]), self.wrt, None))
 
     def _add(self, grads) -> None:
         for acc, gr in zip(self.g, grads):
@@ -349,7 +344,7 @@ class _PerSampleAdjoint(torch.autograd.Function):
                 acc.add_(gr)
         grads = iter(aug.g)
         p_grads = [next(grads) if p.requires_grad else None for p in params]
-        return (None, a, *p_grads)
+        return (None, a, *direct_gradients(params, p_grads))
 
 
 def per_sample_adjoint_solve(

@@ -23,7 +23,7 @@ import torch
 
 from .._amp import full_precision
 from ..solvers.per_sample import Replay
-from .common import SolveStats
+from .common import SolveStats, direct_gradients, vjp
 
 __all__ = ["per_sample_checkpoint_solve"]
 
@@ -68,7 +68,7 @@ class _PerSampleCheckpoint(torch.autograd.Function):
                     targets.append(values)
                     keep = valid & (ks < m)  # (a failed solve returns the outputs every sample reached)
                     grads.append(torch.where(keep[..., None], written, torch.zeros_like(written)))
-                got = torch.autograd.grad(targets, [y, *wrt], grads, allow_unused=True)
+                got = vjp(targets, [y, *wrt], grads)
             a = got[0]
             for j, gp in enumerate(got[1:]):
                 if gp is not None:
@@ -76,7 +76,7 @@ class _PerSampleCheckpoint(torch.autograd.Function):
         a = a + g[0]  # (the first output is y0 itself)
         cfg["stats"].nfe_backward += replay.calls if replay is not None else 0
         it = iter(p_grads)
-        return (None, a.view(shape), *[next(it) if p.requires_grad else None for p in params])
+        return (None, a.view(shape), *direct_gradients(params, [next(it) if p.requires_grad else None for p in params]))
 
 
 def per_sample_checkpoint_solve(

@@ -7,8 +7,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .._api import solve
-from .._problem import ADAMS_METHODS, FIXED_RK_METHODS, IMPLICIT_FIXED_METHODS
+from .._api import GRADIENT_MODES, solve
+from .._problem import ADAMS_METHODS, FIXED_RK_METHODS, IMPLICIT_FIXED_METHODS, check_method
 from ..gradients.common import SolveStats
 from .regularizers import RegularizedField
 
@@ -70,6 +70,9 @@ class ODEBlock(nn.Module):
         per_sample: bool = False,
     ) -> None:
         super().__init__()
+        check_method(method)  # (now, not at the first forward pass)
+        if gradient not in GRADIENT_MODES:
+            raise ValueError(f"`gradient` must be one of {GRADIENT_MODES}, got {gradient!r}")
         #: fuse each solver step with torch.compile where supported (see ``solve(compile=...)``)
         self.compile = compile
         reg = dict(regularization or {})

@@ -15,7 +15,7 @@ import torch
 
 from .._errors import Status
 from .control import StepController, initial_step
-from .runge_kutta import RungeKutta, Segment
+from .runge_kutta import RungeKutta, Segment, view_args
 
 __all__ = ["RHS", "IntegrationResult", "integrate_adaptive", "integrate_fixed", "Outputs"]
 
@@ -44,7 +44,7 @@ class RHS:
         self.dtype, self.device = dtype, device
         self.nfe = 0
         self._checked = False
-        dims = tuple(shape)  # (view(*ints) parses several times faster than view(torch.Size))
+        dims = view_args(shape)
         self.unflatten = unflatten if unflatten is not None else (lambda y: y.view(*dims))
         #: the state's shape for stage buffers viewed in it (None for tuple states: they go through flat)
         self.buffer_shape = shape if unflatten is None else None
@@ -678,6 +678,14 @@ class EventGrid:
             yield self.t0 + self.direction * self.h * i
 
 
+#: where a solve looks stiff: the adaptive stiff methods first (they keep error control), fixed-step ones last
+STIFF_HINT = (
+    "use an adaptive stiff method: method='rodas4' (or 'rosenbrock23', 'adaptive_trbdf2'); a fixed-step "
+    "implicit method ('radauIIA5', 'implicit_euler' with options={'step_size': ...}) only where no error "
+    "control is wanted"
+)
+
+
 def _max_steps_message(max_num_steps: int, t: float, t0: float, t_end: float, n_steps: int, n_rej: int) -> str:
     frac = (t - t0) / (t_end - t0) if t_end != t0 else 1.0
     msg = (
@@ -688,9 +696,9 @@ def _max_steps_message(max_num_steps: int, t: float, t0: float, t_end: float, n_
     )
     if n_rej > 0.1 * max(n_steps, 1):  # stability-limited stepping rejects often (about 1 in 4 here)
         msg += (
-            " The many rejected steps suggest the problem is stiff: an explicit method needs tiny steps "
-            "there; an implicit method is the right tool (method='radauIIA5', 'trbdf2' or 'implicit_euler' "
-            "with options={'step_size': ...})."
+            " The many rejected steps suggest the problem is stiff, where an explicit method needs tiny steps: "
+            + STIFF_HINT
+            + "."
         )
     return msg
 
@@ -706,6 +714,7 @@ def _underflow_message(t: float, dt: float, min_step: float, rtol: Any, atol: An
     return (
         f"step size underflow at t={t:.10g}: {why} (rtol={show(rtol)}, atol={show(atol)}). The solution "
         "may have a singularity there or the problem may be stiff; try looser tolerances, check func "
-        "near that time, or use an implicit method for stiff problems (method='radauIIA5', 'trbdf2' or "
-        "'implicit_euler' with options={'step_size': ...})."
+        "near that time, or, for a stiff problem, "
+        + STIFF_HINT
+        + "."
     )

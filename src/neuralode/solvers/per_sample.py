@@ -17,7 +17,7 @@ import torch
 
 from .._errors import Status
 from .control import _MIN_RATIO, StepController
-from .integrate import IntegrationResult, _max_steps_message
+from .integrate import STIFF_HINT, IntegrationResult, _max_steps_message
 from .runge_kutta import RungeKutta, combo, tableau_floats
 
 __all__ = ["integrate_per_sample", "initial_steps", "Replay", "compiled_attempt", "PerSampleDense", "PerSampleEvents"]
@@ -243,7 +243,8 @@ def integrate_per_sample(
                 message = (
                     f"step size underflow at t={t_fail:.10g} for sample {worst} of the batch: its step fell to "
                     f"{abs(float(dt[worst])):.3g} (rtol={rtol:g}, atol={atol:g}); the sample's solution may blow "
-                    "up there or its dynamics are stiff"
+                    "up there or its dynamics are stiff: then solve without per_sample=True and "
+                    + STIFF_HINT
                 )
             break
     reached = int(next_k.min()) if status != Status.SUCCESS else m

@@ -24,6 +24,13 @@ RHS = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 POOL_MAX_BYTES = 1 << 20  # buffers up to this size are pooled between solves
 
 
+def view_args(shape) -> tuple:
+    """Arguments for ``y.view(*view_args(shape))``: unpacked ints parse several times faster than a
+    ``torch.Size``, and a 0-d shape needs the explicit empty tuple (``view()`` with no argument is an error)."""
+    dims = tuple(shape)
+    return dims if dims else ((),)
+
+
 def tableau_floats(tab) -> tuple[list, list, list, list | None]:
     """A tableau's ``(a, c, b, b_err)`` as Python floats: constants that ``torch.compile`` folds into a graph."""
     a = [[float(v) for v in row] for row in tab.a]
@@ -58,7 +65,7 @@ class StageBuffer:
         # and stage inputs are fresh tensors (autograd keeps them)
         self.grad = torch.is_grad_enabled()
         self.shape = shape
-        self.dims = None if shape is None else tuple(shape)  # for view(*dims): faster than view(torch.Size)
+        self.dims = None if shape is None else view_args(shape)
         if shape is not None and not self.grad:
             self.rows_shaped = [r.view(shape) for r in self.rows]
             self.scratch = torch.empty(n, dtype=dtype, device=device)
