@@ -29,7 +29,7 @@ import neuralode
 from neuralode._problem import ADAPTIVE_METHODS, ADAMS_METHODS
 
 settings.register_profile(
-    "fast", max_examples=int(os.environ.get("NEURALODE_PROPERTY_EXAMPLES", 150)), derandomize=True, deadline=None, suppress_health_check=list(HealthCheck)
+    "fast", max_examples=int(os.environ.get("NEURALODE_PROPERTY_EXAMPLES", 200)), derandomize=True, deadline=None, suppress_health_check=list(HealthCheck)
 )
 settings.register_profile("deep", max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck))
 PROFILE = os.environ.get("NEURALODE_PROPERTY_PROFILE", "fast")
@@ -245,7 +245,7 @@ def run_case(c: Case) -> None:
         kw["gradient"] = "checkpoint"
     y0 = tuple(y0s) if is_tuple else y0s[0]
     expected_error = unsupported(c)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), torch.set_grad_enabled(c.gradient != "none"):
         warnings.simplefilter("ignore")  # (compile fallbacks, drift warnings: not what is tested here)
         if expected_error is not None:
             with pytest.raises(expected_error):
@@ -338,3 +338,83 @@ def test_zero_dimensional_state_through_odeint_event_and_odeint_adjoint():
                                   torch.tensor([0.0, 1.0], dtype=torch.float64), adjoint_params=(k,))
     assert ys[0].shape == (2,) and ys[1].shape == (2, 2)
     assert ys[0][-1].item() == pytest.approx(2 * math.exp(-0.7), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------- events
+
+
+@st.composite
+def event_cases(draw) -> Case:
+    layout = draw(st.sampled_from(LAYOUTS))
+    method = draw(st.sampled_from(ADAPTIVE_METHODS + ("rodas4", "rk4", "euler", "implicit_euler")))
+    per_sample = layout in ("nd", "batched") and method in ADAPTIVE_METHODS and draw(st.booleans())
+    return Case(
+        layout=layout,
+        dtype=draw(st.sampled_from((torch.float32, torch.float64))),
+        memory=draw(st.sampled_from(MEMORY)),
+        times=[round(draw(st.floats(-1.0, 1.0)), 3)],
+        t_dtype=draw(st.sampled_from((torch.float32, torch.float64))),
+        method=method,
+        gradient=draw(st.sampled_from(("none", "backprop", "adjoint", "checkpoint"))),
+        per_sample=per_sample,
+        time_grad=False,
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+def run_event_case(c: Case) -> None:
+    """Stop where the first component of the first entry has halved: t* = t0 + ln 2 / k (each sample its own
+    with per-sample stepping), with dt*/dk = -ln 2 / k²."""
+    bases, y0s, ks, _, t = build(c)
+    is_tuple = c.layout == "tuple"
+    func = Decay(ks, is_tuple)
+    options, err = tolerance(c)
+    low = c.dtype == torch.float32
+    rtol, atol = (1e-6, 1e-8) if low else (1e-8, 1e-10)
+    first = y0s[0].detach()
+    rows = first.reshape(first.shape[0], -1)[:, 0] if c.per_sample else first.reshape(-1)[0]
+
+    def event_fn(tt, y):
+        y = y[0] if is_tuple else y
+        if c.per_sample:
+            return y.reshape(y.shape[0], -1)[:, 0] - 0.5 * rows
+        return y.reshape(-1)[0] - 0.5 * rows
+
+    y0 = tuple(y0s) if is_tuple else y0s[0]
+    kw = {} if c.gradient == "none" else dict(gradient=c.gradient)
+    with warnings.catch_warnings(), torch.set_grad_enabled(c.gradient != "none"):
+        warnings.simplefilter("ignore")
+        sol = neuralode.solve(func, y0, t, method=c.method, rtol=rtol, atol=atol, options=options,
+                              event_fn=event_fn, per_sample=c.per_sample, **kw)
+    k = ks[0].to(torch.float64)
+    k_first = k.reshape(k.shape[0], -1)[:, 0] if c.per_sample else k.reshape(-1)[0]
+    want = c.times[0] + math.log(2.0) / k_first
+    ev_err = max(err, 1e-6) * 10
+    assert sol.event_t.shape == want.shape
+    assert (sol.event_t.detach().double() - want).abs().max().item() <= ev_err, "event time"
+    for i, (y, y0_, kk) in enumerate(zip(_entries(sol.ys, is_tuple), y0s, ks)):
+        assert y.shape == (2, *y0_.shape) and y.dtype == c.dtype
+        dt = (want - c.times[0]).reshape(-1, *([1] * (kk.ndim - 1))) if c.per_sample else want - c.times[0]
+        ref = y0_.detach().double() * torch.exp(-kk.double() * dt)
+        assert (y[-1].detach().double() - ref).abs().max().item() <= ev_err * ref.abs().max().item(), f"y* {i}"
+    if c.gradient == "none":
+        return
+    # the threshold is a constant (half of y0's value, detached): t* = ln(y0/c) / k moves with y0 as 1 / (k y0)
+    gk, gy = torch.zeros_like(k), torch.zeros_like(first, dtype=torch.float64)
+    if c.per_sample:
+        gk.reshape(gk.shape[0], -1)[:, 0] = -math.log(2.0) / k_first**2
+        gy.reshape(gy.shape[0], -1)[:, 0] = 1.0 / (k_first * rows.double())
+    else:
+        gk.reshape(-1)[0] = -math.log(2.0) / k_first**2
+        gy.reshape(-1)[0] = 1.0 / (k_first * rows.double())
+    (want_base,) = torch.autograd.grad(y0s[0], bases[0], gy.to(c.dtype), retain_graph=True)
+    sol.event_t.sum().backward()
+    _close(func.ks[0].grad, gk, 10 * ev_err, "dt*/dk")
+    _close(bases[0].grad, want_base, 10 * ev_err, "dt*/dy0")
+    for i, b in enumerate(bases[1:], 1):
+        _close(b.grad, torch.zeros_like(b, dtype=torch.float64), 10 * ev_err, f"dt*/dy0 entry {i}")
+
+
+@given(event_cases())
+def test_events_of_generated_inputs_are_found_where_the_exact_solution_crosses(case):
+    run_event_case(case)
