@@ -22,14 +22,18 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import neuralode
-from neuralode._problem import ADAPTIVE_METHODS, ADAMS_METHODS
+from neuralode._problem import ADAMS_METHODS, ADAPTIVE_METHODS
 
 settings.register_profile(
-    "fast", max_examples=int(os.environ.get("NEURALODE_PROPERTY_EXAMPLES", 200)), derandomize=True, deadline=None, suppress_health_check=list(HealthCheck)
+    "fast",
+    max_examples=int(os.environ.get("NEURALODE_PROPERTY_EXAMPLES", 200)),
+    derandomize=True,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
 )
 settings.register_profile("deep", max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck))
 PROFILE = os.environ.get("NEURALODE_PROPERTY_PROFILE", "fast")
@@ -250,15 +254,31 @@ def run_case(c: Case) -> None:
         if expected_error is not None:
             with pytest.raises(expected_error):
                 sol = neuralode.solve(
-                    func, y0, t, method=c.method, rtol=rtol, atol=atol, options=options,
-                    per_sample=c.per_sample, compile=c.compile, **kw,
+                    func,
+                    y0,
+                    t,
+                    method=c.method,
+                    rtol=rtol,
+                    atol=atol,
+                    options=options,
+                    per_sample=c.per_sample,
+                    compile=c.compile,
+                    **kw,
                 )
                 if c.gradient != "none":
                     sum((w * y).real.sum() for w, y in zip(ws, _entries(sol.ys, is_tuple))).backward()
             return
         sol = neuralode.solve(
-            func, y0, t, method=c.method, rtol=rtol, atol=atol, options=options,
-            per_sample=c.per_sample, compile=c.compile, **kw,
+            func,
+            y0,
+            t,
+            method=c.method,
+            rtol=rtol,
+            atol=atol,
+            options=options,
+            per_sample=c.per_sample,
+            compile=c.compile,
+            **kw,
         )
     got = _entries(sol.ys, is_tuple)
     ys, gy0, gk, gt = exact(c, y0s, ks, ws, t)
@@ -270,7 +290,9 @@ def run_case(c: Case) -> None:
     if c.gradient == "none":
         return
     # the expected dL/d(base): the exact dL/dy0 taken back through the layout view alone
-    wants = [torch.autograd.grad(y0_, b, ref.to(y0_.dtype), retain_graph=True)[0] for b, y0_, ref in zip(bases, y0s, gy0)]
+    wants = [
+        torch.autograd.grad(y0_, b, ref.to(y0_.dtype), retain_graph=True)[0] for b, y0_, ref in zip(bases, y0s, gy0)
+    ]
     loss = sum((w * y).real.sum() for w, y in zip(ws, got))
     loss.backward()
     gerr = 10 * err
@@ -314,28 +336,53 @@ def test_compiled_solves_of_generated_inputs_match_the_exact_solution(case):
 @pytest.mark.parametrize("gradient", GRADIENTS)
 @pytest.mark.parametrize("layout", ("0d", "tuple"))
 def test_zero_dimensional_states_and_parts_through_every_gradient_mode(layout, gradient):
-    run_case(Case(layout, torch.float64, "contiguous", [0.0, 0.3, 1.0], torch.float64, "dopri5", gradient,
-                  False, gradient != "none", 3))
+    run_case(
+        Case(
+            layout,
+            torch.float64,
+            "contiguous",
+            [0.0, 0.3, 1.0],
+            torch.float64,
+            "dopri5",
+            gradient,
+            False,
+            gradient != "none",
+            3,
+        )
+    )
 
 
 @pytest.mark.parametrize("per_sample", (False, True))
 @pytest.mark.parametrize("mode", ("adjoint_history", "checkpoint"))
 def test_parameters_with_autograd_history(mode, per_sample):
-    run_case(Case("batched", torch.float64, "contiguous", [0.0, 0.5, 1.0], torch.float64, "tsit5", mode,
-                  per_sample, False, 5))
+    run_case(
+        Case(
+            "batched", torch.float64, "contiguous", [0.0, 0.5, 1.0], torch.float64, "tsit5", mode, per_sample, False, 5
+        )
+    )
 
 
 def test_zero_dimensional_state_through_odeint_event_and_odeint_adjoint():
     k = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
     y0 = torch.tensor(2.0, dtype=torch.float64)
-    t_ev, ys = neuralode.odeint_event(lambda t, y: -k * y, y0, torch.tensor(0.0, dtype=torch.float64),
-                                      event_fn=lambda t, y: y - 1.0, rtol=1e-10, atol=1e-12)
+    t_ev, ys = neuralode.odeint_event(
+        lambda t, y: -k * y,
+        y0,
+        torch.tensor(0.0, dtype=torch.float64),
+        event_fn=lambda t, y: y - 1.0,
+        rtol=1e-10,
+        atol=1e-12,
+    )
     assert ys.shape == (2,) and t_ev.shape == ()
     assert t_ev.item() == pytest.approx(math.log(2.0) / 0.7, rel=1e-8)
     t_ev.backward()
     assert k.grad.item() == pytest.approx(-math.log(2.0) / 0.7**2, rel=1e-6)  # t* = ln 2 / k
-    ys = neuralode.odeint_adjoint(lambda t, y: (-k * y[0], -y[1]), (y0, torch.ones(2, dtype=torch.float64)),
-                                  torch.tensor([0.0, 1.0], dtype=torch.float64), adjoint_params=(k,))
+    ys = neuralode.odeint_adjoint(
+        lambda t, y: (-k * y[0], -y[1]),
+        (y0, torch.ones(2, dtype=torch.float64)),
+        torch.tensor([0.0, 1.0], dtype=torch.float64),
+        adjoint_params=(k,),
+    )
     assert ys[0].shape == (2,) and ys[1].shape == (2, 2)
     assert ys[0][-1].item() == pytest.approx(2 * math.exp(-0.7), rel=1e-6)
 
@@ -384,8 +431,18 @@ def run_event_case(c: Case) -> None:
     kw = {} if c.gradient == "none" else dict(gradient=c.gradient)
     with warnings.catch_warnings(), torch.set_grad_enabled(c.gradient != "none"):
         warnings.simplefilter("ignore")
-        sol = neuralode.solve(func, y0, t, method=c.method, rtol=rtol, atol=atol, options=options,
-                              event_fn=event_fn, per_sample=c.per_sample, **kw)
+        sol = neuralode.solve(
+            func,
+            y0,
+            t,
+            method=c.method,
+            rtol=rtol,
+            atol=atol,
+            options=options,
+            event_fn=event_fn,
+            per_sample=c.per_sample,
+            **kw,
+        )
     k = ks[0].to(torch.float64)
     k_first = k.reshape(k.shape[0], -1)[:, 0] if c.per_sample else k.reshape(-1)[0]
     want = c.times[0] + math.log(2.0) / k_first

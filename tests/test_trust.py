@@ -24,8 +24,9 @@ def _decay(w):
 def test_an_unknown_adjoint_method_is_an_error_listing_the_methods():
     w = torch.tensor(-1.0, dtype=torch.float64, requires_grad=True)
     with pytest.raises(ValueError, match="adjoint_method 'bogus'.*dopri5"):
-        neuralode.odeint_adjoint(_decay(w), torch.ones(1, dtype=torch.float64), T01, adjoint_params=(w,),
-                                 adjoint_method="bogus")
+        neuralode.odeint_adjoint(
+            _decay(w), torch.ones(1, dtype=torch.float64), T01, adjoint_params=(w,), adjoint_method="bogus"
+        )
 
 
 @pytest.mark.parametrize(
@@ -75,8 +76,10 @@ def test_bad_adjoint_arguments_are_errors_at_the_forward(kwargs, match):
         neuralode.odeint_adjoint(_decay(w), torch.ones(1, dtype=torch.float64), T01, **kwargs)
 
 
-@pytest.mark.parametrize("kwargs, match", [(dict(gradient="adjiont"), "`gradient` must be one of"),
-                                           (dict(method="dopri"), "unknown method 'dopri'")])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [(dict(gradient="adjiont"), "`gradient` must be one of"), (dict(method="dopri"), "unknown method 'dopri'")],
+)
 def test_ode_block_checks_its_arguments_when_built(kwargs, match):
     with pytest.raises(ValueError, match=match):
         neuralode.nn.ODEBlock(torch.nn.Linear(2, 2), **kwargs)
@@ -96,8 +99,9 @@ def test_scipy_solver_refuses_inputs_that_need_gradients_instead_of_dropping_the
 
 def test_a_parameter_given_twice_gets_its_gradient_once():
     w = torch.tensor(-0.5, dtype=torch.float64, requires_grad=True)
-    ys = neuralode.odeint_adjoint(_decay(w), torch.ones(1, dtype=torch.float64), T01, adjoint_params=(w, w),
-                                  rtol=1e-10, atol=1e-12)
+    ys = neuralode.odeint_adjoint(
+        _decay(w), torch.ones(1, dtype=torch.float64), T01, adjoint_params=(w, w), rtol=1e-10, atol=1e-12
+    )
     ys[-1].sum().backward()
     assert w.grad.item() == pytest.approx(math.exp(-0.5), rel=1e-6)  # d/dw exp(w) at t = 1
 
@@ -107,10 +111,14 @@ def test_parameters_derived_from_one_another_count_each_path_once(gradient):
     a = torch.tensor([0.3, -0.2], dtype=torch.float64, requires_grad=True)
     b = 2 * a  # given as a parameter too, and used by func
     f = lambda t, y: -y * b.sin() + a  # noqa: E731
-    ref_a = torch.autograd.grad(neuralode.solve(f, torch.ones(2, dtype=torch.float64), T01, rtol=1e-10,
-                                                atol=1e-12).ys[-1].sum(), a, retain_graph=True)[0]
-    sol = neuralode.solve(f, torch.ones(2, dtype=torch.float64), T01, rtol=1e-10, atol=1e-12, gradient=gradient,
-                          params=(a, b))
+    ref_a = torch.autograd.grad(
+        neuralode.solve(f, torch.ones(2, dtype=torch.float64), T01, rtol=1e-10, atol=1e-12).ys[-1].sum(),
+        a,
+        retain_graph=True,
+    )[0]
+    sol = neuralode.solve(
+        f, torch.ones(2, dtype=torch.float64), T01, rtol=1e-10, atol=1e-12, gradient=gradient, params=(a, b)
+    )
     sol.ys[-1].sum().backward()
     assert torch.allclose(a.grad, ref_a, rtol=1e-6, atol=1e-9)
 
@@ -126,9 +134,16 @@ def test_complex_parameters_get_their_imaginary_gradient_under_the_adjoint():
 
 def test_adjoint_options_add_to_the_forward_options_with_the_same_method():
     w = torch.tensor(-1.0, dtype=torch.float64, requires_grad=True)
-    sol = neuralode.solve(_decay(w), torch.ones(1, dtype=torch.float64), T01, method="rk4",
-                          options=dict(step_size=0.01), gradient="adjoint", params=(w,),
-                          adjoint_options=dict(norm="seminorm"))
+    sol = neuralode.solve(
+        _decay(w),
+        torch.ones(1, dtype=torch.float64),
+        T01,
+        method="rk4",
+        options=dict(step_size=0.01),
+        gradient="adjoint",
+        params=(w,),
+        adjoint_options=dict(norm="seminorm"),
+    )
     sol.ys[-1].sum().backward()
     assert sol.stats.nfe_backward == 4 * 100  # the backward kept step_size=0.01, not one step over [0, 1]
     assert w.grad.item() == pytest.approx(math.exp(-1), rel=1e-8)
@@ -157,10 +172,11 @@ def test_half_precision_modules_train_through_every_gradient_mode():
     for gradient in ("backprop", "adjoint", "checkpoint"):
         torch.manual_seed(0)
         lin = torch.nn.Linear(3, 3).to(torch.bfloat16)
-        f = lambda t, y: torch.tanh(lin(y))  # noqa: E731
+        f = lambda t, y, lin=lin: torch.tanh(lin(y))  # noqa: E731
         y0 = torch.ones(2, 3, dtype=torch.bfloat16, requires_grad=True)
-        sol = neuralode.solve(f, y0, torch.tensor([0.0, 0.5]), rtol=1e-2, atol=1e-3, gradient=gradient,
-                              params=list(lin.parameters()))
+        sol = neuralode.solve(
+            f, y0, torch.tensor([0.0, 0.5]), rtol=1e-2, atol=1e-3, gradient=gradient, params=list(lin.parameters())
+        )
         sol.ys[-1].float().sum().backward()
         assert sol.ys.dtype == torch.bfloat16 and y0.grad.dtype == torch.bfloat16
         assert lin.weight.grad is not None and torch.isfinite(lin.weight.grad.float()).all()
@@ -188,7 +204,11 @@ def test_a_stiff_failure_recommends_the_adaptive_stiff_methods_first():
         return torch.stack([y[1], mu * (1 - y[0] ** 2) * y[1] - y[0]])
 
     with pytest.raises(neuralode.MaxStepsError) as info:
-        neuralode.odeint(vdp, torch.tensor([2.0, 0.0], dtype=torch.float64),
-                         torch.tensor([0.0, 1000.0], dtype=torch.float64), options=dict(max_num_steps=2000))
+        neuralode.odeint(
+            vdp,
+            torch.tensor([2.0, 0.0], dtype=torch.float64),
+            torch.tensor([0.0, 1000.0], dtype=torch.float64),
+            options=dict(max_num_steps=2000),
+        )
     message = str(info.value)
     assert "stiff" in message and message.index("rodas4") < message.index("radauIIA5")

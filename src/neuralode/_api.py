@@ -611,7 +611,6 @@ def _count_backprop(stats: SolveStats, rhs) -> Callable:
 
 def _adjoint_cfg(prob: Problem, rtol, atol, method, options) -> dict:
     from ._problem import (
-        ADAPTIVE_METHODS,
         _check_tol,
         check_method,
         check_option_values,
@@ -621,7 +620,9 @@ def _adjoint_cfg(prob: Problem, rtol, atol, method, options) -> dict:
 
     method = prob.method if method is None else check_method(method, "adjoint_method")
     if method == "scipy_solver":
-        raise ValueError("adjoint_method='scipy_solver' cannot solve the adjoint's augmented system; use a neuralode method")
+        raise ValueError(
+            "adjoint_method='scipy_solver' cannot solve the adjoint's augmented system; use a neuralode method"
+        )
     options = check_options(options, "adjoint_options")
     if method == prob.method:
         # the backward solve with the forward's method keeps the forward's options (a fixed step size, above
@@ -631,9 +632,7 @@ def _adjoint_cfg(prob: Problem, rtol, atol, method, options) -> dict:
         options = {**inherited, **options}
     norm = options.pop("norm", None)
     if not (norm is None or norm == "seminorm" or callable(norm)):
-        raise ValueError(
-            f"adjoint_options['norm'] must be 'seminorm' or a callable on the scaled error, got {norm!r}"
-        )
+        raise ValueError(f"adjoint_options['norm'] must be 'seminorm' or a callable on the scaled error, got {norm!r}")
     unknown = set(options) - valid_options(method)
     if unknown:
         raise ValueError(

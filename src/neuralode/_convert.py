@@ -24,7 +24,6 @@ import torch
 from ._problem import warn_unresolvable_rtol
 from ._wrap import cached_wrapper
 
-
 #: dtypes stepped in float32 (their unit roundoff, 2^-8 and 2^-11, is above the usual tolerances)
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 

@@ -87,9 +87,7 @@ class _AdjointSolve(torch.autograd.Function):
                 vjps = vjp(f, [y_] + wrt, -a, create_graph=graph)
             parts = [f if graph else f.detach(), vjps[0] if vjps[0] is not None else torch.zeros_like(a)]
             for p, v in zip(wrt, vjps[1:]):
-                parts.append(
-                    _as_real_flat(v).to(dtype) if v is not None else z.new_zeros(_real_size(p))
-                )
+                parts.append(_as_real_flat(v).to(dtype) if v is not None else z.new_zeros(_real_size(p)))
             return torch.cat(parts)
 
         def aug_into(tt: torch.Tensor, z: torch.Tensor, out: torch.Tensor) -> None:

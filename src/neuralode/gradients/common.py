@@ -42,9 +42,7 @@ def direct_gradients(params: Sequence[torch.Tensor], grads: Sequence[torch.Tenso
         others = [j for j, p in enumerate(params) if j != i and p.requires_grad and out[j] is not None]
         if not others:
             continue
-        back = torch.autograd.grad(
-            params[i], [params[j] for j in others], out[i], allow_unused=True, retain_graph=True
-        )
+        back = torch.autograd.grad(params[i], [params[j] for j in others], out[i], allow_unused=True, retain_graph=True)
         for j, g in zip(others, back):
             if g is not None:
                 out[j] = out[j] - g

@@ -243,8 +243,7 @@ def integrate_per_sample(
                 message = (
                     f"step size underflow at t={t_fail:.10g} for sample {worst} of the batch: its step fell to "
                     f"{abs(float(dt[worst])):.3g} (rtol={rtol:g}, atol={atol:g}); the sample's solution may blow "
-                    "up there or its dynamics are stiff: then solve without per_sample=True and "
-                    + STIFF_HINT
+                    "up there or its dynamics are stiff: then solve without per_sample=True and " + STIFF_HINT
                 )
             break
     reached = int(next_k.min()) if status != Status.SUCCESS else m
