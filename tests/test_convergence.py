@@ -44,7 +44,9 @@ THEORY = {
 
 @pytest.mark.parametrize("method", sorted(THEORY))
 def test_fixed_step_methods_converge_at_their_theoretical_order(method):
-    slope, errs = observed_order(method, lambda h: {"step_size": h})
+    # (the Adams methods at order 4: implicit_adams otherwise rises to its default max_order of 12)
+    extra = {"max_order": 4} if "adams" in method else {}
+    slope, errs = observed_order(method, lambda h: {"step_size": h, **extra})
     assert abs(slope - THEORY[method]) <= 0.3, (method, slope, errs)
 
 

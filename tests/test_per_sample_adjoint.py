@@ -73,7 +73,7 @@ def test_per_sample_adjoint_of_a_module_with_per_sample_times(method):
     adj, sol = grads(gradient="adjoint")
     ref, _ = grads()
     for a, r in zip(adj, ref):
-        torch.testing.assert_close(a, r, rtol=tol * 1e3, atol=tol * 10)
+        torch.testing.assert_close(a, r, rtol=tol * 1e4, atol=tol * 10)
     assert sol.stats.nfe_backward > 0 and sol.stats.n_steps_backward > 0
 
 
@@ -146,8 +146,10 @@ def test_per_sample_adjoint_bad_input_is_a_clear_error():
         node.solve(_vdp(mus), y0, t, params=(mus,), adjoint_method="rk4", **kw)
     with pytest.raises(ValueError, match="scalar adjoint_rtol"):
         node.solve(_vdp(mus), y0, t, params=(mus,), adjoint_rtol=torch.tensor([1e-6, 1e-6]), **kw)
-    with pytest.raises(ValueError, match="leave adjoint_options\\['norm'\\] unset"):
+    with pytest.raises(ValueError, match="adjoint_options\\['norm'\\] must be 'seminorm' or a callable"):
         node.solve(_vdp(mus), y0, t, params=(mus,), adjoint_options={"norm": "rms"}, **kw)
+    with pytest.raises(ValueError, match="leave adjoint_options\\['norm'\\] unset"):
+        node.solve(_vdp(mus), y0, t, params=(mus,), adjoint_options={"norm": lambda x: x.abs().max()}, **kw)
     with pytest.raises(node.MaxStepsError, match="adjoint"):
         sol = node.solve(_vdp(mus), y0, t, params=(mus,), adjoint_options={"max_num_steps": 2}, **kw)
         sol.ys.sum().backward()

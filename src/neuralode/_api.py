@@ -180,7 +180,7 @@ def solve(
         raise ValueError(f"`gradient` must be one of {GRADIENT_MODES}, got {gradient!r}")
     if per_sample and not (torch.is_tensor(y0) and y0.ndim >= 2):  # (checked on the user's shape: a complex
         # state's real view has one dimension more)
-        got = f"shape {tuple(y0.shape)}" if torch.is_tensor(y0) else f"a {type(y0).__name__}"
+        got = f"shape {tuple(y0.shape)}" if torch.is_tensor(y0) else f"a {type(y0).__name__} state"
         raise ValueError(
             f"per_sample=True needs a tensor state of shape (batch, ...) with the samples along dimension 0; got {got}"
         )

@@ -30,6 +30,7 @@ from .solvers.integrate import (
     integrate_adaptive,
     integrate_fixed,
     is_vmapped,
+    warn_uncalled_callbacks,
 )
 from .solvers.rosenbrock import RODAS4, ROSENBROCK_METHODS, Rosenbrock, Rosenbrock23
 from .solvers.runge_kutta import RungeKutta
@@ -280,9 +281,13 @@ def warn_unresolvable_rtol(rtol: Any, dtype: torch.dtype) -> None:
     if dtype in _RTOL_WARNED or dtype.is_complex or not dtype.is_floating_point:
         return
     try:
-        r = float(rtol.min()) if torch.is_tensor(rtol) else min(float(x) for x in rtol) if isinstance(
-            rtol, (tuple, list)
-        ) else float(rtol)
+        r = (
+            float(rtol.min())
+            if torch.is_tensor(rtol)
+            else min(float(x) for x in rtol)
+            if isinstance(rtol, (tuple, list))
+            else float(rtol)
+        )
     except (TypeError, ValueError, RuntimeError):
         return  # (the tolerance checks say what is wrong)
     u = torch.finfo(dtype).eps / 2
@@ -525,6 +530,9 @@ def run(
     rtol = prob.rtol if rtol is None else rtol
     atol = prob.atol if atol is None else atol
     norm = prob.norm if norm is None else norm
+    if method not in ADAPTIVE_METHODS and method not in ROSENBROCK:  # (those call every callback)
+        # only the adjoint's backward solve passes callbacks of its own: then the *_adjoint ones are checked
+        warn_uncalled_callbacks(prob.func, method, adjoint=callbacks is not None)
     callbacks = prob.func if callbacks is None else callbacks
     event = None
     if prob.event_fn is not None and use_event:
@@ -640,7 +648,7 @@ def run(
         t_out,
         grid,
         implicit=method != "explicit_adams",
-        max_order=int(opts.get("max_order", 4)),
+        max_order=opts.get("max_order"),
         max_iters=int(opts.get("max_iters", 4)),
         rtol=rtol,
         atol=atol,

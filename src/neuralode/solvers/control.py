@@ -109,6 +109,11 @@ def initial_step(
 ) -> tuple[float, int]:
     """Hairer's starting step (HNW I, §II.4 "Starting step size"); costs one evaluation of ``func``.
 
+    ``order`` is the power of h in the local error estimate (p for a pair of orders p(p-1); the controller's
+    exponent is 1/order), and the step solves ``h^order · max(d1, d2) = 0.01``, as Hairer's codes do (HINIT
+    in DOPRI5 and DOP853, IORD = 5 and 8); scipy and torchdiffeq use the same exponent, so the first step is
+    theirs.
+
     ``y0_abs`` (|y0|) and ``tol_shift`` (atol/rtol as a 0-d tensor) may be passed where the caller has them.
 
     Returns:
@@ -134,7 +139,7 @@ def initial_step(
     if max(d1, d2) <= 1e-15:
         h1 = max(1e-6, h0 * 1e-3)
     else:
-        h1 = (0.01 / max(d1, d2)) ** (1.0 / (order + 1))
+        h1 = (0.01 / max(d1, d2)) ** (1.0 / order)
     h = min(100 * h0, h1)
     if not math.isfinite(h) or h <= 0:
         h = 1e-6

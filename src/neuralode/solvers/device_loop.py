@@ -462,7 +462,7 @@ def _init_step(
         f1 = _evaluate(func, shape, per_sample, t + direction * h0, y1)
         d2 = rms((f1 - f0) / scale) * (1.0 if per_sample else unit) / h0
         dmax = torch.maximum(d1, d2)
-        h1 = torch.where(dmax <= 1e-15, torch.clamp(h0 * 1e-3, min=1e-6), (0.01 / dmax) ** (1.0 / (order + 1)))
+        h1 = torch.where(dmax <= 1e-15, torch.clamp(h0 * 1e-3, min=1e-6), (0.01 / dmax) ** (1.0 / order))
         h = torch.minimum(100 * h0, h1)
         h = torch.where(torch.isfinite(h) & (h > 0), h, torch.full_like(h, 1e-6))
         return h.clamp(max=max_step) * direction

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any, Callable, Sequence
 
 import torch
@@ -358,6 +359,34 @@ def _callbacks(func: Any, names: Sequence[str]) -> list:
             for n in names
         ]
     return [getattr(func, n, None) for n in names]
+
+
+CALLBACK_NAMES = ("callback_step", "callback_accept_step", "callback_reject_step")
+_WARNED_CALLBACKS: set = set()
+
+
+def warn_uncalled_callbacks(func: Any, method: str, adjoint: bool = False) -> None:
+    """A UserWarning where ``func`` defines callbacks that ``method`` never calls, for a method outside the
+    adaptive Runge–Kutta and Rosenbrock families (those call all three): the fixed-grid and multistep loops
+    take every step, so they call only ``callback_step``; scipy's solvers call none. ``adjoint``: check the
+    ``*_adjoint`` callbacks, which the adjoint's backward solve calls. torchdiffeq warns likewise, at every
+    solve; here once per method and set of callbacks (a training loop solves thousands of times)."""
+    called = () if method == "scipy_solver" else ("callback_step",)
+    suffix = "_adjoint" if adjoint else ""
+    names = [n + suffix for n in CALLBACK_NAMES if n not in called]
+    uncalled = tuple(n for n, cb in zip(names, _callbacks(func, names)) if cb is not None)
+    if not uncalled or (method, uncalled) in _WARNED_CALLBACKS:
+        return
+    _WARNED_CALLBACKS.add((method, uncalled))
+    from .._problem import caller_stacklevel
+
+    which = "calls no callbacks" if not called else "calls only callback_step (it never accepts or rejects a step)"
+    role = "adjoint_method" if adjoint else "method"
+    warnings.warn(
+        f"func defines {', '.join(uncalled)}, which {role} {method!r} never calls: it {which}",
+        UserWarning,
+        stacklevel=caller_stacklevel(),
+    )
 
 
 def _underflow(t: float, dt: float, min_step: float) -> bool:
@@ -714,7 +743,5 @@ def _underflow_message(t: float, dt: float, min_step: float, rtol: Any, atol: An
     return (
         f"step size underflow at t={t:.10g}: {why} (rtol={show(rtol)}, atol={show(atol)}). The solution "
         "may have a singularity there or the problem may be stiff; try looser tolerances, check func "
-        "near that time, or, for a stiff problem, "
-        + STIFF_HINT
-        + "."
+        "near that time, or, for a stiff problem, " + STIFF_HINT + "."
     )

@@ -38,7 +38,7 @@ def initial_steps(f, t, y, f0, direction: float, order: int, rtol: float, atol: 
     f1 = f(t + direction * h0, y + (direction * h0).to(dtype)[:, None] * f0)
     d2 = _rms_rows((f1 - f0) / scale) / h0
     dmax = torch.maximum(d1, d2)
-    h1 = torch.where(dmax <= 1e-15, torch.clamp(h0 * 1e-3, min=1e-6), (0.01 / dmax) ** (1.0 / (order + 1)))
+    h1 = torch.where(dmax <= 1e-15, torch.clamp(h0 * 1e-3, min=1e-6), (0.01 / dmax) ** (1.0 / order))
     dt = torch.minimum(100 * h0, h1)
     return torch.where(torch.isfinite(dt) & (dt > 0), dt, torch.full_like(dt, 1e-6))
 
