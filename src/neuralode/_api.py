@@ -16,6 +16,7 @@ from ._problem import DEFAULT_MAX_NUM_STEPS, Problem, make_controller, prepare, 
 from .gradients.adjoint import adjoint_solve
 from .gradients.checkpoint import checkpoint_solve
 from .gradients.common import SolveStats, time_gradient_wrapper
+from .solvers.integrate import warn_uncalled_callbacks
 from .solvers.per_sample import PerSampleDense
 from .solvers.tableaus import TABLEAUS
 
@@ -388,6 +389,7 @@ def _per_sample_setup(prob: Problem, gradient: str) -> tuple:
     unsupported = {"step_t", "jump_t", "norm"} & set(prob.options)
     if unsupported:
         raise ValueError(f"options {sorted(unsupported)} are not supported with per_sample=True")
+    warn_uncalled_callbacks(prob.func, prob.method, per_sample=True)
     max_steps = int(prob.options.get("max_num_steps", DEFAULT_MAX_NUM_STEPS))
     ctrl = make_controller(TABLEAUS[prob.method].order, prob.options)
     rhs = prob.rhs()

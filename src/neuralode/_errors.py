@@ -8,6 +8,10 @@ is returned on the solution object).
 from __future__ import annotations
 
 import enum
+import os
+import sys
+
+import torch
 
 __all__ = [
     "Status",
@@ -16,6 +20,18 @@ __all__ = [
     "MaxStepsError",
     "NonFiniteStateError",
 ]
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+
+
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the user's line: the first frame outside this package and
+    torch (the entry points are wrapped, so the depth varies)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and any(p in frame.f_code.co_filename for p in (_PACKAGE_DIR, _TORCH_DIR)):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class Status(enum.Enum):

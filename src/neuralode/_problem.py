@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import sys
 import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from ._amp import caller_autocast, under_autocast
+from ._errors import caller_stacklevel
 from .solvers.adams import integrate_adams
 from .solvers.control import StepController
 from .solvers.implicit import IMPLICIT_TABLEAUS, AdaptiveTRBDF2, ImplicitRK
@@ -270,8 +269,6 @@ def _check_tol(name: str, tol: Any, y0: torch.Tensor, shapes, shape) -> float | 
 
 
 _RTOL_WARNED: set = set()
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
-_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
 
 
 def warn_unresolvable_rtol(rtol: Any, dtype: torch.dtype) -> None:
@@ -299,15 +296,6 @@ def warn_unresolvable_rtol(rtol: Any, dtype: torch.dtype) -> None:
             "or a state of a wider dtype (e.g. y0.double()).",
             stacklevel=caller_stacklevel(),
         )
-
-
-def caller_stacklevel() -> int:
-    """The ``stacklevel`` that points a warning at the user's line: the first frame outside this package and
-    torch (the entry points are wrapped, so the depth varies)."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and any(p in frame.f_code.co_filename for p in (_PACKAGE_DIR, _TORCH_DIR)):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def prepare(

@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .._errors import Status
+from .._errors import Status, caller_stacklevel
 from .control import StepController, initial_step
 from .runge_kutta import RungeKutta, Segment, view_args
 
@@ -365,25 +365,24 @@ CALLBACK_NAMES = ("callback_step", "callback_accept_step", "callback_reject_step
 _WARNED_CALLBACKS: set = set()
 
 
-def warn_uncalled_callbacks(func: Any, method: str, adjoint: bool = False) -> None:
+def warn_uncalled_callbacks(func: Any, method: str, adjoint: bool = False, per_sample: bool = False) -> None:
     """A UserWarning where ``func`` defines callbacks that ``method`` never calls, for a method outside the
     adaptive Runge–Kutta and Rosenbrock families (those call all three): the fixed-grid and multistep loops
     take every step, so they call only ``callback_step``; scipy's solvers call none. ``adjoint``: check the
     ``*_adjoint`` callbacks, which the adjoint's backward solve calls. torchdiffeq warns likewise, at every
     solve; here once per method and set of callbacks (a training loop solves thousands of times)."""
-    called = () if method == "scipy_solver" else ("callback_step",)
+    called = () if method == "scipy_solver" or per_sample else ("callback_step",)
     suffix = "_adjoint" if adjoint else ""
     names = [n + suffix for n in CALLBACK_NAMES if n not in called]
     uncalled = tuple(n for n, cb in zip(names, _callbacks(func, names)) if cb is not None)
-    if not uncalled or (method, uncalled) in _WARNED_CALLBACKS:
+    if not uncalled or (method, per_sample, uncalled) in _WARNED_CALLBACKS:
         return
-    _WARNED_CALLBACKS.add((method, uncalled))
-    from .._problem import caller_stacklevel
-
+    _WARNED_CALLBACKS.add((method, per_sample, uncalled))
     which = "calls no callbacks" if not called else "calls only callback_step (it never accepts or rejects a step)"
     role = "adjoint_method" if adjoint else "method"
+    solver = f"per-sample stepping (per_sample=True) with {method!r}" if per_sample else f"{role} {method!r}"
     warnings.warn(
-        f"func defines {', '.join(uncalled)}, which {role} {method!r} never calls: it {which}",
+        f"func defines {', '.join(uncalled)}, which {solver} never calls: it {which}",
         UserWarning,
         stacklevel=caller_stacklevel(),
     )
