@@ -117,6 +117,9 @@ def solver_problem(func: Callable, y0: Any, rtol: Any, atol: Any, event_fn: Call
 
     # (the converter holds only each entry's dtype, so the key determines call and adapt)
     wrapped = cached_wrapper(func, ("convert", conv.dtypes, conv.tuple), call, adapt)
+    # the precision func computes in: the implicit methods' Newton iterations cannot converge below its rounding
+    low = [dt for dt in conv.dtypes if dt in LOW_PRECISION]
+    object.__setattr__(wrapped, "eval_dtype", low[0] if low else None)
     event = None if event_fn is None else (lambda t, y: event_fn(conv.time(t), conv.to_user(y)))
     return wrapped, conv.to_solver(y0), _tol(rtol, conv), _tol(atol, conv), event, conv
 

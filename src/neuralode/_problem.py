@@ -545,7 +545,14 @@ def run(
             rk = Rosenbrock23(rhs.n, rhs.dtype, rhs.device, batch=_jacobian_batch(rhs, opts))
         elif method == "adaptive_trbdf2":
             rt = float(rtol) if isinstance(rtol, float) else float(torch.as_tensor(rtol).min())
-            rk = AdaptiveTRBDF2(rhs.n, rhs.dtype, rhs.device, batch=_jacobian_batch(rhs, opts), rtol=rt)
+            rk = AdaptiveTRBDF2(
+                rhs.n,
+                rhs.dtype,
+                rhs.device,
+                batch=_jacobian_batch(rhs, opts),
+                rtol=rt,
+                newton_floor=_newton_floor(prob),
+            )
             step_t = step_t + [float(s) for s in t_out]  # step on the output times (no interpolation there)
         elif method in ROSENBROCK:
             batch = _jacobian_batch(rhs, opts)
@@ -608,7 +615,7 @@ def run(
         grid = _event_grid(prob, t_out[0], event_t_end)
     if method in FIXED_RK_METHODS or method in IMPLICIT_FIXED_METHODS:
         if method in IMPLICIT_FIXED_METHODS:
-            rk = _implicit_stepper(method, rhs, interp, opts)
+            rk = _implicit_stepper(method, rhs, interp, opts, _newton_floor(prob))
         else:
             rk = stepper(method, rhs.n, rhs.dtype, rhs.device, interp)
         res = integrate_fixed(
@@ -790,7 +797,14 @@ def _jacobian_batch(rhs: RHS, opts: dict) -> int:
     return shape[0] if kind == "batched" else 1
 
 
-def _implicit_stepper(method: str, rhs: RHS, interp: str, opts: dict) -> ImplicitRK:
+def _newton_floor(prob: Problem) -> float | None:
+    """The smallest relative Newton update a func evaluated in half precision can resolve (an eighth of its
+    epsilon: 1e-3 for bfloat16), or None for a func in the state's own dtype."""
+    low = getattr(prob.func, "eval_dtype", None)
+    return None if low is None else torch.finfo(low).eps / 8
+
+
+def _implicit_stepper(method: str, rhs: RHS, interp: str, opts: dict, newton_floor: float | None) -> ImplicitRK:
     """An implicit stepper with its Jacobian blocks (see ``_jacobian_batch``)."""
     batch = _jacobian_batch(rhs, opts)
     max_iters = int(opts.get("max_iters", 10))
@@ -803,7 +817,7 @@ def _implicit_stepper(method: str, rhs: RHS, interp: str, opts: dict) -> Implici
         rhs.device,
         interp,
         batch=batch,
-        newton_tol=opts.get("newton_tol"),
+        newton_tol=opts.get("newton_tol", newton_floor),
         max_iters=max_iters,
     )
 

@@ -409,7 +409,15 @@ class AdaptiveTRBDF2(ImplicitRK):
     (I − h d J)⁻¹ (Shampine's remedy for estimates dominated by stiff components). A Newton failure rejects the
     step (the loop then shrinks it). Steps on the requested output times (``run`` adds them to ``step_t``)."""
 
-    def __init__(self, n: int, dtype: torch.dtype, device: torch.device, batch: int = 1, rtol: float = 1e-6):
+    def __init__(
+        self,
+        n: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        batch: int = 1,
+        rtol: float = 1e-6,
+        newton_floor: float | None = None,
+    ):
         super().__init__(
             TRBDF2,
             n,
@@ -417,7 +425,7 @@ class AdaptiveTRBDF2(ImplicitRK):
             device,
             interp="cubic",
             batch=batch,
-            newton_tol=max(1e-3 * float(rtol), 10 * torch.finfo(dtype).eps),
+            newton_tol=max(1e-3 * float(rtol), 10 * torch.finfo(dtype).eps, newton_floor or 0.0),
             max_iters=8,
         )
         self.tableau = _AdaptiveInfo("adaptive_trbdf2", 3, TRBDF2.c, TRBDF2.stiffly_accurate, TRBDF2.stages)
