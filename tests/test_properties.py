@@ -4,8 +4,8 @@ Every case solves the linear problem ``dy/dt = -k ⊙ y`` (one rate per state en
 states), whose solution ``y(t) = y0 ⊙ exp(-k (t - t0))`` and whose gradients of ``L = Σᵢ Re(wᵢ · y(tᵢ))`` with
 respect to ``y0``, ``k`` and the times are known in closed form. Drawn: the state's structure (0-d, 1-d, n-d,
 batched, tuples of mixed shapes with 0-d parts), dtype (float32, float64, complex64, bfloat16), memory layout
-(contiguous, non-contiguous, expanded), the time grid (increasing or decreasing, irregular, one point, float32 or float64),
-every method, every gradient mode (backprop, adjoint with and without the seminorm, adjoint parameters with
+(contiguous, non-contiguous, expanded), the time grid (increasing or decreasing, irregular, one point, float32
+or float64), every method, every gradient mode (backprop, adjoint with and without the seminorm, adjoint parameters with
 autograd history, checkpoint), per-sample stepping and time gradients. A combination either gives the right
 numbers in the input's shapes and dtypes or raises the named error that :func:`unsupported` predicts.
 
