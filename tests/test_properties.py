@@ -22,7 +22,7 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import neuralode
@@ -489,3 +489,79 @@ def run_event_case(c: Case) -> None:
 @given(event_cases())
 def test_events_of_generated_inputs_are_found_where_the_exact_solution_crosses(case):
     run_event_case(case)
+
+
+# ------------------------------------------------------------------------------------------- string arguments
+
+_NAMES = st.text(alphabet="abcdefghijklmnopqrstuvwxyz_0123456789", min_size=1, max_size=12)
+
+
+def _call_with(arg: str, name: str) -> None:
+    w = torch.tensor(-1.0, dtype=torch.float64, requires_grad=True)
+    f = lambda t, y: w * y  # noqa: E731
+    y0, t = torch.ones(2, dtype=torch.float64), torch.tensor([0.0, 1.0], dtype=torch.float64)
+    kw: dict = {"params": (w,)}
+    if arg == "method":
+        kw["method"] = name
+    elif arg == "adjoint_method":
+        kw.update(gradient="adjoint", adjoint_method=name)
+    elif arg == "gradient":
+        kw["gradient"] = name
+    elif arg == "on_failure":
+        kw["on_failure"] = name
+    elif arg in ("interp", "jacobian", "solver"):
+        method = {"interp": "rk4", "jacobian": "rodas4", "solver": "scipy_solver"}[arg]
+        kw.update(method=method, options={arg: name, **({"step_size": 0.1} if method == "rk4" else {})})
+        if method == "scipy_solver":
+            kw.pop("params")
+            f = lambda t, y: -y  # noqa: E731
+    elif arg == "option key":
+        kw["options"] = {name: 1}
+    elif arg == "adjoint option key":
+        kw.update(gradient="adjoint", adjoint_options={name: 1})
+    elif arg == "adjoint norm":
+        kw.update(gradient="adjoint", adjoint_options={"norm": name})
+    with torch.set_grad_enabled(arg != "solver"):
+        neuralode.solve(f, y0, t, **kw)
+
+
+_VALID = {
+    "method": set(neuralode.METHODS),
+    "adjoint_method": set(neuralode.METHODS),
+    "gradient": {"backprop", "adjoint", "checkpoint"},
+    "on_failure": {"raise", "return"},
+    "interp": {"linear", "cubic"},
+    "jacobian": {"batched", "dense"},
+    "solver": {"RK45", "RK23", "DOP853", "Radau", "BDF", "LSODA"},
+    "option key": set(),  # (a drawn name is never an option's: they have capitals or are listed below)
+    "adjoint option key": set(),
+    "adjoint norm": {"seminorm"},
+}
+_OPTION_NAMES = {
+    "first_step",
+    "safety",
+    "ifactor",
+    "dfactor",
+    "pcoeff",
+    "icoeff",
+    "min_step",
+    "max_step",
+    "max_num_steps",
+    "step_t",
+    "jump_t",
+    "norm",
+    "event_tol",
+    "compile",
+    "dtype",
+}
+
+
+@given(st.sampled_from(sorted(_VALID)), _NAMES)
+def test_every_string_argument_is_checked_and_the_error_lists_the_valid_names(arg, name):
+    assume(name not in _VALID[arg] and name not in _OPTION_NAMES)
+    with pytest.raises(ValueError) as info:
+        _call_with(arg, name)
+    message = str(info.value)
+    assert repr(name) in message or name in message, message
+    listed = _VALID[arg] or _OPTION_NAMES
+    assert sum(v in message for v in listed) >= min(2, len(listed)), message
