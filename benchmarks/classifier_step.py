@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from neuralode import _problem
+from neuralode.experiments._io import load_checkpoint
 from neuralode.experiments.classify import _cpu_peak, peak_step_memory
 from neuralode.models.classifier import build_classifier, count_parameters
 
@@ -48,7 +49,7 @@ def main(argv=None) -> None:
         model = build_classifier(kind, **({"blocks": int(blocks)} if blocks else {}))
         ckpt = os.path.join(args.checkpoint_dir or "", kind, "checkpoint.pt")
         if args.checkpoint_dir and os.path.exists(ckpt) and not blocks:
-            model.load_state_dict(torch.load(ckpt, weights_only=False)["model"])
+            model.load_state_dict(load_checkpoint(ckpt, keys=("model",))["model"])
         opt = torch.optim.SGD(model.parameters(), lr=0.0)  # the step's cost, not a change of weights
         times = []
         for i in range(args.warmup + args.steps):

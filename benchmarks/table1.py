@@ -29,9 +29,9 @@ def main(argv=None) -> None:
         if os.path.exists(path):
             m = json.load(open(path))
         elif os.path.exists(ckpt):  # a run still going: the epochs it has finished
-            import torch
+            from neuralode.experiments._io import load_checkpoint
 
-            state = torch.load(ckpt, map_location="cpu", weights_only=False)
+            state = load_checkpoint(ckpt, map_location="cpu", keys=("history",))
             h = state["history"]
             m = {
                 "history": h,

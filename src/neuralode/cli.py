@@ -4,7 +4,135 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
+from typing import Callable
+
+# ------------------------------------------------------------------------------------------------ argument types
+# Each flag is checked by the parser, so that a bad value stops the command with one line naming the flag
+# before any data is loaded or any training starts.
+
+
+def _int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
+    expected = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    parse.__name__ = expected
+    return parse
+
+
+def _float_in(low: float, high: float = math.inf, *, low_open: bool = False) -> Callable[[str], float]:
+    if high == math.inf:
+        expected = f"a number {'>' if low_open else '>='} {low:g}"
+    else:
+        expected = f"a number in {'(' if low_open else '['}{low:g}, {high:g}]"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (low_open and value == low) or value > high:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    parse.__name__ = expected
+    return parse
+
+
+positive_int = _int_at_least(1)
+nonnegative_int = _int_at_least(0)
+seed_int = _int_at_least(0, 2**32 - 1)  # the range every generator involved (torch, NumPy) accepts
+positive_float = _float_in(0.0, low_open=True)
+nonnegative_float = _float_in(0.0)
+fraction = _float_in(0.0, 1.0)
+
+
+def group_norm_channels(text: str) -> int:
+    """Channels of the classifiers, which normalise in min(32, channels) groups."""
+    value = positive_int(text)
+    if value > 32 and value % 32:
+        raise argparse.ArgumentTypeError(
+            f"expected at most 32 or a multiple of 32 (GroupNorm uses min(32, channels) groups), got {text!r}"
+        )
+    return value
+
+
+def solver_method(text: str) -> str:
+    from . import METHODS
+
+    if text not in METHODS:
+        raise argparse.ArgumentTypeError(f"unknown method {text!r}; choose one of {', '.join(METHODS)}")
+    return text
+
+
+def _available_devices() -> list[str]:
+    import torch
+
+    names = ["cpu"]
+    if torch.cuda.is_available():
+        names += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        names.append("mps")
+    return names
+
+
+def device_name(text: str) -> str:
+    """A device this machine has: cpu, cuda or cuda:N when CUDA is available, mps on Apple silicon."""
+    import torch
+
+    available = _available_devices()
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        dev = None
+    ok = dev is not None and (
+        dev.type == "cpu"
+        or (dev.type in ("cuda", "mps") and (dev.type if dev.index is None else f"{dev.type}:{dev.index}") in available)
+    )
+    if not ok:
+        raise argparse.ArgumentTypeError(f"device {text!r} is not available here; available: {', '.join(available)}")
+    return text
+
+
+def _writable_folder(path: str, text: str) -> None:
+    """Raise ArgumentTypeError unless ``path`` is, or can be made as, a folder this process can write in."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):  # the folder that makedirs would create the rest under
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: {existing!r} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: no write permission in {existing!r}")
+
+
+def out_folder(text: str) -> str:
+    """A run folder: checked before training so that a run does not end unable to write its results."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a folder path, got ''")
+    _writable_folder(text, text)
+    return text
+
+
+def out_file(text: str) -> str:
+    if not text or text.endswith(("/", os.sep)) or os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"expected a file path (such as runs/bench/overhead.json), got {text!r}")
+    _writable_folder(os.path.dirname(os.path.abspath(text)), text)
+    return text
+
+
+BENCH_CASES = ("tiny", "tiny_long", "medium", "large")  # the keys of experiments.bench.CASES
+LATENT_WINDOW = 100  # observed times per sequence in the latent experiment: the first half of 200
 
 
 def _dynamics(args: argparse.Namespace) -> int:
@@ -184,26 +312,52 @@ def _latent(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (exit status 2): the flag, what it expects, and where the help is."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _check_dynamics(args: argparse.Namespace) -> str | None:
+    if args.batch_time >= args.data_size:
+        return (
+            f"argument --batch-time: windows of {args.batch_time} observations need --data-size above "
+            f"{args.batch_time}, got {args.data_size}"
+        )
+    if args.hybrid and args.system == "spiral":
+        return "argument --hybrid: needs a system with physical parameters (--system pendulum, falling, lotka_volterra)"
+    return None
+
+
+def _check_classify(args: argparse.Namespace) -> str | None:
+    if args.sweep and args.model != "odenet":
+        return f"argument --sweep: the tolerance sweep needs --model odenet, not {args.model}"
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="neuralode", description="Neural ODEs in PyTorch: experiments and benchmarks.")
+    p = _Parser(prog="neuralode", description="Neural ODEs in PyTorch: experiments and benchmarks.")
     sub = p.add_subparsers(dest="command", required=True)
 
     def dynamics_args(d: argparse.ArgumentParser, iters: int, out: str, system: str = "spiral") -> None:
         d.add_argument("--system", default=system, choices=["spiral", "pendulum", "falling", "lotka_volterra"])
         d.add_argument("--hybrid", action="store_true", help="f = f_known(y; physical parameters) + NN(y)")
-        d.add_argument("--iters", type=int, default=iters)
-        d.add_argument("--data-size", type=int, default=1000, help="observations per trajectory")
-        d.add_argument("--trajectories", type=int, default=1, help="observed trajectories (different y0)")
-        d.add_argument("--noise", type=float, default=0.0, help="std of Gaussian observation noise")
+        d.add_argument("--iters", type=positive_int, default=iters)
+        d.add_argument("--data-size", type=positive_int, default=1000, help="observations per trajectory")
+        d.add_argument("--trajectories", type=positive_int, default=1, help="observed trajectories (different y0)")
+        d.add_argument("--noise", type=nonnegative_float, default=0.0, help="std of Gaussian observation noise")
         d.add_argument("--irregular", action="store_true", help="observe at random times")
-        d.add_argument("--batch-time", type=int, default=10, help="window length (observations)")
-        d.add_argument("--batch-size", type=int, default=20, help="windows per iteration")
-        d.add_argument("--method", default="dopri5")
+        d.add_argument(
+            "--batch-time", type=_int_at_least(2), default=10, help="window length (observations, below --data-size)"
+        )
+        d.add_argument("--batch-size", type=positive_int, default=20, help="windows per iteration")
+        d.add_argument("--method", type=solver_method, default="dopri5")
         d.add_argument("--gradient", default="backprop", choices=["backprop", "adjoint", "checkpoint"])
-        d.add_argument("--out", default=out, help="run folder for metrics and plots")
-        d.add_argument("--seed", type=int, default=0)
+        d.add_argument("--out", type=out_folder, default=out, help="run folder for metrics and plots")
+        d.add_argument("--seed", type=seed_int, default=0)
         d.add_argument("--no-progress", action="store_true", help="no progress bar")
-        d.set_defaults(fn=_dynamics)
+        d.set_defaults(fn=_dynamics, check=_check_dynamics, subparser=d)
 
     dynamics_args(
         sub.add_parser("demo", help="short run: learn the cubic spiral from one trajectory (no download)"),
@@ -229,33 +383,42 @@ def build_parser() -> argparse.ArgumentParser:
         "/usr/share/datasets/fashion-mnist; mnist: IDX files in --data-dir",
     )
     c.add_argument("--data-dir", default=None, help="folder with the four IDX files (raw or .gz)")
-    c.add_argument("--epochs", type=int, default=5)
-    c.add_argument("--batch-size", type=int, default=128)
-    c.add_argument("--test-batch-size", type=int, default=1000)
-    c.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (cosine decay to 0)")
-    c.add_argument("--channels", type=int, default=64)
-    c.add_argument("--method", default="dopri5", help="ODE-Net solver")
-    c.add_argument("--tol", type=float, default=1e-3, help="ODE-Net rtol = atol during training")
-    c.add_argument("--gradient", default="adjoint", choices=["adjoint", "backprop", "checkpoint"])
-    c.add_argument("--rk-steps", type=int, default=2, help="RK-Net: rk4 steps on [0, 1]")
-    c.add_argument("--kinetic", type=float, default=0.0, help="ODE-Net: weight of the kinetic-energy regulariser")
+    c.add_argument("--epochs", type=positive_int, default=5)
+    c.add_argument("--batch-size", type=positive_int, default=128)
+    c.add_argument("--test-batch-size", type=positive_int, default=1000)
+    c.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate (cosine decay to 0)")
     c.add_argument(
-        "--jac-fro", type=float, default=0.0, help="ODE-Net: weight of the Jacobian Frobenius regulariser (Hutchinson)"
+        "--channels", type=group_norm_channels, default=64, help="feature channels (at most 32, or a multiple of 32)"
+    )
+    c.add_argument("--method", type=solver_method, default="dopri5", help="ODE-Net solver")
+    c.add_argument("--tol", type=positive_float, default=1e-3, help="ODE-Net rtol = atol during training")
+    c.add_argument("--gradient", default="adjoint", choices=["adjoint", "backprop", "checkpoint"])
+    c.add_argument("--rk-steps", type=positive_int, default=2, help="RK-Net: rk4 steps on [0, 1]")
+    c.add_argument(
+        "--kinetic", type=nonnegative_float, default=0.0, help="ODE-Net: weight of the kinetic-energy regulariser"
+    )
+    c.add_argument(
+        "--jac-fro",
+        type=nonnegative_float,
+        default=0.0,
+        help="ODE-Net: weight of the Jacobian Frobenius regulariser (Hutchinson)",
     )
     c.add_argument("--deq-solver", default="anderson", choices=["anderson", "broyden"])
-    c.add_argument("--deq-tol", type=float, default=1e-3, help="DEQ: relative residual of the fixed point")
-    c.add_argument("--deq-max-iter", type=int, default=30)
-    c.add_argument("--jac-reg", type=float, default=0.0, help="DEQ: weight of the Jacobian regulariser")
-    c.add_argument("--limit-train", type=int, default=None, help="use the first N training images")
-    c.add_argument("--limit-test", type=int, default=None, help="use the first N test images")
-    c.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    c.add_argument("--out", default="runs/classify", help="run folder (metrics, checkpoint, plots)")
+    c.add_argument("--deq-tol", type=positive_float, default=1e-3, help="DEQ: relative residual of the fixed point")
+    c.add_argument("--deq-max-iter", type=positive_int, default=30)
+    c.add_argument("--jac-reg", type=nonnegative_float, default=0.0, help="DEQ: weight of the Jacobian regulariser")
+    c.add_argument("--limit-train", type=positive_int, default=None, help="use the first N training images")
+    c.add_argument("--limit-test", type=positive_int, default=None, help="use the first N test images")
+    c.add_argument(
+        "--device", type=device_name, default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)"
+    )
+    c.add_argument("--out", type=out_folder, default="runs/classify", help="run folder (metrics, checkpoint, plots)")
     c.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
     c.add_argument("--sweep", action="store_true", help="then evaluate the ODE-Net at --tolerances")
-    c.add_argument("--tolerances", type=float, nargs="+", default=[1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6])
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--tolerances", type=positive_float, nargs="+", default=[1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6])
+    c.add_argument("--seed", type=seed_int, default=0)
     c.add_argument("--no-progress", action="store_true")
-    c.set_defaults(fn=_classify)
+    c.set_defaults(fn=_classify, check=_check_classify, subparser=c)
 
     f = sub.add_parser("flow", help="continuous normalizing flow on a built-in 2-D distribution (max. likelihood)")
     f.add_argument(
@@ -286,58 +449,75 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="held-out NLL on circles, moons, 8gaussians: --iters against a --factor times longer reference run",
     )
-    f.add_argument("--factor", type=int, default=2, help="with --nll-reference: reference length / --iters")
-    f.add_argument("--K", type=int, default=16, help="with --model planar: number of planar layers")
-    f.add_argument("--width", type=int, default=16, help="with --model planar_cnf: number of planar units")
+    # a factor of 1 would make the reference run the default run itself
     f.add_argument(
-        "--anneal", type=float, default=0.5, help="with --target: fraction of --iters over which β rises to 1"
+        "--factor", type=_int_at_least(2), default=2, help="with --nll-reference: reference length / --iters"
     )
-    f.add_argument("--iters", type=int, default=2000)
-    f.add_argument("--batch-size", type=int, default=512)
-    f.add_argument("--hidden", type=int, default=64)
-    f.add_argument("--layers", type=int, default=3)
+    f.add_argument("--K", type=positive_int, default=16, help="with --model planar: number of planar layers")
+    f.add_argument("--width", type=positive_int, default=16, help="with --model planar_cnf: number of planar units")
+    f.add_argument(
+        "--anneal", type=fraction, default=0.5, help="with --target: fraction of --iters over which β rises to 1"
+    )
+    f.add_argument("--iters", type=positive_int, default=2000)
+    f.add_argument("--batch-size", type=positive_int, default=512)
+    f.add_argument("--hidden", type=positive_int, default=64)
+    f.add_argument("--layers", type=positive_int, default=3)
     f.add_argument("--trace", default="hutchinson", choices=["hutchinson", "exact"], help="during training")
-    f.add_argument("--lr", type=float, default=5e-3)
+    f.add_argument("--lr", type=positive_float, default=5e-3)
     f.add_argument(
         "--lr-schedule", default="cosine", choices=["cosine", "constant"], help="cosine: decay to 0 over --iters"
     )
-    f.add_argument("--tol", type=float, default=1e-5, help="rtol = atol")
+    f.add_argument("--tol", type=positive_float, default=1e-5, help="rtol = atol")
     f.add_argument("--gradient", default="adjoint", choices=["adjoint", "backprop", "checkpoint"])
-    f.add_argument("--kinetic", type=float, default=0.0, help="weight of ∫‖f‖² dt (Finlay et al. 2020)")
-    f.add_argument("--jac-fro", type=float, default=0.0, help="weight of ∫‖∂f/∂z‖_F² dt (Finlay et al. 2020)")
-    f.add_argument("--n-test", type=int, default=5000, help="held-out samples (NLL with the exact trace)")
-    f.add_argument("--eval-every", type=int, default=100)
-    f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--out", default="runs/flow")
+    f.add_argument("--kinetic", type=nonnegative_float, default=0.0, help="weight of ∫‖f‖² dt (Finlay et al. 2020)")
+    f.add_argument(
+        "--jac-fro", type=nonnegative_float, default=0.0, help="weight of ∫‖∂f/∂z‖_F² dt (Finlay et al. 2020)"
+    )
+    f.add_argument("--n-test", type=positive_int, default=5000, help="held-out samples (NLL with the exact trace)")
+    f.add_argument("--eval-every", type=positive_int, default=100, help="iterations between held-out evaluations")
+    f.add_argument("--seed", type=seed_int, default=0)
+    f.add_argument("--out", type=out_folder, default="runs/flow")
     f.add_argument("--no-progress", action="store_true")
     f.set_defaults(fn=_flow)
 
     au = sub.add_parser("augmented", help="plain vs augmented neural ODE on concentric circles (Dupont et al.)")
-    au.add_argument("--iters", type=int, default=400)
-    au.add_argument("--seed", type=int, default=0)
-    au.add_argument("--out", default="runs/augmented")
+    au.add_argument("--iters", type=positive_int, default=400)
+    au.add_argument("--seed", type=seed_int, default=0)
+    au.add_argument("--out", type=out_folder, default="runs/augmented")
     au.add_argument("--no-progress", action="store_true")
     au.set_defaults(fn=_augmented)
 
     la = sub.add_parser("latent", help="latent ODE vs RNN on irregularly sampled spirals (Table 2 of the paper)")
-    la.add_argument("--n", type=int, nargs="+", default=[30, 50, 100], help="observed points per sequence")
-    la.add_argument("--iters", type=int, default=5000)
+    la.add_argument(
+        "--n",
+        type=_int_at_least(1, LATENT_WINDOW),
+        nargs="+",
+        default=[30, 50, 100],
+        help=f"observed points per sequence (of {LATENT_WINDOW} times)",
+    )
+    la.add_argument("--iters", type=positive_int, default=5000)
     la.add_argument("--encoder", default="odernn", choices=["gru", "odernn"], help="recognition network")
-    la.add_argument("--n-spirals", type=int, default=1000)
-    la.add_argument("--seed", type=int, default=0)
-    la.add_argument("--out", default="runs/latent")
+    # the experiment holds out test and validation spirals (at least one each) and trains on the rest
+    la.add_argument("--n-spirals", type=_int_at_least(3), default=1000)
+    la.add_argument("--seed", type=seed_int, default=0)
+    la.add_argument("--out", type=out_folder, default="runs/latent")
     la.add_argument("--no-progress", action="store_true")
     la.set_defaults(fn=_latent)
 
     b = sub.add_parser("bench", help="solver overhead against torchdiffeq and torchode (those installed)")
-    b.add_argument("--threads", type=int, default=1)
-    b.add_argument("--cases", nargs="*", help="tiny tiny_long medium large (default: all)")
+    b.add_argument("--threads", type=positive_int, default=1)
+    b.add_argument("--cases", nargs="*", choices=BENCH_CASES, help="tiny tiny_long medium large (default: all)")
     b.add_argument("--compile", action="store_true", help="also time neuralode with compile=True")
-    b.add_argument("--device", default="cpu", help="cpu or cuda")
+    b.add_argument("--device", type=device_name, default="cpu", help="cpu or cuda")
     b.add_argument(
-        "--back-to-back", type=int, default=3, help="per round, time this many calls of each solver in a row"
+        "--back-to-back",
+        type=positive_int,
+        default=3,
+        help="per round, time this many calls of each solver in a row",
     )
-    b.add_argument("--out", default="runs/bench/overhead.json")
+    b.add_argument(
+        "--out", type=out_file, default="runs/bench/overhead.json", help="JSON file (a PNG is written beside)"
+    )
     b.set_defaults(fn=_bench)
     return p
 
@@ -345,9 +525,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    check = getattr(args, "check", None)
+    problem = check(args) if check is not None else None
+    if problem:
+        args.subparser.error(problem)  # exits with status 2, as the parser's own checks do
     try:
         return args.fn(args)
-    except (FileNotFoundError, ValueError) as exc:  # bad input: one clear line, not a traceback
+    except (OSError, ValueError) as exc:  # bad input, unusable checkpoint, unwritable output: one line
         print(f"neuralode {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

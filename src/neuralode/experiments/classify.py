@@ -30,7 +30,7 @@ from ..data.images import ImageData, load_images
 from ..models.classifier import build_classifier, count_parameters
 from ..models.deq import DEQBlock
 from ..nn import ODEBlock
-from ._io import progress, pyplot, run_dir, write_csv, write_json
+from ._io import CheckpointError, _summary, load_checkpoint, plain, progress, pyplot, run_dir, write_csv, write_json
 
 __all__ = ["ClassifyConfig", "train", "evaluate", "tolerance_sweep", "peak_step_memory", "DEFAULT_TOLERANCES"]
 
@@ -236,6 +236,11 @@ def _device(name: str | None) -> torch.device:
     return torch.device("cpu")
 
 
+_CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "history", "nfe_trace", "config")
+# settings that shape the model's parameters: a checkpoint resumes only a run that agrees on them
+_SHAPING = (("model", "--model"), ("dataset", "--dataset"), ("channels", "--channels"), ("res_blocks", "res_blocks"))
+
+
 def _save_checkpoint(path: str, state: dict) -> None:
     tmp = path + ".tmp"
     torch.save(state, tmp)
@@ -273,16 +278,33 @@ def train(
                 f"--resume: no checkpoint at {ckpt_path!r}; run without --resume first "
                 "(or name the run folder with --out)"
             )
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if state["config"]["model"] != cfg.model:
-            raise ValueError(
-                f"--resume: the checkpoint in {cfg.out_dir!r} is a {state['config']['model']!r}, "
-                f"not a {cfg.model!r}; pass --model {state['config']['model']} or another --out"
+        try:
+            state = load_checkpoint(ckpt_path, map_location=device, keys=_CHECKPOINT_KEYS, kind="neuralode classify")
+        except CheckpointError as exc:
+            raise CheckpointError(f"--resume: {exc}; train without --resume or choose another --out") from None
+        saved = state["config"]
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"--resume: {ckpt_path} is not a neuralode classify checkpoint (no configuration)")
+        differ = [(flag, saved.get(k), getattr(cfg, k)) for k, flag in _SHAPING if saved.get(k) != getattr(cfg, k)]
+        if differ:
+            raise CheckpointError(
+                f"--resume: {ckpt_path} was trained with {' '.join(f'{f} {a}' for f, a, _ in differ)}, not "
+                f"{' '.join(f'{f} {b}' for f, _, b in differ)}; pass the same settings or choose another --out"
             )
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        history, nfe_trace, start_epoch = state["history"], state["nfe_trace"], state["epoch"]
+        try:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            history, nfe_trace = list(state["history"]), list(state["nfe_trace"])
+            start_epoch = int(state["epoch"])
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
+            # load_state_dict's first line is a heading: the first line that is not names the problem
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and not ln.strip().endswith(":")]
+            raise CheckpointError(
+                f"--resume: {ckpt_path} does not fit --model {cfg.model} --channels {cfg.channels} --dataset "
+                f"{cfg.dataset} ({lines[0][:200] if lines else type(exc).__name__}); train without --resume or "
+                "choose another --out"
+            ) from None
     if distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -295,6 +317,7 @@ def train(
             f"{len(data.y_test)} test images {tuple(data.image_shape)}; {world} process(es) on {device}"
         )
 
+    config = plain(asdict(cfg))  # for the checkpoint and metrics.json: whatever ``extra`` holds, as plain data
     x_train, y_train = data.x_train, data.y_train
     mem_x, mem_y = x_train[: cfg.batch_size].to(device), y_train[: cfg.batch_size].to(device)
     for epoch in range(start_epoch, cfg.epochs):
@@ -365,10 +388,11 @@ def train(
                     "model": model.state_dict(),
                     "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(),
+                    # plain data only, so that loading it needs no code (torch.load with weights_only=True)
                     "epoch": epoch + 1,
-                    "history": history,
-                    "nfe_trace": nfe_trace,
-                    "config": asdict(cfg),
+                    "history": plain(history),
+                    "nfe_trace": plain(nfe_trace),
+                    "config": config,
                 },
             )
     metrics = {
@@ -377,7 +401,7 @@ def train(
         "parameters": n_params,
         "processes": world,
         "device": str(device),
-        "config": asdict(cfg),
+        "config": config,
         "history": history,
     }
     if history:
@@ -432,13 +456,17 @@ def load_trained(run: str, device: str | None = None) -> tuple[torch.nn.Module, 
     path = os.path.join(run, "checkpoint.pt")
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path!r}: train first with `neuralode classify --out {run}`")
-    state = torch.load(path, map_location=_device(device), weights_only=False)
-    c = dict(state["config"])
-    cfg = ClassifyConfig(**c)
-    data_shape = state["model"]["stem.0.weight"].shape[1]
-    classes = state["model"]["head.4.weight"].shape[0]
-    model = build_classifier(cfg.model, data_shape, classes, cfg.channels, **cfg.model_kwargs())
-    model.load_state_dict(state["model"])
+    state = load_checkpoint(path, map_location=_device(device), keys=("model", "config"), kind="neuralode classify")
+    try:
+        cfg = ClassifyConfig(**dict(state["config"]))
+        data_shape = state["model"]["stem.0.weight"].shape[1]
+        classes = state["model"]["head.4.weight"].shape[0]
+        model = build_classifier(cfg.model, data_shape, classes, cfg.channels, **cfg.model_kwargs())
+        model.load_state_dict(state["model"])
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
+        raise CheckpointError(
+            f"{path} is not a checkpoint of a neuralode classify run ({type(exc).__name__}: {_summary(exc)})"
+        ) from None
     return model.to(_device(device)), cfg
 
 
