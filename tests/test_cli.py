@@ -406,3 +406,12 @@ def test_plain_converts_what_the_safe_loader_cannot_read():
     )
     assert got == {"a": 1.5, 3: [True, None], "n": {"d": {"x": [1, 2]}}, "t": t, "dev": "cpu"}
     assert type(got["a"]) is float and type(got[3][0]) is bool
+
+
+def test_version_is_the_package_version(capsys):
+    import neuralode
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"neuralode {neuralode.__version__}"

@@ -337,7 +337,10 @@ def _check_classify(args: argparse.Namespace) -> str | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     p = _Parser(prog="neuralode", description="Neural ODEs in PyTorch: experiments and benchmarks.")
+    p.add_argument("--version", action="version", version=f"neuralode {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def dynamics_args(d: argparse.ArgumentParser, iters: int, out: str, system: str = "spiral") -> None:
