@@ -176,3 +176,65 @@ def test_error_norm_is_the_two_norm_and_survives_overflowing_squares():
     assert _l2_norm(big) == pytest.approx(1e21, rel=1e-5)
     assert math.isnan(_l2_norm(torch.tensor([1.0, float("nan")])))
     assert _l2_norm(torch.tensor([1.0, float("inf")])) == math.inf
+
+
+class _StepRecorder:
+    """A field that records every attempted step, in order, as (t, dt, accepted), through the accept/reject
+    callbacks that both neuralode and torchdiffeq call."""
+
+    def __init__(self, func):
+        self.func, self.attempts = func, []
+
+    def __call__(self, t, y):
+        return self.func(t, y)
+
+    def callback_accept_step(self, t, y, dt):
+        self.attempts.append((float(t), float(dt), True))
+
+    def callback_reject_step(self, t, y, dt):
+        self.attempts.append((float(t), float(dt), False))
+
+
+@pytest.mark.parametrize("method, rel", [("bosh3", 1e-12), ("dopri8", 1e-5)])
+@pytest.mark.parametrize("tol", [1e-4, 1e-7])
+def test_steps_are_torchdiffeqs_attempt_by_attempt(method, rel, tol):
+    """Same pair, same initial step, same integral controller: every attempt inside the span (accepted or
+    rejected) has torchdiffeq's size, so the controller's exponent and clipping are torchdiffeq's. neuralode
+    clips the last step to t1 where torchdiffeq steps past it, so the comparison ends there. dopri8's error
+    estimate is arranged differently, which moves its steps by ~1e-7 relative."""
+    tdq = pytest.importorskip("torchdiffeq")
+    y0 = torch.tensor([2.0, 0.0], dtype=torch.float64)
+    t = torch.tensor([0.0, 5.0], dtype=torch.float64)
+    runs = []
+    for lib in (tdq, nd):
+        rec = _StepRecorder(van_der_pol)
+        with torch.no_grad():
+            lib.odeint(rec, y0, t, rtol=tol, atol=tol, method=method)
+        runs.append(rec.attempts)
+    theirs, ours = runs
+    t1 = float(t[-1])
+    inside = [(a, b) for a, b in zip(theirs, ours) if a[0] + a[1] < t1 and b[0] + b[1] < t1]
+    assert len(inside) > 10 and sum(not a[2] for a, _ in inside) > 0  # rejections are compared too
+    for i, (a, b) in enumerate(inside):
+        assert a[2] == b[2] and b[1] == pytest.approx(a[1], rel=rel), (i, a, b)
+    # where neuralode clips its last step to t1, torchdiffeq may need one more accepted step to pass t1
+    assert 0 <= sum(a[2] for a in theirs) - sum(a[2] for a in ours) <= 1
+
+
+@pytest.mark.parametrize("order", [2, 5, 8])
+def test_step_controller_is_the_integral_controller(order):
+    """h_new = h · clip(0.9 · ratio^(-1/order), 1, 10) after an accepted step (ratio ≤ 1) and
+    clip(0.9 · ratio^(-1/order), 0.2, 1) after a rejected one, written out by hand."""
+    from neuralode.solvers.control import StepController
+
+    ctrl = StepController(order)
+    h = 0.1
+    for ratio in (0.5, 0.9, 1e-3, 1e-9, 0.99, 2.0, 1.2, 50.0, 1e4):
+        accepted = ratio <= 1
+        lo, hi = (1.0, 10.0) if accepted else (0.2, 1.0)
+        want = h * min(hi, max(lo, 0.9 * ratio ** (-1.0 / order)))
+        assert ctrl.next_step(h, ratio, accepted) == pytest.approx(want, rel=1e-14), ratio
+        assert ctrl.next_step(-h, ratio, accepted) == pytest.approx(-want, rel=1e-14), ratio
+    # inside the clip, the exponent alone decides the size
+    assert ctrl.next_step(1.0, 0.01, True) == pytest.approx(0.9 * 100 ** (1 / order), rel=1e-14)
+    assert ctrl.next_step(1.0, 1.1, False) == pytest.approx(0.9 * 1.1 ** (-1 / order), rel=1e-14)

@@ -161,6 +161,39 @@ def test_odenet_records_forward_and_backward_nfe():
     assert f >= 8 and b >= 8  # dopri5: at least one step of six evaluations plus the first
 
 
+class _Constant(torch.nn.Module):
+    """Logits that ignore the image: always the same, so always the same predicted class (their argmax)."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = torch.nn.Parameter(torch.as_tensor(logits, dtype=torch.float32))
+
+    def forward(self, x):
+        return self.logits.expand(len(x), -1)
+
+
+def test_evaluate_reports_the_error_and_loss_of_a_known_classifier():
+    """A classifier that always predicts class 2, on 10 images of which 3 are of class 2: error 7/10; the
+    loss is the mean cross entropy, -log softmax(logits)[label], known in closed form; batches of 4 (the
+    last one short) do not change either."""
+    from neuralode.experiments.classify import evaluate
+
+    logits = torch.tensor([0.5, -1.0, 2.0, 0.0])
+    model = _Constant(logits)
+    y = torch.tensor([2, 0, 1, 2, 3, 3, 0, 2, 1, 3])
+    x = torch.randn(10, 1, 8, 8)
+    logp = torch.log_softmax(logits.double(), 0)
+    want_loss = float(-logp[y].mean())
+    for batch_size in (4, 10, 1000):
+        got = evaluate(model, x, y, batch_size=batch_size)
+        assert got["error"] == pytest.approx(0.7, abs=1e-12), batch_size
+        assert got["loss"] == pytest.approx(want_loss, rel=1e-6), batch_size
+        assert got["nfe"] == 0  # no ODE block
+    assert model.training  # evaluate puts the model back in training mode
+    # a perfect classifier on one class: error 0
+    assert evaluate(_Constant(logits), x[:3], torch.full((3,), 2))["error"] == 0
+
+
 def test_adjoint_training_memory_is_below_backprop_and_does_not_grow_with_the_steps():
     from neuralode.experiments.classify import peak_step_memory
 
@@ -201,13 +234,35 @@ def _classify(tmp_path, *extra):
     return out
 
 
+def _recomputed_test_metrics(out, shards=1):
+    """Test error and mean loss of the model saved in ``out``, recomputed here with plain argmax and cross
+    entropy on the run's test slice; ``shards``: the processes' interleaved shards, each solved as one batch
+    (an adaptive solve's steps depend on the batch), summed as the run sums them."""
+    from neuralode.experiments.classify import load_trained
+
+    model, cfg = load_trained(str(out))
+    data = load_images(cfg.dataset, cfg.data_dir, cfg.limit_train, cfg.limit_test)
+    model.eval()
+    wrong = loss = 0.0
+    with torch.no_grad():
+        for rank in range(shards):
+            x, y = data.x_test[rank::shards], data.y_test[rank::shards]
+            logits = model(x)
+            wrong += float((logits.argmax(1) != y).sum())
+            loss += float(F.cross_entropy(logits.double(), y, reduction="sum"))
+    n = len(data.y_test)
+    return wrong / n, loss / n
+
+
 def test_cli_trains_writes_metrics_plots_and_resumes(tmp_path):
     out = _classify(tmp_path, "--epochs", "1")
     first = json.loads((out / "metrics.json").read_text())
     assert first["parameters"] > 0 and len(first["history"]) == 1
     row = first["history"][0]
-    for key in ("train_loss", "test_error", "nfe_forward", "nfe_backward", "seconds", "peak_memory_mib"):
-        assert row[key] >= 0, key
+    # the test metrics are those of the epoch's model (saved in the checkpoint), recomputed independently
+    error, loss = _recomputed_test_metrics(out)
+    assert row["test_error"] == pytest.approx(error, abs=1e-12) and row["test_loss"] == pytest.approx(loss, rel=1e-5)
+    assert 0 <= row["train_error"] <= 1 and row["train_loss"] > 0 and row["seconds"] > 0
     assert row["nfe_forward"] > 0 and row["nfe_backward"] > 0 and row["peak_memory_mib"] > 0
     for name in ("metrics.csv", "nfe.png", "error.png", "checkpoint.pt"):
         assert (out / name).stat().st_size > 0
@@ -215,6 +270,8 @@ def test_cli_trains_writes_metrics_plots_and_resumes(tmp_path):
     second = json.loads((out / "metrics.json").read_text())
     assert [h["epoch"] for h in second["history"]] == [1, 2]
     assert second["history"][0] == first["history"][0]  # epoch 1 was not redone
+    assert second["test_error"] == second["history"][1]["test_error"]
+    assert second["test_error"] == pytest.approx(_recomputed_test_metrics(out)[0], abs=1e-12)
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, capsys):
@@ -226,7 +283,9 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, capsys):
 def test_cli_trains_the_baselines(tmp_path, model):
     out = _classify(tmp_path, "--epochs", "1", "--model", model)
     m = json.loads((out / "metrics.json").read_text())
-    assert m["model"] == model and m["history"][0]["test_error"] <= 1
+    error, loss = _recomputed_test_metrics(out)
+    assert m["model"] == model and m["history"][0]["test_error"] == pytest.approx(error, abs=1e-12)
+    assert m["history"][0]["test_loss"] == pytest.approx(loss, rel=1e-5)
 
 
 def test_tolerance_sweep_trades_evaluations_for_accuracy(tmp_path):
@@ -234,6 +293,10 @@ def test_tolerance_sweep_trades_evaluations_for_accuracy(tmp_path):
     rows = json.loads((out / "sweep.json").read_text())["rows"]
     nfe = [r["nfe_forward"] for r in rows]
     assert nfe[0] < nfe[1] < nfe[2], nfe
+    # at the training tolerance (1e-3) the sweep evaluates the trained model as training did
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    assert rows[1]["tolerance"] == 1e-3 and rows[1]["test_error"] == history[-1]["test_error"]
+    assert rows[1]["test_error"] == pytest.approx(_recomputed_test_metrics(out)[0], abs=1e-12)
     assert (out / "sweep.png").stat().st_size > 0 and (out / "sweep.csv").exists()
 
 
@@ -267,5 +330,9 @@ def test_classify_runs_under_torchrun_with_two_processes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())
     assert m["processes"] == 2
-    # each process saw half of every epoch; the test error is over the whole test slice
-    assert m["history"][0]["test_error"] <= 1 and m["history"][0]["nfe_forward"] > 0
+    # each process saw half of every epoch; the test error is over the whole test slice, summed over both
+    # processes' shards
+    error, loss = _recomputed_test_metrics(out, shards=2)
+    assert m["history"][0]["test_error"] == pytest.approx(error, abs=1e-12)
+    assert m["history"][0]["test_loss"] == pytest.approx(loss, rel=1e-5)
+    assert m["history"][0]["nfe_forward"] > 0

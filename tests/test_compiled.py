@@ -8,6 +8,38 @@ import torch
 import neuralode as node
 
 
+def _inductor_finds_no_cxx_compiler() -> bool:
+    """Inductor builds its CPU kernels with a C++ compiler; True where its own search finds none."""
+    from torch._inductor.cpp_builder import get_cpp_compiler
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    try:
+        get_cpp_compiler()
+    except InvalidCxxCompiler:
+        return True
+    return False
+
+
+# the one condition under which an Inductor test may skip: every other failure of the compiled path fails
+needs_cxx = pytest.mark.skipif(
+    _inductor_finds_no_cxx_compiler(),
+    reason="no C++ compiler for Inductor's CPU kernels (cpp_builder.get_cpp_compiler)",
+)
+
+
+@pytest.fixture(autouse=True)
+def _every_fallback_warns():
+    """The compiled path warns once per message when it falls back to eager: each test here must see its own
+    fallback, not find it silenced by an earlier test's."""
+    from neuralode.solvers import compiled
+
+    saved = set(compiled._WARNED)
+    compiled._WARNED.clear()
+    yield
+    compiled._WARNED.clear()
+    compiled._WARNED.update(saved)
+
+
 def _vdp(mus):
     def f(t, y):
         return torch.stack([y[..., 1], mus * (1 - y[..., 0] ** 2) * y[..., 1] - y[..., 0]], -1)
@@ -22,21 +54,24 @@ def _problem():
     return _vdp(mus), y0, torch.linspace(0, 5, 30, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-@pytest.mark.parametrize("method", ["dopri5", "tsit5", "bosh3"])
+@pytest.mark.parametrize(
+    "backend, method",
+    # every method through aot_eager; one Inductor compilation (the slow one) is enough for CI time
+    [
+        ("aot_eager", "dopri5"),
+        ("aot_eager", "tsit5"),
+        ("aot_eager", "bosh3"),
+        pytest.param("inductor", "dopri5", marks=needs_cxx),
+    ],
+)
 def test_compiled_solve_matches_the_eager_solve(backend, method):
-    if backend == "inductor" and method != "dopri5":
-        pytest.skip("one inductor compilation is enough for CI time")
     f, y0, t = _problem()
     with torch.no_grad():
         eager = node.solve(f, y0, t, method=method, rtol=1e-7, atol=1e-9, dense=False)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             comp = node.solve(f, y0, t, method=method, rtol=1e-7, atol=1e-9, compile=backend)
-    fell_back = [w for w in caught if "compile=True" in str(w.message)]
-    if fell_back and backend == "inductor":
-        pytest.skip(f"torch.compile unavailable here: {fell_back[0].message}")
-    assert not fell_back
+    _no_fallback(caught)  # a compiled path that fails and falls back to eager is a failure, not a skip
     assert (comp.stats.nfe, comp.stats.n_steps, comp.stats.n_rejected) == (
         eager.stats.nfe,
         eager.stats.n_steps,
@@ -74,7 +109,7 @@ def test_gradients_through_the_compiled_step_equal_the_eager_ones(gradient, monk
     net = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2)).double()
     y0 = torch.randn(8, 2, dtype=torch.float64)
     t = torch.linspace(0, 1, 4, dtype=torch.float64)
-    grads = []
+    grads, values = [], []
     for mode in (False, "aot_eager"):
         net.zero_grad()
         with warnings.catch_warnings(record=True) as caught:
@@ -92,9 +127,11 @@ def test_gradients_through_the_compiled_step_equal_the_eager_ones(gradient, monk
             )
         _no_fallback(caught)
         sol.ys.pow(2).sum().backward()
+        values.append(sol.ys.detach())
         grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
         if gradient == "backprop":
             assert sol.stats.nfe_backward == sol.stats.nfe
+    torch.testing.assert_close(values[1], values[0], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-12)
     if gradient == "checkpoint":  # (eager, then compiled)
         assert len(replays) == 2 and replays[0] is None and replays[1] is not None
@@ -282,7 +319,7 @@ def test_adjoint_backward_in_the_compiled_loop_equals_the_eager_adjoint(norm):
         )
     assert got[1][0] == got[0][0]
     for g_comp, g_eager in zip(got[1][1], got[0][1]):
-        torch.testing.assert_close(g_comp, g_eager, rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(g_comp, g_eager, rtol=1e-10, atol=1e-12)
     augs = [v[1] for v in adjoint._AUG_CACHE.values() if v[0] is field]
     assert augs and any(v[0] is augs[0] for v in device_loop._CACHE.values()), "the backward ran compiled"
 
@@ -342,9 +379,9 @@ def test_adjoint_backward_of_a_closure_compiled_with_the_seminorm(with_params):
         _no_fallback(caught)
         got.append(((sol.stats.n_steps_backward, sol.stats.n_rejected_backward), y0.grad.clone(), w.grad))
     assert got[1][0] == got[0][0]
-    torch.testing.assert_close(got[1][1], got[0][1], rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(got[1][1], got[0][1], rtol=1e-10, atol=1e-12)
     if with_params:
-        torch.testing.assert_close(got[1][2], got[0][2], rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(got[1][2], got[0][2], rtol=1e-10, atol=1e-12)
     else:
         assert got[0][2] is None and got[1][2] is None
     augs = [v[1] for v in adjoint._AUG_CACHE.values() if v[0] is f]
