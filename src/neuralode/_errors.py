@@ -35,7 +35,15 @@ def caller_stacklevel() -> int:
 
 
 class Status(enum.Enum):
-    """Outcome of a solve."""
+    """Outcome of a solve (``Solution.status``; ``SolverError.status``).
+
+    Attributes:
+        SUCCESS: every requested time was reached.
+        MAX_STEPS: more steps than ``options["max_num_steps"]`` (:class:`MaxStepsError`).
+        DT_UNDERFLOW: the adaptive step size became too small to advance (:class:`StepSizeUnderflowError`).
+        NONFINITE: the state or ``func``'s output became NaN or infinite (:class:`NonFiniteStateError`).
+        EVENT: the solve stopped at an event (``event_fn``).
+    """
 
     SUCCESS = "success"
     MAX_STEPS = "max_num_steps exceeded"

@@ -44,6 +44,10 @@ FIXED_RK_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4")
 ADAMS_METHODS = ("explicit_adams", "implicit_adams", "fixed_adams")
 IMPLICIT_FIXED_METHODS = tuple(IMPLICIT_TABLEAUS)
 METHODS = ADAPTIVE_METHODS + ROSENBROCK + FIXED_RK_METHODS + IMPLICIT_FIXED_METHODS + ADAMS_METHODS + ("scipy_solver",)
+"""The names ``method=`` accepts (a tuple of str): adaptive explicit (``dopri5`` the default, ``tsit5``, ...),
+adaptive stiff (``rodas4``, ``rosenbrock23``, ``adaptive_trbdf2``), fixed-step explicit (``euler``, ``rk4``,
+...), fixed-step implicit (``implicit_euler``, ``radauIIA5``, ...), multistep (``explicit_adams``,
+``implicit_adams``, ``fixed_adams``) and ``scipy_solver``."""
 
 _COMMON_OPTIONS = {"dtype"}
 _ADAPTIVE_OPTIONS = _COMMON_OPTIONS | {

@@ -76,6 +76,7 @@ class SolveStats:
         return getattr(self, key)
 
     def as_dict(self) -> dict:
+        """The counts as a plain ``dict`` (field name → int), e.g. to log as JSON."""
         return dataclasses.asdict(self)
 
 

@@ -31,8 +31,25 @@ class DEQBlock(nn.Module):
         on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"`` when a solve misses its tolerance.
         solver_options: passed to the solver (e.g. ``{"m": 6}`` for Anderson).
 
+        state_shape: a function from x's shape to z's (default: z is shaped like x).
+
     After a forward pass ``stats`` holds the solve's iterations and residual and ``nfe_forward`` the number of
     evaluations of func; after backward, ``nfe_backward`` the number of vector–Jacobian products.
+
+    Raises:
+        ValueError: an unknown ``on_failure`` (an unknown ``solver`` at the first forward pass).
+
+    Example:
+        >>> class Cell(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.lin = torch.nn.Linear(4, 4)
+        ...     def forward(self, z, x):
+        ...         return torch.tanh(0.5 * self.lin(z) + x)
+        >>> block = DEQBlock(Cell(), tol=1e-4)
+        >>> z = block(torch.randn(3, 4))
+        >>> z.shape, block.stats.converged
+        (torch.Size([3, 4]), True)
     """
 
     def __init__(
@@ -66,10 +83,12 @@ class DEQBlock(nn.Module):
 
     @property
     def nfe_forward(self) -> int:
+        """Evaluations of ``func`` in the last forward solve (0 before the first)."""
         return 0 if self.stats is None else self.stats.iterations
 
     @property
     def nfe_backward(self) -> int:
+        """Vector–Jacobian products in the last backward solve (0 before it, or without gradients)."""
         return 0 if self.backward_stats is None else self.backward_stats.iterations
 
     def _solve(self, f, z0, tol, max_iter):
@@ -78,6 +97,20 @@ class DEQBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, z0: torch.Tensor | None = None) -> torch.Tensor:
+        """Find ``z* = func(z*, x)``.
+
+        Arguments:
+            x: the input injected at every iteration, ``(batch, ...)``.
+            z0: the starting iterate (default: zeros shaped like z).
+
+        Returns:
+            ``z*`` (``(batch, ...)``, x's dtype), differentiable with respect to ``x`` and ``func``'s
+            parameters by the implicit function theorem. Sets ``stats`` (and ``extra_loss`` when
+            ``jac_reg > 0`` in training).
+
+        Raises:
+            FixedPointError: the solve missed ``tol`` and ``on_failure="raise"``.
+        """
         if z0 is None:
             shape = x.shape if self.state_shape is None else self.state_shape(x.shape)
             z0 = x.new_zeros(shape)
@@ -112,6 +145,7 @@ class DEQBlock(nn.Module):
         return z
 
     def extra_repr(self) -> str:
+        """The settings shown by ``print(block)``: solver, tolerance, iteration limit, regulariser weight."""
         return f"solver={self.solver!r}, tol={self.tol}, max_iter={self.max_iter}, jac_reg={self.jac_reg}"
 
 
@@ -139,7 +173,13 @@ class DEQConvCell(nn.Module):
 
 
 class DEQNet(nn.Module):
-    """The ODE-Net's stem and head around one equilibrium block (see ``models.classifier``)."""
+    """The ODE-Net's stem and head around one equilibrium block (see ``models.classifier``): an image
+    classifier whose middle is a :class:`DEQBlock` over :class:`DEQConvCell`.
+
+    Arguments:
+        in_channels, classes, channels: input channels, number of classes, width of the block.
+        solver, tol, max_iter, jac_reg, on_failure: the block's fixed-point solve (see :class:`DEQBlock`).
+    """
 
     def __init__(
         self,
@@ -164,10 +204,20 @@ class DEQNet(nn.Module):
         self.head = Head(channels, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits of images.
+
+        Arguments:
+            x: ``(batch, in_channels, H, W)``, a floating dtype (e.g. 28×28 digits).
+
+        Returns:
+            ``(batch, classes)`` logits.
+        """
         return self.head(self.body(self.stem(x)))
 
     def nfe(self) -> tuple[int, int]:
+        """``(forward, backward)`` evaluations of the equilibrium block in the last training step."""
         return self.body.nfe_forward, self.body.nfe_backward
 
     def extra_loss(self) -> torch.Tensor | None:
+        """The Jacobian regulariser of the last training forward pass (``None`` when ``jac_reg`` is 0)."""
         return self.body.extra_loss

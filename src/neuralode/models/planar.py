@@ -43,6 +43,19 @@ class PlanarFlow(nn.Module):
         return z, logdet
 
     def sample_with_log_prob(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw ``n`` samples and their log-density under the flow (density matching trains on both).
+
+        Arguments:
+            n: number of samples.
+
+        Returns:
+            ``(x, log_q)``: samples ``(n, dim)`` and ``log q(x)`` ``(n,)``, in the parameters' dtype.
+
+        Example:
+            >>> x, log_q = PlanarFlow(dim=2, K=4).sample_with_log_prob(16)
+            >>> x.shape, log_q.shape
+            (torch.Size([16, 2]), torch.Size([16]))
+        """
         p = self.u
         z0 = torch.randn(n, self.dim, dtype=p.dtype, device=p.device)
         base = -0.5 * (z0**2).sum(1) - 0.5 * self.dim * math.log(2 * math.pi)

@@ -43,13 +43,22 @@ class ODEBlock(nn.Module):
         per_sample: adaptive methods: every sample takes its own steps (``solve(per_sample=True)``; backprop
             or adjoint gradients), so that a hard input does not force small steps on the batch; ``func``
             receives one time per sample (the ``Concat*`` layers accept that).
+        return_all: return the state at every time of ``t`` (shape ``(len(t), *h.shape)``) instead of the
+            last one only.
 
     After a forward pass ``nfe_forward`` holds its function evaluations; after the backward pass
     ``nfe_backward`` holds the backward pass's.
 
+    Raises:
+        ValueError: an unknown ``method``, ``gradient`` or ``regularization`` key, a negative
+            ``augment_dim``, or ``regularization`` combined with ``per_sample=True``.
+
     Example:
-        >>> block = ODEBlock(MLPODEFunc(4, 32))           # doctest: +SKIP
-        >>> out = block(torch.randn(8, 4)); block.nfe_forward > 0
+        >>> from neuralode.nn import MLPODEFunc
+        >>> block = ODEBlock(MLPODEFunc(4, 32))
+        >>> out = block(torch.randn(8, 4))
+        >>> out.shape, block.nfe_forward > 0
+        (torch.Size([8, 4]), True)
     """
 
     def __init__(
@@ -107,13 +116,29 @@ class ODEBlock(nn.Module):
 
     @property
     def nfe_forward(self) -> int:
+        """Evaluations of ``func`` in the last forward pass (0 before the first)."""
         return 0 if self.stats is None else self.stats.nfe
 
     @property
     def nfe_backward(self) -> int:
+        """Evaluations of ``func`` (each with a vector–Jacobian product) in the last backward pass (0 before)."""
         return 0 if self.stats is None else self.stats.nfe_backward
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """Solve from ``h`` at ``t[0]`` to ``t[-1]``.
+
+        Arguments:
+            h: the input, ``(batch, ...)``: features ``(batch, dim)`` or images ``(batch, channels, H, W)``, a
+                floating dtype (the solve runs in it; the times are cast to it).
+
+        Returns:
+            the state at ``t[-1]``, shaped like ``h`` (with ``augment_dim`` more entries along dimension 1);
+            with ``return_all=True`` the states at every time of ``t``, ``(len(t), *shape)``. Sets
+            ``stats``, ``sample_stats`` (``per_sample=True``) and, when regularising in training, ``reg_loss``.
+
+        Raises:
+            SolverError: the solve failed (e.g. :class:`~neuralode.MaxStepsError`).
+        """
         if self.augment_dim:
             pad = h.new_zeros(h.shape[0], self.augment_dim, *h.shape[2:])
             h = torch.cat([h, pad], 1)
@@ -173,6 +198,7 @@ class ODEBlock(nn.Module):
         return hs if self.return_all else hs[-1]
 
     def extra_repr(self) -> str:
+        """The settings shown by ``print(block)``: times, method, tolerances, gradient mode."""
         return (
             f"t={self.t.tolist()}, method={self.method!r}, rtol={self.rtol}, atol={self.atol}, "
             f"gradient={self.gradient!r}" + (", per_sample=True" if self.per_sample else "")

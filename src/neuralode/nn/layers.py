@@ -41,6 +41,15 @@ class ConcatConv2d(nn.Module):
         self.conv = nn.Conv2d(in_channels + 1, out_channels, kernel_size, stride, padding, bias=bias)
 
     def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Convolve ``[x, t]``.
+
+        Arguments:
+            t: the time: a 0-d tensor (or a number), or ``(batch,)`` with one time per sample.
+            x: ``(batch, in_channels, H, W)``, a floating dtype.
+
+        Returns:
+            ``(batch, out_channels, H', W')`` in ``x``'s dtype.
+        """
         conv = self.conv
         w = conv.weight
         out = F.conv2d(x, w[:, :-1], conv.bias, conv.stride, conv.padding)
@@ -50,13 +59,29 @@ class ConcatConv2d(nn.Module):
 
 
 class ConcatLinear(nn.Module):
-    """A linear layer that sees time as one more input feature."""
+    """A linear layer that sees time as one more input feature: ``Linear(in_features + 1, out_features)``
+    applied to ``[x, t]``.
+
+    Example:
+        >>> layer = ConcatLinear(3, 5)
+        >>> layer(torch.tensor(0.5), torch.randn(8, 3)).shape
+        torch.Size([8, 5])
+    """
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
         self.linear = nn.Linear(in_features + 1, out_features)
 
     def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Apply the layer to ``[x, t]``.
+
+        Arguments:
+            t: the time: a 0-d tensor (or a number), or ``(batch,)`` with one time per sample.
+            x: ``(..., in_features)``, a floating dtype.
+
+        Returns:
+            ``(..., out_features)`` in ``x``'s dtype.
+        """
         return self.linear(torch.cat([x, _time_like(t, x).expand(*x.shape[:-1], 1)], -1))
 
 
@@ -77,6 +102,15 @@ class ConvODEFunc(nn.Module):
         self.norm3 = _group_norm(channels, groups)
 
     def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``dx/dt`` at ``(t, x)``.
+
+        Arguments:
+            t: the time (0-d, or ``(batch,)`` per sample).
+            x: ``(batch, channels, H, W)``.
+
+        Returns:
+            ``dx/dt``, shaped like ``x``.
+        """
         # in-place ReLU on GroupNorm outputs: GroupNorm's backward reads its input, not its output, so
         # autograd keeps one tensor fewer per activation
         out = self.conv1(t, torch.relu_(self.norm1(x)))
@@ -85,7 +119,18 @@ class ConvODEFunc(nn.Module):
 
 
 class MLPODEFunc(nn.Module):
-    """dh/dt = MLP([h, t]) with tanh hidden layers: a small time-dependent dynamics for vectors."""
+    """dh/dt = MLP([h, t]) with tanh hidden layers: a small time-dependent dynamics for vectors.
+
+    Arguments:
+        dim: the state's size (the last dimension of ``h``).
+        hidden: width of the hidden layers.
+        layers: number of hidden layers (each a :class:`ConcatLinear` and tanh).
+
+    Example:
+        >>> f = MLPODEFunc(2, hidden=16)
+        >>> f(torch.tensor(0.0), torch.randn(5, 2)).shape
+        torch.Size([5, 2])
+    """
 
     def __init__(self, dim: int, hidden: int = 64, layers: int = 2) -> None:
         super().__init__()
@@ -94,6 +139,15 @@ class MLPODEFunc(nn.Module):
         self.out = ConcatLinear(hidden, dim)
 
     def forward(self, t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """``dh/dt`` at ``(t, h)``.
+
+        Arguments:
+            t: the time (0-d, or ``(batch,)`` per sample).
+            h: ``(..., dim)``, a floating dtype.
+
+        Returns:
+            ``dh/dt``, shaped like ``h``.
+        """
         h = torch.tanh(self.inp(t, h))
         for layer in self.hidden:
             h = torch.tanh(layer(t, h))

@@ -19,6 +19,27 @@ __all__ = ["RegularizedField"]
 
 
 class RegularizedField(nn.Module):
+    """Dynamics on ``(h, acc)``: ``func``'s and, per sample, the integrands of the two regularisers.
+
+    Solving it from ``(h0, zeros(batch, 2))`` gives, besides ``h(t1)``, ``acc[:, 0] = ∫ ‖f‖² dt`` (kinetic
+    energy) and ``acc[:, 1] = ∫ ‖εᵀ ∂f/∂h‖² dt`` (Hutchinson's estimate of the Jacobian's squared Frobenius
+    norm). ``ODEBlock(regularization=...)`` builds one; use it directly to regularise your own solve.
+
+    Arguments:
+        func: the dynamics ``func(t, h) -> dh/dt``, ``h`` of shape ``(batch, ...)``.
+        kinetic: accumulate the kinetic energy (else that column stays zero).
+        jacobian: accumulate the Jacobian Frobenius norm (else that column stays zero).
+
+    Example:
+        >>> import neuralode
+        >>> from neuralode.nn import MLPODEFunc
+        >>> field = RegularizedField(MLPODEFunc(3, hidden=8))
+        >>> h = torch.randn(4, 3); field.sample_noise(h)
+        >>> hs, accs = neuralode.odeint(field, (h, torch.zeros(4, 2)), torch.tensor([0.0, 1.0]))
+        >>> accs[-1].shape
+        torch.Size([4, 2])
+    """
+
     def __init__(self, func: nn.Module, kinetic: bool = True, jacobian: bool = True) -> None:
         super().__init__()
         self.func = func
@@ -26,9 +47,24 @@ class RegularizedField(nn.Module):
         self.eps: torch.Tensor | None = None  # Hutchinson's noise, fixed within a solve
 
     def sample_noise(self, h: torch.Tensor) -> None:
+        """Draw Hutchinson's noise ``ε ~ N(0, I)`` shaped like ``h``, kept fixed for the next solve.
+
+        Arguments:
+            h: the state the next solve starts from, ``(batch, ...)``.
+        """
         self.eps = torch.randn_like(h)
 
     def forward(self, t: torch.Tensor, state):
+        """The derivative of ``(h, acc)``.
+
+        Arguments:
+            t: the time (0-d tensor).
+            state: ``(h, acc)`` with ``h`` of shape ``(batch, ...)`` and ``acc`` of shape ``(batch, 2)``.
+
+        Returns:
+            ``(dh/dt, dacc/dt)``: ``func(t, h)`` and ``(batch, 2)`` holding ``‖f‖²`` and ``‖εᵀ ∂f/∂h‖²`` per
+            sample (zeros for a regulariser that is off), in ``h``'s dtype.
+        """
         h, _ = state
         zeros = h.new_zeros(h.shape[0])
         if self.jacobian:

@@ -29,6 +29,14 @@ class FixedPointError(RuntimeError):
 
 @dataclass
 class FixedPointStats:
+    """What a fixed-point solve did.
+
+    Attributes:
+        iterations: evaluations of ``f``.
+        residual: the largest relative residual ``‖f(z) − z‖ / ‖f(z)‖`` in the batch at the returned iterate.
+        converged: whether every sample reached the tolerance.
+    """
+
     iterations: int = 0  # evaluations of f
     residual: float = math.inf  # the largest relative residual in the batch at the returned iterate
     converged: bool = False

@@ -56,6 +56,7 @@ class ImplicitTableau:
 
     @property
     def stages(self) -> int:
+        """Number of stages (unknowns of the stage equations per state entry)."""
         return len(self.c)
 
     @property
@@ -142,6 +143,8 @@ TRBDF2 = ImplicitTableau(
 IMPLICIT_TABLEAUS = {
     t.name: t for t in (IMPLICIT_EULER, IMPLICIT_MIDPOINT, TRAPEZOID, RADAU_IIA3, RADAU_IIA5, GL4, GL6, SDIRK2, TRBDF2)
 }
+"""The fixed-step implicit Runge–Kutta methods by name (``"implicit_euler"``, ``"radauIIA5"``, ``"gl4"``,
+...): each an :class:`ImplicitTableau` with its coefficients and their source."""
 
 
 def user_jacobian(rhs, t: torch.Tensor, y: torch.Tensor, batch: int) -> torch.Tensor | None:

@@ -47,6 +47,8 @@ ROSENBROCK_METHODS = {
     # (an ESDIRK, not a Rosenbrock method; listed here with the other adaptive stiff methods)
     "adaptive_trbdf2": _Info("adaptive_trbdf2", 3, "Hosea & Shampine (1996)"),
 }
+"""The adaptive stiff methods by name (``"rodas4"``, ``"rosenbrock23"``, ``"adaptive_trbdf2"``): each with
+its ``order`` (the power of h in the local error estimate) and ``source``."""
 
 
 @dataclass(frozen=True)

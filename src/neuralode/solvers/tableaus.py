@@ -73,6 +73,7 @@ class ButcherTableau:
 
     @property
     def stages(self) -> int:
+        """Number of stages (evaluations of ``func`` per step, one fewer after the first for FSAL methods)."""
         return len(self.c)
 
     @property
@@ -82,6 +83,7 @@ class ButcherTableau:
 
     @property
     def adaptive(self) -> bool:
+        """Whether the method has an embedded error estimate (``b_err``), i.e. supports adaptive steps."""
         return self.b_err is not None
 
     @property
@@ -516,3 +518,5 @@ DOPRI8 = ButcherTableau(
 TABLEAUS: dict[str, ButcherTableau] = {
     t.name: t for t in (EULER, MIDPOINT, HEUN2, HEUN3, RK4, ADAPTIVE_HEUN, FEHLBERG2, BOSH3, DOPRI5, TSIT5, DOPRI8)
 }
+"""The explicit Runge–Kutta methods by name (``"dopri5"``, ``"tsit5"``, ``"rk4"``, ...): each a
+:class:`ButcherTableau` with its coefficients and their source, e.g. ``TABLEAUS["dopri5"].order == 5``."""
