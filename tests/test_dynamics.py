@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from neuralode.data.systems import SYSTEMS, observe
-from neuralode.experiments.dynamics import HybridField, _windows, train
+from neuralode.experiments.dynamics import HybridField, _trajectory_mae, _windows, train
 
 scipy_integrate = pytest.importorskip("scipy.integrate")
 
@@ -81,6 +81,20 @@ def test_hybrid_model_recovers_a_known_parameter_on_clean_data(tmp_path):
     )
     assert m["physical_parameters"]["g_over_L"]["relative_error"] < 0.02, m["physical_parameters"]
     assert m["physical_parameters"]["mu"]["relative_error"] < 0.1, m["physical_parameters"]
+
+
+def test_final_mae_is_the_returned_models_error_and_the_average_is_named_as_one(tmp_path):
+    # a short hybrid run whose error is still falling: the last evaluations' average lags the final model
+    kw = dict(system="falling", hybrid=True, data_size=40, batch_time=10, rtol=1e-5, atol=1e-6)
+    m, func = train(**kw, iters=40, eval_every=5, out_dir=str(tmp_path), show_progress=False, return_model=True)
+    t, clean, _ = observe("falling", n=40)
+    fresh = _trajectory_mae(func, t[None], clean[None], "dopri5", 1e-5, 1e-6)
+    assert m["final_mae"] == fresh
+    maes = [h["trajectory_mae"] for h in m["history"]]
+    assert m["mae_mean_last_evals_count"] == len(maes) == 8
+    assert m["mae_mean_last_evals"] == pytest.approx(sum(maes) / len(maes))
+    assert m["final_mae"] < m["mae_mean_last_evals"], maes
+    assert "seconds" not in m and m["train_seconds"] > 0 and m["eval_seconds"] > 0
 
 
 def test_hybrid_field_equals_the_true_field_at_the_true_parameters():

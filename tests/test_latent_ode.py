@@ -87,3 +87,51 @@ def test_prediction_extends_past_the_observations():
 def test_unknown_encoder_is_rejected():
     with pytest.raises(ValueError, match="`encoder` must be 'gru' or 'odernn'"):
         LatentODE(encoder="lstm")
+
+
+def test_rnn_input_is_each_observation_with_the_time_since_the_previous_one():
+    torch.manual_seed(0)
+    rnn = RNNBaseline(hidden=8)
+    t, x, mask = spirals(batch=5)
+    inp, packed_mask = rnn.inputs(t, x, mask)
+    for b in range(5):
+        seen = mask[:, b, 0].bool()
+        k = int(seen.sum())
+        times = t[seen]
+        torch.testing.assert_close(inp[:k, b, :2], x[seen, b])
+        torch.testing.assert_close(inp[:k, b, 2], torch.diff(times, prepend=t[:1]))  # time differences
+        assert bool((packed_mask[:k, b] == 1).all()) and bool((packed_mask[k:, b] == 0).all())
+    # the same values observed with other gaps are read differently
+    stretched = rnn.predict(2 * t, x, mask)
+    assert not torch.allclose(stretched, rnn.predict(t, x, mask))
+
+
+def test_rnn_loss_over_packed_observations_equals_the_loss_of_its_predictions():
+    torch.manual_seed(0)
+    rnn = RNNBaseline(hidden=16)
+    t, x, mask = spirals(batch=8)
+    mask[:, 3] = 0
+    mask[4, 3] = 1  # a sequence whose only observation is not at t[0]
+    pred, valid = rnn(t, x, mask)
+    m = mask * valid[..., None]
+    torch.testing.assert_close(rnn.loss(t, x, mask), ((pred - x) ** 2 * m).sum() / m.sum())
+
+
+@pytest.mark.parametrize("feedback_gap", [0.0, 0.25, 10.0])
+def test_rnn_extrapolation_reads_back_its_predictions_every_feedback_gap(feedback_gap):
+    torch.manual_seed(0)
+    rnn = RNNBaseline(hidden=8)
+    t = torch.arange(30) * 0.1
+    t_obs, x, mask = spirals(batch=3, T=30)
+    mask[15:] = 0  # observed in the first half only
+    pred = rnn.predict(t, x, mask, feedback_gap=feedback_gap)
+    # the same predictions follow from observing the predictions at the times the rule feeds back
+    x2, mask2 = x.clone(), mask.clone()
+    for b in range(3):
+        last = int(mask[:, b, 0].nonzero().max())
+        for i in range(last + 1, 30):
+            if float(t[i] - t[last]) >= feedback_gap:
+                x2[i, b], mask2[i, b], last = pred[i, b], 1.0, i
+    torch.testing.assert_close(pred[15:], rnn(t, x2, mask2)[0][15:])
+    fed = int(mask2[15:, 0, 0].sum())
+    assert fed == {0.0: 15, 0.25: 5, 10.0: 0}[feedback_gap]

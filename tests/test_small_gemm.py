@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import every_fallback_warns, needs_cxx  # noqa: F401 (an autouse fixture)
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import neuralode as node
@@ -13,34 +14,6 @@ from neuralode.solvers import small_gemm
 from neuralode.solvers.small_gemm import SMALL_GEMM_MACS, SMALL_GEMM_MIN_K, _rewrite
 
 aten = torch.ops.aten
-
-
-def _inductor_finds_no_cxx_compiler() -> bool:
-    """Inductor builds its CPU kernels with a C++ compiler; True where its own search finds none."""
-    from torch._inductor.cpp_builder import get_cpp_compiler
-    from torch._inductor.exc import InvalidCxxCompiler
-
-    try:
-        get_cpp_compiler()
-    except InvalidCxxCompiler:
-        return True
-    return False
-
-
-NO_CXX = _inductor_finds_no_cxx_compiler()
-
-
-@pytest.fixture(autouse=True)
-def _every_fallback_warns():
-    """The compiled path warns once per message when it falls back to eager: each test here must see its own
-    fallback, not find it silenced by an earlier test's."""
-    from neuralode.solvers import compiled
-
-    saved = set(compiled._WARNED)
-    compiled._WARNED.clear()
-    yield
-    compiled._WARNED.clear()
-    compiled._WARNED.update(saved)
 
 
 def _targets(gm):
@@ -94,7 +67,7 @@ def test_backend_is_inductor_with_the_rewrite_on_cpu_only():
     assert small_gemm.backend_for("inductor", torch.device("meta")) == "inductor"
 
 
-@pytest.mark.skipif(NO_CXX, reason="no C++ compiler for Inductor's CPU kernels (cpp_builder.get_cpp_compiler)")
+@needs_cxx
 def test_compiled_small_mlp_solve_matches_the_eager_solve():
     """One inductor compilation: a small MLP field (products fused by the rewrite, C++ wrapper)."""
     torch.manual_seed(0)

@@ -307,6 +307,10 @@ def _latent(args: argparse.Namespace) -> int:
         n_spirals=args.n_spirals,
         seed=args.seed,
         show_progress=not args.no_progress,
+        n_val=args.n_val,
+        rnn_hidden=tuple(args.rnn_hidden),
+        rnn_lr=tuple(args.rnn_lr),
+        rnn_feedback=tuple(args.rnn_feedback),
     )
     print(f"results in {args.out}/ (results.json, results.csv, table.md, PNG plots)")
     return 0
@@ -502,6 +506,30 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--encoder", default="odernn", choices=["gru", "odernn"], help="recognition network")
     # the experiment holds out test and validation spirals (at least one each) and trains on the rest
     la.add_argument("--n-spirals", type=_int_at_least(3), default=1000)
+    la.add_argument(
+        "--n-val",
+        type=positive_int,
+        default=None,
+        help="validation spirals that choose the RNN's settings (default: half the test set)",
+    )
+    la.add_argument(
+        "--rnn-hidden", type=positive_int, nargs="+", default=[25, 64], help="RNN hidden sizes tried on validation data"
+    )
+    la.add_argument(
+        "--rnn-lr",
+        type=positive_float,
+        nargs="+",
+        default=[3e-3, 1e-2, 3e-2],
+        help="RNN learning rates tried on validation data",
+    )
+    la.add_argument(
+        "--rnn-feedback",
+        type=nonnegative_float,
+        nargs="+",
+        default=[0.0, 0.5, 1.0, 2.0],
+        help="RNN extrapolation feedback gaps tried on validation data, in multiples of the mean gap between "
+        "training observations (0: feed back at every query time)",
+    )
     la.add_argument("--seed", type=seed_int, default=0)
     la.add_argument("--out", type=out_folder, default="runs/latent")
     la.add_argument("--no-progress", action="store_true")
