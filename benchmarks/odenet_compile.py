@@ -1,4 +1,4 @@
-"""An ODE-Net training step (issue 4's model: Fashion-MNIST-sized input, batch 128, dopri5 at 1e-3, adjoint
+"""An ODE-Net training step (the classifier's model: Fashion-MNIST-sized input, batch 128, dopri5 at 1e-3, adjoint
 gradients) with ``compile=True`` against the eager solver, in one process. With the adjoint, the forward
 solve runs without a graph, so ``compile=True`` runs it in the compiled device loop; the backward (adjoint)
 solve runs there too where func is cheap, and eagerly on CPU where one augmented call takes ≥ 3 ms, as this

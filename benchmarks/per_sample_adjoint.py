@@ -1,7 +1,7 @@
 """Gradients of a batch whose samples differ in stiffness: joint or per-sample stepping; backprop, adjoint or
 checkpoint.
 
-The van der Pol batch of issue 11 (μ from 0.5 to 5, one learnable μ per sample, t in [0, 7], dopri5 at
+A van der Pol batch (μ from 0.5 to 5, one learnable μ per sample, t in [0, 7], dopri5 at
 rtol = atol = 1e-5); the loss is a weighted sum of the states at 20 output times. For each of the six
 combinations, the joint adjoint with the seminorm too (and each again with ``compile=True`` but the joint adjoint
 with its default norm, whose compiled backward needs an ``nn.Module`` func: this one is a closure over μ), in

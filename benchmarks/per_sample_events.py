@@ -2,7 +2,7 @@
 torchdiffeq gets them (``odeint_event`` stops a batch at the first event of any sample, so one solve per
 sample), in one process.
 
-The van der Pol batch of issue 11 (μ from 0.5 to 5, random starts on the x-axis), each sample until x first
+A van der Pol batch (μ from 0.5 to 5, random starts on the x-axis), each sample until x first
 crosses zero, dopri5 at rtol = atol = 1e-6, float64. Times: the event times alone (no graph), and the event
 times with their gradient with respect to μ (backprop). The event times of every approach are compared with
 neuralode's per sample.

@@ -1,4 +1,4 @@
-"""Image classification (issue: ODE-Net classifier): IDX data, the three models, training, the CLI, resume,
+"""Image classification (the ODE-Net classifier): IDX data, the three models, training, the CLI, resume,
 the test-time tolerance sweep, distributed training, memory."""
 
 import gzip

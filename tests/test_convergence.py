@@ -101,7 +101,7 @@ def test_dense_output_has_its_order_between_steps(method, order):
 
 
 def test_cubic_interp_is_fourth_order_between_grid_points():
-    # issue 9: interp="cubic" on a fixed grid is fourth-order accurate between grid points
+    # interp="cubic" on a fixed grid is fourth-order accurate between grid points
     errs = []
     for h in (0.1, 0.05, 0.025):
         t = torch.tensor([0.0, 0.37, 1.13, 2.0], dtype=torch.float64)

@@ -1,4 +1,4 @@
-"""Implicit layers (issue: deep equilibrium models): batched Anderson and Broyden solvers, implicit-function-
+"""Implicit layers (deep equilibrium models): batched Anderson and Broyden solvers, implicit-function-
 theorem gradients, memory independent of the iteration count, and the DEQ classifier."""
 
 import json

@@ -1,4 +1,4 @@
-"""The torchdiffeq-style example programs run on short settings and do what they claim (issue 9)."""
+"""The torchdiffeq-style example programs run on short settings and do what they claim."""
 
 import importlib.util
 import json

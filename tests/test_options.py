@@ -1,4 +1,4 @@
-"""Each option changes behaviour the way the documentation says (issue 9)."""
+"""Each option changes behaviour the way the documentation says."""
 
 import pytest
 import torch

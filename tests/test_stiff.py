@@ -1,4 +1,4 @@
-"""Implicit methods for stiff problems (issue: stiff solvers) — the fixed-grid methods so far: observed
+"""Implicit methods for stiff problems — the fixed-grid methods so far: observed
 orders, stability where explicit methods fail, exact gradients in every mode, the stiffness hint."""
 
 import math

@@ -657,7 +657,7 @@ def _adjoint_cfg(prob: Problem, rtol, atol, method, options) -> dict:
             f"unknown adjoint_options {sorted(unknown)} for adjoint_method {method!r}; valid: "
             f"{sorted(valid_options(method))}"
         )
-    check_option_values(method, options, "adjoint_options")  # now, not halfway through the backward pass
+    check_option_values(method, options, "adjoint_options")  # at the forward, not halfway through the backward
     shapes, shape = prob.shapes, prob.shape
     rtol = prob.rtol if rtol is None else _check_tol("adjoint_rtol", rtol, prob.y0, shapes, shape)
     atol = prob.atol if atol is None else _check_tol("adjoint_atol", atol, prob.y0, shapes, shape)

@@ -79,7 +79,7 @@ class ODEBlock(nn.Module):
         per_sample: bool = False,
     ) -> None:
         super().__init__()
-        check_method(method)  # (now, not at the first forward pass)
+        check_method(method)  # (when the block is built, not at its first forward pass)
         if gradient not in GRADIENT_MODES:
             raise ValueError(f"`gradient` must be one of {GRADIENT_MODES}, got {gradient!r}")
         #: fuse each solver step with torch.compile where supported (see ``solve(compile=...)``)

@@ -423,7 +423,7 @@ def integrate_device_loop(
     return res, {"n_steps": n_steps, "n_rejected": n_rej, "nfe": nfe, "calls": calls}
 
 
-#: every compiled call through TorchDynamo and the starting step eager, as before ``DirectCall`` and
+#: every compiled call through TorchDynamo and the starting step eager, bypassing ``DirectCall`` and
 #: ``_init_step`` (tests compare the two)
 _NO_DIRECT = False
 
