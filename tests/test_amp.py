@@ -38,7 +38,7 @@ def grads(func, y0, t, mode, autocast=False, backward_inside=False, **kw):
     the autocast region or, as PyTorch recommends, after it)."""
     x = y0.clone().requires_grad_(True)
     with torch.autocast(**BF16, enabled=autocast):
-        sol = nd.solve(func, x, t, gradient=mode, **kw)
+        sol = nd.solve(func, x, t, gradient=mode, dense=True, **kw)  # (interpolated below)
         w = torch.linspace(-1, 1, sol.ys.numel()).reshape(sol.ys.shape)
         loss = (sol.ys * w).sum()
         if backward_inside:
