@@ -26,6 +26,8 @@ def _working_directory_exists(request):
         os.getcwd()
     except FileNotFoundError:
         os.chdir(ROOT)
-        warnings.warn(f"the working directory was deleted during {_LAST[-1] if _LAST else 'an earlier test'}")
+        warnings.warn(
+            f"the working directory was deleted during {_LAST[-1] if _LAST else 'an earlier test'}", stacklevel=2
+        )
     _LAST[:] = [request.node.nodeid]
     yield
