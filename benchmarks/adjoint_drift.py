@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
 import platform
 import sys
 import time
@@ -33,6 +31,7 @@ import warnings
 import torch
 
 import neuralode as node
+from neuralode.experiments.bench import save_json
 from neuralode.gradients import adjoint as adjoint_module
 from neuralode.gradients import common
 
@@ -342,10 +341,7 @@ def main(argv=None) -> None:
         "problems": problems,
     }
     result["total_seconds"] = round(time.perf_counter() - start, 1)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump(result, fh, indent=2)
-        fh.write("\n")
+    save_json(result, args.out)
     for name, p in problems.items():
         print(f"\n{name}: {p['description']}")
         for r in p["rows"]:

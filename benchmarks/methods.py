@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
-import os
 import platform
 import sys
 import time
@@ -29,6 +27,7 @@ import torch
 from scipy.integrate import solve_ivp
 
 import neuralode as node
+from neuralode.experiments.bench import save_json
 
 D = torch.float64
 
@@ -332,10 +331,7 @@ def main(argv=None) -> None:
             "rows": rows,
         }
     result["total_seconds"] = round(time.perf_counter() - start, 1)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump(result, fh, indent=2)
-        fh.write("\n")
+    save_json(result, args.out)
     if args.markdown:
         print(markdown(result))
     print(f"written {args.out} in {result['total_seconds']} s", file=sys.stderr)
