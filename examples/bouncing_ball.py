@@ -4,7 +4,7 @@ Each flight is integrated with ``odeint_event`` until the ball hits the ground; 
 and scaled by the coefficient of restitution. Event times are differentiable (implicit function theorem), so
 the bounce times can be fitted by gradient descent. Only the torchdiffeq-style interface is used.
 
-    python examples/bouncing_ball.py --niters 100 [--adjoint] [--out runs/bouncing_ball]
+    python examples/bouncing_ball.py --niters 100 [--adjoint] [--viz] [--out runs/bouncing_ball]
 """
 
 import argparse
@@ -21,6 +21,7 @@ parser.add_argument("--niters", type=int, default=100)
 parser.add_argument("--bounces", type=int, default=4)
 parser.add_argument("--lr", type=float, default=0.05)
 parser.add_argument("--adjoint", action="store_true")
+parser.add_argument("--viz", action="store_true", help="also draw the figure, bouncing_ball.png, in --out")
 parser.add_argument("--out", type=str, default="runs/bouncing_ball")
 
 GRAVITY = 9.81
@@ -69,6 +70,45 @@ def analytic_bounce_times(h, e, n):
     return out
 
 
+def plot(log, bounces, path):
+    """The learned trajectory against the initial guess and the target bounce times, and the loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    target = analytic_bounce_times(10.0, 0.8, bounces)
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for label, h, e, style in [
+        ("initial guess", 5.0, 0.6, "C1--"),
+        ("learned", log[-1]["height"], log[-1]["restitution"], "C0-"),
+    ]:
+        ball = BouncingBall(h, e)
+        with torch.no_grad():
+            state = (torch.tensor([h], dtype=torch.float64), torch.zeros(1, dtype=torch.float64))
+            start = 0.0
+            for k, t_hit in enumerate(ball.bounce_times(bounces).tolist()):
+                ts = torch.linspace(start, t_hit, 60, dtype=torch.float64)
+                pos, vel = odeint(ball, state, ts, rtol=1e-9, atol=1e-10)
+                ax.plot(ts, pos[:, 0], style, label=label if k == 0 else None)
+                state = (pos[-1] * 0 + 1e-9, -e * vel[-1])
+                start = t_hit
+    for k, t in enumerate(target):
+        ax.axvline(t, color="0.6", lw=0.8, ls=":", label="target bounce times" if k == 0 else None)
+    ax.set_xlabel("t (s)")
+    ax.set_ylabel("height (m)")
+    ax.set_title("Bounces located by odeint_event")
+    ax.legend(fontsize=8, loc="upper right")
+    ax2.semilogy([r["iter"] for r in log], [r["loss"] for r in log])
+    ax2.set_xlabel("iteration")
+    ax2.set_ylabel("squared error of the bounce times")
+    ax2.set_title(f"height {log[-1]['height']:.2f} m (true 10), restitution {log[-1]['restitution']:.2f} (true 0.8)")
+    ax2.title.set_fontsize(9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    plt.close(fig)
+
+
 def main(argv=None):
     args = parser.parse_args(argv)
     target = torch.tensor(analytic_bounce_times(10.0, 0.8, args.bounces), dtype=torch.float64)
@@ -99,6 +139,8 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "log.json"), "w") as fh:
         json.dump(log, fh, indent=1)
+    if args.viz:
+        plot(log, args.bounces, os.path.join(args.out, "bouncing_ball.png"))
     return log
 
 

@@ -3,7 +3,7 @@
 A GRU runs backwards over (observation, time gap) pairs and gives q(z0); the latent ODE is solved at the
 observation times; a linear decoder maps back; the loss is the negative ELBO (Gaussian likelihood + KL).
 
-    python examples/latent_ode.py --niters 2000 [--adjoint] [--out runs/latent_ode]
+    python examples/latent_ode.py --niters 2000 [--adjoint] [--viz] [--out runs/latent_ode]
 """
 
 import argparse
@@ -22,6 +22,7 @@ parser.add_argument("--latent_dim", type=int, default=4)
 parser.add_argument("--lr", type=float, default=1e-2)
 parser.add_argument("--noise", type=float, default=0.1)
 parser.add_argument("--adjoint", action="store_true")
+parser.add_argument("--viz", action="store_true", help="also draw the figure, latent_ode.png, in --out")
 parser.add_argument("--out", type=str, default="runs/latent_ode")
 
 
@@ -69,6 +70,39 @@ class Encoder(torch.nn.Module):
         return self.out(h[-1]).chunk(2, -1)
 
 
+def plot(log, t, data, idx, enc, func, dec, path):
+    """Two spirals: observations, reconstruction over the observed span, extrapolation; and the loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from neuralode import odeint
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
+    with torch.no_grad():
+        for ax, i in zip(axes[:2], (0, 1)):
+            x = data[i : i + 1, idx]
+            mean, _ = enc(x, t[idx][None])
+            ts = t[idx[0] :]
+            xs = dec(odeint(func, mean, ts - ts[0], rtol=1e-5, atol=1e-6)[:, 0])
+            n_obs_span = int(idx[-1] - idx[0]) + 1
+            ax.plot(data[i, :, 0], data[i, :, 1], ".", color="0.8", ms=3, label="noisy spiral")
+            ax.plot(x[0, :, 0], x[0, :, 1], "ko", ms=3, label="observed")
+            ax.plot(xs[:n_obs_span, 0], xs[:n_obs_span, 1], "C0-", label="reconstruction")
+            ax.plot(xs[n_obs_span - 1 :, 0], xs[n_obs_span - 1 :, 1], "C3-", label="extrapolation")
+            ax.set_aspect("equal")
+            ax.set_title(f"spiral {i} ({'clockwise' if i % 2 == 0 else 'counter-clockwise'})")
+            ax.legend(fontsize=7, loc="lower left")
+    axes[2].plot([r["iter"] for r in log], [r["neg_elbo"] for r in log], lw=0.8)
+    axes[2].set_yscale("log")
+    axes[2].set_xlabel("iteration")
+    axes[2].set_title("negative ELBO")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    plt.close(fig)
+
+
 def main(argv=None):
     args = parser.parse_args(argv)
     if args.adjoint:
@@ -103,6 +137,10 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "log.json"), "w") as fh:
         json.dump(log, fh, indent=1)
+    if args.viz:
+        g = torch.Generator().manual_seed(1)
+        idx = torch.sort(torch.randperm(args.nsample // 2, generator=g)[: args.nobs]).values
+        plot(log, t, data, idx, enc, func, dec, os.path.join(args.out, "latent_ode.png"))
     return log
 
 

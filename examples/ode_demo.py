@@ -17,7 +17,7 @@ parser.add_argument("--batch_time", type=int, default=10)
 parser.add_argument("--batch_size", type=int, default=20)
 parser.add_argument("--niters", type=int, default=2000)
 parser.add_argument("--test_freq", type=int, default=20)
-parser.add_argument("--viz", action="store_true")
+parser.add_argument("--viz", action="store_true", help="also draw the figure, ode_demo.png, in --out")
 parser.add_argument("--adjoint", action="store_true")
 parser.add_argument("--out", type=str, default="runs/ode_demo")
 
@@ -88,7 +88,7 @@ def main(argv=None):
         ax.plot(true_y[:, 0, 0], true_y[:, 0, 1], "g-", label="true")
         ax.plot(pred_y[:, 0, 0], pred_y[:, 0, 1], "b--", label="learned")
         ax.legend()
-        fig.savefig(os.path.join(args.out, "phase.png"), dpi=100)
+        fig.savefig(os.path.join(args.out, "ode_demo.png"), dpi=100)
         plt.close(fig)
     return log
 

@@ -34,27 +34,31 @@ def test_ode_demo(tmp_path, adjoint):
     argv = ["--niters", "6", "--test_freq", "3", "--viz", "--out", str(tmp_path)] + (["--adjoint"] if adjoint else [])
     log = load("ode_demo").main(argv)
     assert len(log) == 2 and all(math.isfinite(r["loss"]) for r in log)
-    assert (tmp_path / "phase.png").exists() and json.loads((tmp_path / "log.json").read_text())
+    assert (tmp_path / "ode_demo.png").exists() and json.loads((tmp_path / "log.json").read_text())
 
 
 def test_bouncing_ball_learns_height_and_restitution_from_bounce_times(tmp_path):
     # main() first checks its simulated bounce times against the closed form
-    log = load("bouncing_ball").main(["--niters", "20", "--bounces", "3", "--out", str(tmp_path)])
+    log = load("bouncing_ball").main(["--niters", "20", "--bounces", "3", "--viz", "--out", str(tmp_path)])
     assert log[-1]["loss"] < 0.2 * log[0]["loss"]
     assert log[-1]["height"] > log[0]["height"] and log[-1]["restitution"] > log[0]["restitution"]
+    assert (tmp_path / "bouncing_ball.png").exists()
 
 
 def test_learn_physics_moves_the_parameters_towards_the_truth(tmp_path):
-    log = load("learn_physics").main(["--niters", "12", "--out", str(tmp_path)])
+    log = load("learn_physics").main(["--niters", "12", "--viz", "--out", str(tmp_path)])
     assert log[-1]["loss"] < 0.5 * log[0]["loss"]
     assert log[-1]["g_rel_err"] < log[0]["g_rel_err"]
+    assert (tmp_path / "learn_physics.png").exists()
 
 
 def test_latent_ode_elbo_improves(tmp_path):
-    log = load("latent_ode").main(["--niters", "15", "--nspiral", "40", "--out", str(tmp_path)])
+    log = load("latent_ode").main(["--niters", "15", "--nspiral", "40", "--viz", "--out", str(tmp_path)])
     assert log[-1]["neg_elbo"] < 0.7 * log[0]["neg_elbo"]
+    assert (tmp_path / "latent_ode.png").exists()
 
 
 def test_cnf_likelihood_improves(tmp_path):
-    log = load("cnf").main(["--niters", "20", "--batch", "128", "--out", str(tmp_path)])
+    log = load("cnf").main(["--niters", "20", "--batch", "128", "--viz", "--out", str(tmp_path)])
     assert log[-1]["heldout_nll"] < log[0]["heldout_nll"]
+    assert (tmp_path / "cnf.png").exists()

@@ -1,7 +1,8 @@
 """Models built on ODE solves."""
 
+from .classifier import DEQNet, ODENet, ResNet, RKNet
 from .cnf import CNF, ConcatSquashLinear, PlanarCNFNet
-from .deq import DEQBlock, DEQNet
+from .deq import DEQBlock
 from .latent_ode import GRUEncoder, LatentODE, ODERNNEncoder, RNNBaseline
 from .planar import PlanarFlow
 
@@ -15,5 +16,8 @@ __all__ = [
     "PlanarCNFNet",
     "DEQBlock",
     "DEQNet",
+    "ODENet",
+    "ResNet",
+    "RKNet",
     "PlanarFlow",
 ]

@@ -3,7 +3,7 @@
 - ``ODENet``: a single ODE block with the GroupNorm dynamics of ``ConvODEFunc`` (adjoint gradients by default);
 - ``ResNet``: six residual blocks (pre-activation: GroupNorm → ReLU → conv, twice);
 - ``RKNet``: the ODE-Net's dynamics integrated on a fixed grid by an RK method, differentiated by backprop;
-- ``DEQNet``: one deep-equilibrium block (``models.deq``) with implicit gradients.
+- ``DEQNet``: one deep-equilibrium block (``models.deq.DEQBlock``) with implicit gradients.
 
 With 64 channels the paper's architecture gives about 0.21M parameters for the ODE-Net and RK-Net and 0.58M for
 the ResNet (``count_parameters``).
@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..nn import ConvODEFunc, ODEBlock
+from .deq import DEQBlock, DEQConvCell
 
 __all__ = [
     "Stem",
@@ -23,6 +24,7 @@ __all__ = [
     "ODENet",
     "ResNet",
     "RKNet",
+    "DEQNet",
     "build_classifier",
     "count_parameters",
     "CLASSIFIERS",
@@ -95,8 +97,27 @@ class _Classifier(nn.Module):
 
 
 class ODENet(_Classifier):
-    """Stem → one ODE block on [0, 1] (dopri5, rtol = atol = 1e-3, adjoint gradients as in the paper) → head.
-    ``regularization={"kinetic": w, "jacobian": w}`` adds Finlay et al.'s regularisers (``extra_loss``)."""
+    """The ODE-Net of Chen et al. (2018, §3): stem → one ODE block on [0, 1] → head.
+
+    Arguments:
+        in_channels, classes, channels: input channels, number of classes, width of the ODE block.
+        method, rtol, atol, options: the block's solve (dopri5 at 1e-3 as in the paper; see ``neuralode.solve``).
+        gradient: ``"adjoint"`` (the paper's), ``"backprop"`` or ``"checkpoint"``.
+        regularization: ``{"kinetic": w, "jacobian": w}`` adds Finlay et al.'s (2020) regularisers, read back by
+            ``extra_loss()``.
+
+    Calling it on ``(batch, in_channels, H, W)`` images gives ``(batch, classes)`` logits; ``nfe()`` returns the
+    forward and backward evaluations of the last training step.
+
+    Example:
+        ```python
+        import torch
+        from neuralode.models import ODENet
+
+        logits = ODENet(in_channels=1, classes=10, channels=8)(torch.randn(2, 1, 8, 8))
+        assert logits.shape == (2, 10)
+        ```
+    """
 
     def __init__(
         self,
@@ -124,8 +145,16 @@ class ODENet(_Classifier):
 
 
 class RKNet(_Classifier):
-    """Stem → the ODE-Net's dynamics integrated by a fixed-grid RK method (``steps`` equal steps on [0, 1],
-    rk4 by default), differentiated by backprop through the steps → head."""
+    """The RK-Net baseline of Chen et al. (2018, Table 1): the ODE-Net's dynamics integrated on a fixed grid.
+
+    Arguments:
+        in_channels, classes, channels: as for :class:`ODENet`.
+        method: a fixed-step method (``"rk4"`` by default).
+        steps: equal steps on [0, 1], at least 1.
+        gradient: ``"backprop"`` through the steps (the paper's RK-Net), or another gradient mode.
+
+    Maps ``(batch, in_channels, H, W)`` images to ``(batch, classes)`` logits.
+    """
 
     def __init__(
         self,
@@ -144,17 +173,66 @@ class RKNet(_Classifier):
 
 
 class ResNet(_Classifier):
-    """Stem → ``blocks`` residual blocks (six in the paper) → head."""
+    """The ResNet baseline of Chen et al. (2018, Table 1): stem → residual blocks → head.
+
+    Arguments:
+        in_channels, classes, channels: as for :class:`ODENet`.
+        blocks: pre-activation residual blocks (six in the paper).
+
+    Maps ``(batch, in_channels, H, W)`` images to ``(batch, classes)`` logits.
+    """
 
     def __init__(self, in_channels: int = 1, classes: int = 10, channels: int = 64, *, blocks: int = 6) -> None:
         super().__init__(nn.Sequential(*(ResBlock(channels) for _ in range(blocks))), in_channels, channels, classes)
 
 
-def DEQNet(*args, **kwargs) -> nn.Module:  # noqa: N802 - a constructor, imported lazily (deq imports Stem/Head)
-    """Stem → one deep-equilibrium block (``models.deq``) → head."""
-    from .deq import DEQNet as _DEQNet
+class DEQNet(nn.Module):
+    """The ODE-Net's stem and head around one equilibrium block: an image
+    classifier whose middle is a :class:`DEQBlock` over :class:`DEQConvCell`.
 
-    return _DEQNet(*args, **kwargs)
+    Arguments:
+        in_channels, classes, channels: input channels, number of classes, width of the block.
+        solver, tol, max_iter, jac_reg, on_failure: the block's fixed-point solve (see :class:`DEQBlock`).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        classes: int = 10,
+        channels: int = 64,
+        *,
+        solver: str = "anderson",
+        tol: float = 1e-3,
+        max_iter: int = 30,
+        jac_reg: float = 0.0,
+        on_failure: str = "ignore",
+    ) -> None:
+        super().__init__()
+        self.stem = Stem(in_channels, channels)
+        # training reads the residuals from ``body.stats`` rather than a warning per batch
+        self.body = DEQBlock(
+            DEQConvCell(channels), solver=solver, tol=tol, max_iter=max_iter, jac_reg=jac_reg, on_failure=on_failure
+        )
+        self.head = Head(channels, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits of images.
+
+        Arguments:
+            x: ``(batch, in_channels, H, W)``, a floating dtype (e.g. 28×28 digits).
+
+        Returns:
+            ``(batch, classes)`` logits.
+        """
+        return self.head(self.body(self.stem(x)))
+
+    def nfe(self) -> tuple[int, int]:
+        """``(forward, backward)`` evaluations of the equilibrium block in the last training step."""
+        return self.body.nfe_forward, self.body.nfe_backward
+
+    def extra_loss(self) -> torch.Tensor | None:
+        """The Jacobian regulariser of the last training forward pass (``None`` when ``jac_reg`` is 0)."""
+        return self.body.extra_loss
 
 
 CLASSIFIERS = {"odenet": ODENet, "resnet": ResNet, "rknet": RKNet, "deq": DEQNet}

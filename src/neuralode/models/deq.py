@@ -15,7 +15,7 @@ from torch import nn
 
 from ..solvers.fixed_point import FixedPointStats, fixed_point
 
-__all__ = ["DEQBlock", "DEQConvCell", "DEQNet"]
+__all__ = ["DEQBlock", "DEQConvCell"]
 
 
 class DEQBlock(nn.Module):
@@ -170,54 +170,3 @@ class DEQConvCell(nn.Module):
     def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         out = self.conv2(torch.relu(self.norm1(self.conv1(z))))
         return self.norm2(torch.relu(x + out))
-
-
-class DEQNet(nn.Module):
-    """The ODE-Net's stem and head around one equilibrium block (see ``models.classifier``): an image
-    classifier whose middle is a :class:`DEQBlock` over :class:`DEQConvCell`.
-
-    Arguments:
-        in_channels, classes, channels: input channels, number of classes, width of the block.
-        solver, tol, max_iter, jac_reg, on_failure: the block's fixed-point solve (see :class:`DEQBlock`).
-    """
-
-    def __init__(
-        self,
-        in_channels: int = 1,
-        classes: int = 10,
-        channels: int = 64,
-        *,
-        solver: str = "anderson",
-        tol: float = 1e-3,
-        max_iter: int = 30,
-        jac_reg: float = 0.0,
-        on_failure: str = "ignore",
-    ) -> None:
-        super().__init__()
-        from .classifier import Head, Stem
-
-        self.stem = Stem(in_channels, channels)
-        # training reads the residuals from ``body.stats`` rather than a warning per batch
-        self.body = DEQBlock(
-            DEQConvCell(channels), solver=solver, tol=tol, max_iter=max_iter, jac_reg=jac_reg, on_failure=on_failure
-        )
-        self.head = Head(channels, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Class logits of images.
-
-        Arguments:
-            x: ``(batch, in_channels, H, W)``, a floating dtype (e.g. 28×28 digits).
-
-        Returns:
-            ``(batch, classes)`` logits.
-        """
-        return self.head(self.body(self.stem(x)))
-
-    def nfe(self) -> tuple[int, int]:
-        """``(forward, backward)`` evaluations of the equilibrium block in the last training step."""
-        return self.body.nfe_forward, self.body.nfe_backward
-
-    def extra_loss(self) -> torch.Tensor | None:
-        """The Jacobian regulariser of the last training forward pass (``None`` when ``jac_reg`` is 0)."""
-        return self.body.extra_loss
