@@ -84,7 +84,7 @@ def memory(out: str, steps=(10, 100, 1000), dim=64, hidden=2048, batch=16, devic
     by = {(r["mode"], r["steps"]): r["peak_mib"] for r in rows}
     ratio = by[("adjoint", steps[-1])] / max(by[("adjoint", steps[0])], 1e-9)
     print(f"adjoint peak at {steps[-1]} steps / at {steps[0]} steps: {ratio:.2f}")
-    _plot_memory(rows, steps, os.path.join(out, "memory.png"))
+    _plot_memory(rows, steps, os.path.join(out, "gradients_memory.png"))
     return rows
 
 
