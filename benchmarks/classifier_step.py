@@ -20,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from neuralode import _problem
+from neuralode import _methods
 from neuralode.experiments._io import load_checkpoint
 from neuralode.experiments.classify import _cpu_peak, peak_step_memory
 from neuralode.models.classifier import build_classifier, count_parameters
@@ -64,7 +64,7 @@ def main(argv=None) -> None:
         peak = peak_step_memory(model, x, y)
         # the block alone: forward + backward through body and head from the (detached) stem output
         h = model.stem(x).detach().requires_grad_(True)
-        _problem._STEPPERS.clear()
+        _methods._STEPPERS.clear()
         block = _cpu_peak(lambda model=model, h=h: F.cross_entropy(model.head(model.body(h)), y).backward())
         row = {
             "model": name,

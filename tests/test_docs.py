@@ -33,7 +33,7 @@ TIME_BUDGET_S = int(os.environ.get("NEURALODE_DOCS_BUDGET_S", "120"))
 # The public API: these modules' __all__, plus the documented solver data and fixed-point solvers.
 PUBLIC_MODULES = ["neuralode", "neuralode.nn", "neuralode.models"]
 PUBLIC_EXTRA = {
-    "neuralode.solvers.tableaus": ["ButcherTableau", "TABLEAUS"],
+    "neuralode.solvers.tableaus": ["TABLEAUS"],
     "neuralode.solvers.implicit": ["ImplicitTableau", "IMPLICIT_TABLEAUS"],
     "neuralode.solvers.rosenbrock": ["RosenbrockTableau", "ROSENBROCK_METHODS"],
     "neuralode.solvers.fixed_point": ["fixed_point", "anderson", "broyden", "FixedPointStats", "FixedPointError"],

@@ -26,7 +26,11 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import neuralode
-from neuralode._problem import ADAMS_METHODS, ADAPTIVE_METHODS, valid_options
+from neuralode._methods import method_names
+from neuralode._problem import valid_options
+
+ADAPTIVE_METHODS = method_names(kind="explicit", adaptive=True)
+ADAMS_METHODS = method_names(kind="multistep")
 
 settings.register_profile(
     "fast",

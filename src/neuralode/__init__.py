@@ -11,8 +11,9 @@ The public API (everything else is private)::
 from . import models, nn  # subpackages: neuralode.nn.ODEBlock, neuralode.models.LatentODE
 from ._api import Solution, odeint, odeint_adjoint, odeint_dense, odeint_event, solve
 from ._errors import MaxStepsError, NonFiniteStateError, SolverError, Status, StepSizeUnderflowError
-from ._problem import METHODS
+from ._methods import METHODS, register_method
 from .gradients.common import SolveStats
+from .solvers.tableaus import ButcherTableau
 
 __version__ = "0.1.0"
 
@@ -27,6 +28,8 @@ __all__ = [
     "Solution",
     "SolveStats",
     "METHODS",
+    "register_method",
+    "ButcherTableau",
     "Status",
     "SolverError",
     "StepSizeUnderflowError",

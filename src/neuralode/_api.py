@@ -12,13 +12,13 @@ import torch
 from ._amp import entry_point, full_precision
 from ._convert import ConvertedSolution, needs_conversion, solver_problem
 from ._errors import SolverError, Status, exception_for
-from ._problem import DEFAULT_MAX_NUM_STEPS, Problem, make_controller, prepare, run, stepper
+from ._methods import DEFAULT_MAX_NUM_STEPS, get_method, make_controller, method_names, stepper
+from ._problem import Problem, prepare, run
 from .gradients.adjoint import adjoint_solve
 from .gradients.checkpoint import checkpoint_solve
 from .gradients.common import SolveStats, time_gradient_wrapper
 from .solvers.integrate import warn_uncalled_callbacks
 from .solvers.per_sample import PerSampleDense
-from .solvers.tableaus import TABLEAUS
 
 __all__ = ["solve", "Solution", "odeint", "odeint_adjoint", "odeint_event", "odeint_dense"]
 
@@ -389,11 +389,10 @@ def _solve_per_sample(
 
 def _per_sample_setup(prob: Problem, gradient: str) -> tuple:
     """Checks of a per-sample solve; (max_num_steps, controller, rhs, stepper)."""
-    from ._problem import ADAPTIVE_METHODS
-
-    if prob.method not in ADAPTIVE_METHODS:
+    if not get_method(prob.method).per_sample:
         raise ValueError(
-            f"per_sample=True needs an adaptive Runge–Kutta method ({', '.join(ADAPTIVE_METHODS)}), not {prob.method!r}"
+            f"per_sample=True needs an adaptive Runge–Kutta method ({', '.join(method_names(per_sample=True))}), "
+            f"not {prob.method!r}"
         )
     if prob.is_tuple or len(prob.shape) < 2:
         raise ValueError(
@@ -407,7 +406,7 @@ def _per_sample_setup(prob: Problem, gradient: str) -> tuple:
         raise ValueError(f"options {sorted(unsupported)} are not supported with per_sample=True")
     warn_uncalled_callbacks(prob.func, prob.method, per_sample=True)
     max_steps = int(prob.options.get("max_num_steps", DEFAULT_MAX_NUM_STEPS))
-    ctrl = make_controller(TABLEAUS[prob.method].order, prob.options)
+    ctrl = make_controller(get_method(prob.method).order, prob.options)
     rhs = prob.rhs()
     return max_steps, ctrl, rhs, stepper(prob.method, rhs.n, rhs.dtype, rhs.device, "dense")
 
@@ -513,15 +512,13 @@ class _PerSampleEventTime(torch.autograd.Function):
 def _per_sample_adjoint_cfg(prob: Problem, adjoint: dict, rhs, max_steps: int) -> dict:
     """The per-sample adjoint's backward solve: an adaptive RK method, scalar tolerances, the integral
     controller (the per-sample loop's), its error on the state and adjoint of each sample (a seminorm)."""
-    from ._problem import ADAPTIVE_METHODS
-
     cfg = _adjoint_cfg(
         prob, adjoint["adjoint_rtol"], adjoint["adjoint_atol"], adjoint["adjoint_method"], adjoint["adjoint_options"]
     )
-    if cfg["method"] not in ADAPTIVE_METHODS:
+    if not get_method(cfg["method"]).per_sample:
         raise ValueError(
             f"per_sample=True with gradient='adjoint' needs an adaptive Runge–Kutta adjoint_method "
-            f"({', '.join(ADAPTIVE_METHODS)}), not {cfg['method']!r}"
+            f"({', '.join(method_names(per_sample=True))}), not {cfg['method']!r}"
         )
     if not (isinstance(cfg["rtol"], float) and isinstance(cfg["atol"], float)):
         raise ValueError("per_sample=True with gradient='adjoint' takes scalar adjoint_rtol and adjoint_atol")
@@ -534,7 +531,7 @@ def _per_sample_adjoint_cfg(prob: Problem, adjoint: dict, rhs, max_steps: int) -
     if unsupported:
         raise ValueError(f"adjoint_options {sorted(unsupported)} are not supported with per_sample=True")
     opts = cfg["options"]
-    ctrl = make_controller(TABLEAUS[cfg["method"]].order, opts)
+    ctrl = make_controller(get_method(cfg["method"]).order, opts)
     if ctrl.beta2 != 0:
         raise ValueError("per-sample stepping uses the integral controller: leave `pcoeff` at 0 in adjoint_options")
     return {

@@ -16,9 +16,7 @@ import torch
 
 from ._amp import caller_autocast, under_autocast
 from ._errors import caller_stacklevel
-from .solvers.adams import integrate_adams
-from .solvers.control import StepController
-from .solvers.implicit import IMPLICIT_TABLEAUS, AdaptiveTRBDF2, ImplicitRK
+from ._methods import DEFAULT_MAX_NUM_STEPS, RunContext, get_method, make_controller
 from .solvers.integrate import (
     RHS,
     VMAP_MESSAGE,
@@ -26,77 +24,20 @@ from .solvers.integrate import (
     EventLocator,
     IntegrationResult,
     block_rms_max,
-    integrate_adaptive,
-    integrate_fixed,
     is_vmapped,
     warn_uncalled_callbacks,
 )
-from .solvers.rosenbrock import RODAS4, ROSENBROCK_METHODS, Rosenbrock, Rosenbrock23
-from .solvers.runge_kutta import RungeKutta
-from .solvers.scipy_wrapper import integrate_scipy
-from .solvers.tableaus import TABLEAUS
 
-__all__ = ["Problem", "prepare", "run", "METHODS"]
-
-ADAPTIVE_METHODS = ("dopri5", "tsit5", "bosh3", "fehlberg2", "adaptive_heun", "dopri8")
-ROSENBROCK = tuple(ROSENBROCK_METHODS)
-FIXED_RK_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4")
-ADAMS_METHODS = ("explicit_adams", "implicit_adams", "fixed_adams")
-IMPLICIT_FIXED_METHODS = tuple(IMPLICIT_TABLEAUS)
-METHODS = ADAPTIVE_METHODS + ROSENBROCK + FIXED_RK_METHODS + IMPLICIT_FIXED_METHODS + ADAMS_METHODS + ("scipy_solver",)
-"""The names ``method=`` accepts (a tuple of str): adaptive explicit (``dopri5`` the default, ``tsit5``, ...),
-adaptive stiff (``rodas4``, ``rosenbrock23``, ``adaptive_trbdf2``), fixed-step explicit (``euler``, ``rk4``,
-...), fixed-step implicit (``implicit_euler``, ``radauIIA5``, ...), multistep (``explicit_adams``,
-``implicit_adams``, ``fixed_adams``) and ``scipy_solver``."""
-
-_COMMON_OPTIONS = {"dtype"}
-_ADAPTIVE_OPTIONS = _COMMON_OPTIONS | {
-    "first_step",
-    "safety",
-    "ifactor",
-    "dfactor",
-    "pcoeff",
-    "icoeff",
-    "min_step",
-    "max_step",
-    "max_num_steps",
-    "step_t",
-    "jump_t",
-    "norm",
-    "event_tol",
-    "compile",
-}
-_FIXED_OPTIONS = _COMMON_OPTIONS | {"step_size", "grid_constructor", "interp", "perturb", "event_tol"}
-_ADAMS_OPTIONS = _FIXED_OPTIONS | {"max_order", "max_iters"}
-_IMPLICIT_OPTIONS = _FIXED_OPTIONS | {"jacobian", "newton_tol", "max_iters"}
-_SCIPY_OPTIONS = _COMMON_OPTIONS | {"solver", "min_step", "max_step", "first_step"}
-
-#: default cap on attempted steps of an adaptive solve (torchdiffeq's is 2**31 - 1, which can hang)
-DEFAULT_MAX_NUM_STEPS = 100_000
+__all__ = ["Problem", "prepare", "run"]
 
 
 def check_method(method: Any, name: str = "method") -> str:
-    """``method`` if it names a method, else an error naming the argument and listing the valid names."""
-    if not isinstance(method, str):
-        raise TypeError(f"`{name}` must be a method name (a string), got {type(method).__name__}")
-    if method not in METHODS:
-        raise ValueError(f"unknown {name} {method!r}; valid methods: {', '.join(METHODS)}")
-    return method
+    """``method`` if it names a registered method, else an error naming the argument and the valid names."""
+    return get_method(method, name).name
 
 
-def valid_options(method: str) -> set[str]:
-    check_method(method)
-    if method in ADAPTIVE_METHODS:
-        return _ADAPTIVE_OPTIONS
-    if method in ROSENBROCK:
-        return _ADAPTIVE_OPTIONS | {"jacobian"}
-    if method in FIXED_RK_METHODS:
-        return _FIXED_OPTIONS
-    if method in ADAMS_METHODS:
-        return _ADAMS_OPTIONS
-    if method in IMPLICIT_FIXED_METHODS:
-        return _IMPLICIT_OPTIONS
-    return _SCIPY_OPTIONS
+def valid_options(method: str) -> frozenset:
+    return get_method(method).options
 
 
 @dataclasses.dataclass
@@ -344,7 +285,8 @@ def prepare(
         and isinstance(atol_, float)
         and rtol_ == 0
         and atol_ == 0
-        and (method in ADAPTIVE_METHODS or method in ROSENBROCK)
+        and get_method(method).adaptive
+        and method != "scipy_solver"
     ):
         raise ValueError("`rtol` and `atol` are both zero: no step could ever be accepted")
     t_out = (
@@ -449,7 +391,7 @@ def check_option_values(method: str, options: dict, name: str = "options") -> No
         fail("grid_constructor", "a callable grid_constructor(func, y0, t) returning the grid")
     if "compile" in options and not isinstance(options["compile"], (bool, str)):
         fail("compile", "True, False or a torch.compile backend name")
-    if method in ADAPTIVE_METHODS or method in ROSENBROCK:
+    if "safety" in valid_options(method):
         make_controller(1, options)  # safety, ifactor, dfactor, pcoeff, icoeff, min_step <= max_step
 
 
@@ -514,316 +456,36 @@ def run(
     trace: list | None = None,
     use_event: bool = True,
 ) -> IntegrationResult:
-    """Run the solver loop for ``prob`` (pieces may be overridden, as the adjoint's backward solve does)."""
+    """Run the solver loop for ``prob`` (pieces may be overridden, as the adjoint's backward solve does): the
+    registry entry of the method runs it."""
     y0 = prob.y0 if y0 is None else y0
     t_out = prob.t_out if t_out is None else t_out
-    method = prob.method if method is None else method
+    entry = get_method(prob.method if method is None else method)
     opts = prob.options if options is None else options
-    rtol = prob.rtol if rtol is None else rtol
-    atol = prob.atol if atol is None else atol
-    norm = prob.norm if norm is None else norm
-    if method not in ADAPTIVE_METHODS and method not in ROSENBROCK:  # (those call every callback)
+    if not entry.calls_callbacks:
         # only the adjoint's backward solve passes callbacks of its own: then the *_adjoint ones are checked
-        warn_uncalled_callbacks(prob.func, method, adjoint=callbacks is not None)
-    callbacks = prob.func if callbacks is None else callbacks
+        warn_uncalled_callbacks(prob.func, entry.name, adjoint=callbacks is not None)
     event = None
     if prob.event_fn is not None and use_event:
         event = EventLocator(prob.event_fn, rhs, t_out[0], y0, tol=float(opts.get("event_tol", 0.0)))
-    if method == "scipy_solver":
-        return integrate_scipy(
-            rhs,
-            y0,
-            t_out,
-            rtol=rtol,
-            atol=atol,
-            solver=opts.get("solver", "LSODA"),
-            min_step=float(opts.get("min_step", 0.0)),
-            max_step=float(opts.get("max_step", math.inf)),
-            first_step=opts.get("first_step"),
-        )
-    if method in ADAPTIVE_METHODS or method in ROSENBROCK:
-        order = TABLEAUS[method].order if method in ADAPTIVE_METHODS else ROSENBROCK_METHODS[method].order
-        ctrl = make_controller(order, opts)
-        step_t = _times(opts.get("step_t"))
-        if method == "rosenbrock23":
-            rk = Rosenbrock23(rhs.n, rhs.dtype, rhs.device, batch=_jacobian_batch(rhs, opts))
-        elif method == "adaptive_trbdf2":
-            rt = float(rtol) if isinstance(rtol, float) else float(torch.as_tensor(rtol).min())
-            rk = AdaptiveTRBDF2(
-                rhs.n,
-                rhs.dtype,
-                rhs.device,
-                batch=_jacobian_batch(rhs, opts),
-                rtol=rt,
-                newton_floor=_newton_floor(prob),
-            )
-            step_t = step_t + [float(s) for s in t_out]  # step on the output times (no interpolation there)
-        elif method in ROSENBROCK:
-            batch = _jacobian_batch(rhs, opts)
-            rk = _compiled_rodas(rhs, y0, opts, batch) if opts.get("compile") else None
-            if rk is None:
-                rk = Rosenbrock(RODAS4, rhs.n, rhs.dtype, rhs.device, batch=batch)
-            step_t = step_t + [float(s) for s in t_out]  # step on the output times (no interpolation there)
-        else:
-            rk = stepper(method, rhs.n, rhs.dtype, rhs.device, "dense")
-        max_steps = int(opts.get("max_num_steps", DEFAULT_MAX_NUM_STEPS))
-        if max_steps < 1:
-            raise ValueError(f"option `max_num_steps` must be a positive integer, got {max_steps}")
-        if opts.get("compile") and method in ADAPTIVE_METHODS:
-            res = _run_compiled(
-                rhs,
-                y0,
-                t_out,
-                rk,
-                ctrl,
-                opts,
-                rtol,
-                atol,
-                norm,
-                step_t,
-                keep_segments,
-                event,
-                trace,
-                callbacks,
-                max_steps,
-            )
-            if res is not None:
-                return res
-        res = integrate_adaptive(
-            rhs,
-            y0,
-            t_out,
-            rk,
-            ctrl,
-            rtol=rtol,
-            atol=atol,
-            norm=norm,
-            first_step=opts.get("first_step"),
-            step_t=step_t,
-            jump_t=_times(opts.get("jump_t")),
-            max_num_steps=max_steps,
-            callbacks=callbacks,
-            keep_segments=keep_segments,
-            event=event,
-            t_end=event_t_end,
-            trace=trace,
-        )
-        res.method = rk
-        return res
-    interp = opts.get("interp", "linear")
-    if interp not in ("linear", "cubic"):
-        raise ValueError(f"option `interp` must be 'linear' or 'cubic', got {interp!r}")
-    if event_t_end is None:
-        grid = make_grid(prob, t_out, opts)
-    else:
-        grid = _event_grid(prob, t_out[0], event_t_end)
-    if method in FIXED_RK_METHODS or method in IMPLICIT_FIXED_METHODS:
-        if method in IMPLICIT_FIXED_METHODS:
-            rk = _implicit_stepper(method, rhs, interp, opts, _newton_floor(prob))
-        else:
-            rk = stepper(method, rhs.n, rhs.dtype, rhs.device, interp)
-        res = integrate_fixed(
-            rhs,
-            y0,
-            t_out,
-            rk,
-            grid,
-            perturb=bool(opts.get("perturb", False)),
-            callbacks=callbacks,
-            keep_segments=keep_segments,
-            event=event,
-            trace=trace,
-        )
-        res.method = rk
-        return res
-    if trace is not None:
-        raise NotImplementedError(
-            f"gradient='checkpoint' supports the Runge–Kutta methods, not the multistep {method!r}; "
-            "use gradient='backprop' or 'adjoint' with it"
-        )
-    return integrate_adams(
-        rhs,
-        y0,
-        t_out,
-        grid,
-        implicit=method != "explicit_adams",
-        max_order=opts.get("max_order"),
-        max_iters=int(opts.get("max_iters", 4)),
-        rtol=rtol,
-        atol=atol,
-        interp=interp,
-        perturb=bool(opts.get("perturb", False)),
-        callbacks=callbacks,
+    ctx = RunContext(
+        prob=prob,
+        rhs=rhs,
+        y0=y0,
+        t_out=t_out,
+        rtol=prob.rtol if rtol is None else rtol,
+        atol=prob.atol if atol is None else atol,
+        norm=prob.norm if norm is None else norm,
+        opts=opts,
+        callbacks=prob.func if callbacks is None else callbacks,
         keep_segments=keep_segments,
         event=event,
-    )
-
-
-_STEPPERS: dict = {}
-
-
-def stepper(method: str, n: int, dtype: torch.dtype, device: torch.device, interp: str) -> RungeKutta:
-    """A bound stepper, cached: its coefficient tensors are made once per (method, size, dtype, device)."""
-    key = (method, n, dtype, device, interp)
-    rk = _STEPPERS.get(key)
-    if rk is None:
-        if len(_STEPPERS) > 256:
-            _STEPPERS.clear()
-        rk = _STEPPERS[key] = RungeKutta(TABLEAUS[method], n, dtype, device, interp=interp)
-    return rk
-
-
-def make_controller(order: int, opts: dict) -> StepController:
-    """The step-size controller configured by a solve's options."""
-    return StepController(
-        order,
-        safety=opts.get("safety", 0.9),
-        ifactor=opts.get("ifactor", 10.0),
-        dfactor=opts.get("dfactor", 0.2),
-        pcoeff=opts.get("pcoeff", 0.0),
-        icoeff=opts.get("icoeff", 1.0),
-        min_step=float(opts.get("min_step", 0.0)),
-        max_step=float(opts.get("max_step", math.inf)),
-    )
-
-
-def _run_compiled(
-    rhs, y0, t_out, rk, ctrl, opts, rtol, atol, norm, step_t, keep_segments, event, trace, callbacks, max_steps
-):
-    """The compiled path (``options["compile"]``: True or a ``torch.compile`` backend name), or None with a
-    one-line warning when this solve needs something it does not do yet."""
-    from .solvers.compiled import _warn_once, integrate_compiled
-    from .solvers.device_loop import integrate_device_loop
-    from .solvers.device_loop import supports as device_loop_supports
-
-    why = None
-    if rhs.buffer_shape is None:
-        why = "tuple states"
-    elif not (isinstance(rtol, float) and isinstance(atol, float)):
-        why = "tensor tolerances"
-    elif norm is not None or step_t or opts.get("jump_t") or event is not None:
-        why = "norms, step_t/jump_t or events"
-    elif any(getattr(callbacks, n, None) for n in ("callback_step", "callback_accept_step", "callback_reject_step")):
-        why = "callbacks"
-    if why is not None:
-        _warn_once(f"compile=True does not support {why} yet; using the eager solver")
-        return None
-    backend = opts["compile"] if isinstance(opts["compile"], str) else "inductor"
-    if not torch.is_grad_enabled() and device_loop_supports(rk, ctrl):
-        records: list | None = [] if trace is not None else None  # (checkpointed gradients: the attempts)
-        kept: list | None = [] if keep_segments else None  # (dense output: every attempt's extension)
-        got = integrate_device_loop(
-            rhs.func,
-            y0.reshape(1, -1),
-            rhs.buffer_shape,
-            t_out,
-            rk,
-            ctrl,
-            per_sample=False,
-            rtol=rtol,
-            atol=atol,
-            first_step=opts.get("first_step"),
-            max_num_steps=max_steps,
-            backend=backend,
-            f0=rhs.at(float(t_out[0]), y0).reshape(1, -1),
-            trace=records,
-            keep=kept,
-        )
-        if got is not None:
-            res, counts = got
-            if kept is not None:
-                from .solvers.per_sample import PerSampleDense
-
-                start = torch.tensor([float(t_out[0])], dtype=torch.float64, device=y0.device)
-                direction = 1.0 if float(t_out[-1]) >= float(t_out[0]) else -1.0
-                res.segments = PerSampleDense.from_calls(kept, direction, start) if kept else []
-            if trace is not None and records:  # the accepted attempts as the loop's trace records
-                t0s = torch.stack([r[0][0] for r in records]).tolist()
-                ends = torch.stack([r[4][0] for r in records]).tolist()
-                ok = torch.stack([r[3][0] for r in records]).tolist()
-                trace.extend((a, b, r[2][0], False, False) for a, b, r, k in zip(t0s, ends, records, ok) if k)
-            rhs.nfe += int(counts["nfe"][0])
-            res.method = rk
-            return res
-    res = integrate_compiled(
-        rhs,
-        y0,
-        t_out,
-        rk,
-        ctrl,
-        rtol=rtol,
-        atol=atol,
-        first_step=opts.get("first_step"),
-        max_num_steps=max_steps,
-        backend=backend,
+        event_t_end=event_t_end,
         trace=trace,
-        keep_segments=keep_segments,
     )
-    if res is not None:
-        res.method = rk
-    return res
-
-
-def _compiled_rodas(rhs: RHS, y0: torch.Tensor, opts: dict, batch: int):
-    """rodas4's compiled stepper, or None (with a one-line warning) where the solve needs what it lacks."""
-    from .solvers.compiled import _warn_once
-    from .solvers.rosenbrock_compiled import CompiledRosenbrock
-
-    params = getattr(rhs.func, "parameters", None)
-    needs_graph = torch.is_grad_enabled() and (
-        y0.requires_grad or (callable(params) and any(p.requires_grad for p in params()))
-    )
-    why = None
-    if rhs.buffer_shape is None:
-        why = "tuple states"
-    elif rhs.into is not None or needs_graph:
-        why = "gradients (the compiled Rosenbrock step is for solves without a graph)"
-    if why is not None:
-        _warn_once(f"compile=True for rodas4 does not support {why} yet; using the eager solver")
-        return None
-    backend = opts["compile"] if isinstance(opts["compile"], str) else "inductor"
-    return CompiledRosenbrock(RODAS4, rhs.func, rhs.buffer_shape, rhs.dtype, rhs.device, batch=batch, backend=backend)
-
-
-def _jacobian_batch(rhs: RHS, opts: dict) -> int:
-    """Blocks of the Jacobian: per sample (``jacobian="batched"``, the default for a tensor state of two or
-    more dimensions: dimension 0 holds independent systems) or the whole state (``"dense"``: 1 block)."""
-    shape = rhs.buffer_shape
-    default = "batched" if shape is not None and len(shape) >= 2 else "dense"
-    kind = opts.get("jacobian", default)
-    if kind not in ("batched", "dense"):
-        raise ValueError(f"option `jacobian` must be 'batched' or 'dense', got {kind!r}")
-    if kind == "batched" and (shape is None or len(shape) < 2):
-        raise ValueError(
-            "option jacobian='batched' needs a tensor state of shape (batch, ...): dimension 0 "
-            "holds independent systems; use jacobian='dense' otherwise"
-        )
-    return shape[0] if kind == "batched" else 1
-
-
-def _newton_floor(prob: Problem) -> float | None:
-    """The smallest relative Newton update a func evaluated in half precision can resolve (an eighth of its
-    epsilon: 1e-3 for bfloat16), or None for a func in the state's own dtype."""
-    low = getattr(prob.func, "eval_dtype", None)
-    return None if low is None else torch.finfo(low).eps / 8
-
-
-def _implicit_stepper(method: str, rhs: RHS, interp: str, opts: dict, newton_floor: float | None) -> ImplicitRK:
-    """An implicit stepper with its Jacobian blocks (see ``_jacobian_batch``)."""
-    batch = _jacobian_batch(rhs, opts)
-    max_iters = int(opts.get("max_iters", 10))
-    if max_iters < 1:
-        raise ValueError(f"option `max_iters` must be a positive integer, got {max_iters}")
-    return ImplicitRK(
-        IMPLICIT_TABLEAUS[method],
-        rhs.n,
-        rhs.dtype,
-        rhs.device,
-        interp,
-        batch=batch,
-        newton_tol=opts.get("newton_tol", newton_floor),
-        max_iters=max_iters,
-    )
+    if "step_size" in entry.options:  # fixed-step methods: the grid
+        ctx.grid = make_grid(prob, t_out, opts) if event_t_end is None else _event_grid(prob, t_out[0], event_t_end)
+    return entry.run(ctx)
 
 
 def _event_grid(prob: Problem, t0: float, t_end: float) -> EventGrid:
@@ -831,11 +493,3 @@ def _event_grid(prob: Problem, t0: float, t_end: float) -> EventGrid:
     if h is None:
         raise ValueError("events with a fixed-grid method need options['step_size']")
     return EventGrid(t0, float(h), 1.0 if t_end >= t0 else -1.0, DEFAULT_MAX_NUM_STEPS)
-
-
-def _times(x: Any) -> list[float]:
-    if x is None:
-        return []
-    if torch.is_tensor(x):
-        return x.detach().double().reshape(-1).tolist()
-    return [float(v) for v in x]

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .. import _problem
+from .. import _methods
 from ..data.images import ImageData, load_images
 from ..models.classifier import build_classifier, count_parameters
 from ..models.deq import DEQBlock
@@ -145,7 +145,7 @@ def peak_step_memory(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -
     Solver caches are emptied first, so that memory a cache would hold counts. The parameters' gradients
     are left as they were.
     """
-    _problem._STEPPERS.clear()
+    _methods._STEPPERS.clear()
     saved = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
     model.zero_grad(set_to_none=True)
 

@@ -204,11 +204,10 @@ def _compiled_segment(prob: Problem, cfg: dict, wrt: Sequence[torch.Tensor], n: 
     None, with a one-line warning, where this solve needs what the compiled backward does not do (then the
     eager backward runs). ``segment`` returns None where compiling failed or (on CPU) the dynamics are too
     expensive for the compiled loop to pay."""
-    from .._problem import ADAPTIVE_METHODS, DEFAULT_MAX_NUM_STEPS, make_controller, stepper
+    from .._methods import DEFAULT_MAX_NUM_STEPS, get_method, make_controller, stepper
     from ..solvers.compiled import _warn_once
     from ..solvers.device_loop import integrate_device_loop
     from ..solvers.device_loop import supports as device_loop_supports
-    from ..solvers.tableaus import TABLEAUS
 
     module, method, options = prob.func, cfg["method"], cfg["options"]
     names = None
@@ -216,7 +215,7 @@ def _compiled_segment(prob: Problem, cfg: dict, wrt: Sequence[torch.Tensor], n: 
         by_id = {id(p): name for name, p in module.named_parameters()}
         names = tuple(by_id.get(id(p)) for p in wrt)
     why = None
-    if method not in ADAPTIVE_METHODS:
+    if not get_method(method).per_sample:
         why = f"the method {method!r}"
     elif prob.shapes is not None:
         why = "tuple states"
@@ -236,7 +235,7 @@ def _compiled_segment(prob: Problem, cfg: dict, wrt: Sequence[torch.Tensor], n: 
     rk = ctrl = None
     if why is None:
         rk = stepper(method, 1, ys.dtype, ys.device, "dense")
-        ctrl = make_controller(TABLEAUS[method].order, options)
+        ctrl = make_controller(get_method(method).order, options)
         if not device_loop_supports(rk, ctrl):
             why = f"the method {method!r} with these controller options"
     if why is not None:
@@ -317,7 +316,7 @@ class _ClosureSegment:
     backward's. ``finish()`` returns the parameter integral (flat) and counts its evaluations."""
 
     def __init__(self, prob: Problem, cfg: dict, wrt, n: int, ys: torch.Tensor, rk, ctrl):
-        from .._problem import DEFAULT_MAX_NUM_STEPS
+        from .._methods import DEFAULT_MAX_NUM_STEPS
         from .per_sample_adjoint import _Compiled
 
         func, shape = prob.func, prob.shape

@@ -14,7 +14,8 @@ from typing import Sequence
 import torch
 
 from .._amp import full_precision
-from .._problem import ADAPTIVE_METHODS, Problem, run
+from .._methods import get_method
+from .._problem import Problem, run
 from ..solvers.runge_kutta import Segment
 from .common import SolveStats, direct_gradients, vjp
 
@@ -97,7 +98,12 @@ def _compiled_replay(prob: Problem, rhs, method):
     """With ``compile=True``, the compiled step of the forward solve (``solvers.compiled``), through which the
     backward rebuilds each step's graph (autograd then runs its compiled backward); None otherwise."""
     opts = prob.options
-    if not opts.get("compile") or prob.method not in ADAPTIVE_METHODS or rhs.buffer_shape is None:
+    if (
+        not opts.get("compile")
+        or not get_method(prob.method).compiles
+        or get_method(prob.method).kind != "explicit"
+        or rhs.buffer_shape is None
+    ):
         return None
     if not (isinstance(prob.rtol, float) and isinstance(prob.atol, float)):
         return None

@@ -8,11 +8,10 @@ import torch
 from torch import nn
 
 from .._api import GRADIENT_MODES, solve
-from .._problem import ADAMS_METHODS, FIXED_RK_METHODS, IMPLICIT_FIXED_METHODS, check_method
+from .._methods import get_method
+from .._problem import check_method
 from ..gradients.common import SolveStats
 from .regularizers import RegularizedField
-
-FIXED_GRID = set(FIXED_RK_METHODS + IMPLICIT_FIXED_METHODS + ADAMS_METHODS)
 
 __all__ = ["ODEBlock"]
 
@@ -171,7 +170,7 @@ class ODEBlock(nn.Module):
         field.sample_noise(h)
         acc0 = h.new_zeros(h.shape[0], 2)
         options = dict(self.options)
-        if "norm" not in options and self.method not in FIXED_GRID:
+        if "norm" not in options and get_method(self.method).adaptive:
             # error control on the state only: the accumulated integrals follow it and would otherwise force
             # many more steps
             options["norm"] = _state_rms

@@ -1,0 +1,88 @@
+"""``compile=True`` for an explicit adaptive method: the device loop (no graph needed) or the fused step
+(``solvers.compiled``), whichever applies, else None so that the eager loop runs."""
+
+from __future__ import annotations
+
+import torch
+
+from .compiled import _warn_once, integrate_compiled
+from .control import StepController
+from .device_loop import integrate_device_loop
+from .device_loop import supports as device_loop_supports
+from .integrate import IntegrationResult
+from .per_sample import PerSampleDense
+from .runge_kutta import RungeKutta
+
+__all__ = ["run_compiled"]
+
+
+def run_compiled(ctx, rk: RungeKutta, ctrl: StepController, step_t: list, max_steps: int) -> IntegrationResult | None:
+    """The compiled path (``options["compile"]``: True or a ``torch.compile`` backend name) of an explicit
+    adaptive method, or None with a one-line warning when this solve needs something it does not do yet."""
+    rhs, y0, t_out, opts, rtol, atol = ctx.rhs, ctx.y0, ctx.t_out, ctx.opts, ctx.rtol, ctx.atol
+    norm, keep_segments, event, trace, callbacks = ctx.norm, ctx.keep_segments, ctx.event, ctx.trace, ctx.callbacks
+
+    why = None
+    if rhs.buffer_shape is None:
+        why = "tuple states"
+    elif not (isinstance(rtol, float) and isinstance(atol, float)):
+        why = "tensor tolerances"
+    elif norm is not None or step_t or opts.get("jump_t") or event is not None:
+        why = "norms, step_t/jump_t or events"
+    elif any(getattr(callbacks, n, None) for n in ("callback_step", "callback_accept_step", "callback_reject_step")):
+        why = "callbacks"
+    if why is not None:
+        _warn_once(f"compile=True does not support {why} yet; using the eager solver")
+        return None
+    backend = opts["compile"] if isinstance(opts["compile"], str) else "inductor"
+    if not torch.is_grad_enabled() and device_loop_supports(rk, ctrl):
+        records: list | None = [] if trace is not None else None  # (checkpointed gradients: the attempts)
+        kept: list | None = [] if keep_segments else None  # (dense output: every attempt's extension)
+        got = integrate_device_loop(
+            rhs.func,
+            y0.reshape(1, -1),
+            rhs.buffer_shape,
+            t_out,
+            rk,
+            ctrl,
+            per_sample=False,
+            rtol=rtol,
+            atol=atol,
+            first_step=opts.get("first_step"),
+            max_num_steps=max_steps,
+            backend=backend,
+            f0=rhs.at(float(t_out[0]), y0).reshape(1, -1),
+            trace=records,
+            keep=kept,
+        )
+        if got is not None:
+            res, counts = got
+            if kept is not None:
+                start = torch.tensor([float(t_out[0])], dtype=torch.float64, device=y0.device)
+                direction = 1.0 if float(t_out[-1]) >= float(t_out[0]) else -1.0
+                res.segments = PerSampleDense.from_calls(kept, direction, start) if kept else []
+            if trace is not None and records:  # the accepted attempts as the loop's trace records
+                t0s = torch.stack([r[0][0] for r in records]).tolist()
+                ends = torch.stack([r[4][0] for r in records]).tolist()
+                ok = torch.stack([r[3][0] for r in records]).tolist()
+                trace.extend((a, b, r[2][0], False, False) for a, b, r, k in zip(t0s, ends, records, ok) if k)
+            rhs.nfe += int(counts["nfe"][0])
+            res.method = rk
+            return res
+    res = integrate_compiled(
+        rhs,
+        y0,
+        t_out,
+        rk,
+        ctrl,
+        rtol=rtol,
+        atol=atol,
+        first_step=opts.get("first_step"),
+        max_num_steps=max_steps,
+        backend=backend,
+        trace=trace,
+        keep_segments=keep_segments,
+    )
+    if res is not None:
+        res.method = rk
+    return res
