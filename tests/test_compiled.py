@@ -481,12 +481,11 @@ def test_direct_call_only_for_a_single_compiled_entry_whose_guards_pass():
 @pytest.mark.parametrize("direction", [1.0, -1.0])
 def test_compiled_starting_step_equals_the_eager_one(per_sample, direction):
     """The device loop's compiled starting step (used from a func's second solve on) is Hairer's, as the eager
-    ``control.initial_step`` (joint) and ``per_sample.initial_steps`` compute it."""
+    ``control.initial_step`` (joint) and ``control.initial_steps`` compute it."""
     import math
 
-    from neuralode.solvers.control import initial_step
+    from neuralode.solvers.control import initial_step, initial_steps
     from neuralode.solvers.device_loop import _init_step
-    from neuralode.solvers.per_sample import initial_steps
 
     f, y0, _ = _problem()
     G = y0.shape[0] if per_sample else 1

@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["StepController", "rms_norm", "initial_step"]
+__all__ = ["StepController", "rms_norm", "rms_rows", "initial_step", "initial_steps"]
 
 SAFETY = 0.9
 IFACTOR = 10.0
@@ -144,3 +144,23 @@ def initial_step(
     if not math.isfinite(h) or h <= 0:
         h = 1e-6
     return direction * h, 1
+
+
+def rms_rows(x: torch.Tensor) -> torch.Tensor:
+    """Per-sample RMS norm of a (batch, d) tensor, in float64 as the joint loop's Python floats."""
+    return (torch.linalg.vector_norm(x, dim=1) / math.sqrt(max(x.shape[1], 1))).double()
+
+
+def initial_steps(f, t, y, f0, direction: float, order: int, rtol: float, atol: float) -> torch.Tensor:
+    """Hairer's starting step (``initial_step``) for each row of ``y`` (batch, d) on its own;
+    ``f(t (batch,) float64, y)`` evaluates the batch. Positive step sizes, float64."""
+    dtype = y.dtype
+    scale = y.abs() * rtol + atol
+    d0, d1 = rms_rows(y / scale), rms_rows(f0 / scale)
+    h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
+    f1 = f(t + direction * h0, y + (direction * h0).to(dtype)[:, None] * f0)
+    d2 = rms_rows((f1 - f0) / scale) / h0
+    dmax = torch.maximum(d1, d2)
+    h1 = torch.where(dmax <= 1e-15, torch.clamp(h0 * 1e-3, min=1e-6), (0.01 / dmax) ** (1.0 / order))
+    dt = torch.minimum(100 * h0, h1)
+    return torch.where(torch.isfinite(dt) & (dt > 0), dt, torch.full_like(dt, 1e-6))

@@ -31,9 +31,9 @@ import torch
 
 from .._errors import Status
 from .compiled import _warn_once, fresh_code
-from .control import _MIN_RATIO, StepController, initial_step
+from .control import _MIN_RATIO, StepController, initial_step, initial_steps
 from .integrate import IntegrationResult, _l2_norm, _max_steps_message, _underflow_message
-from .runge_kutta import RungeKutta, combo, tableau_floats
+from .runge_kutta import RungeKutta, combo, interpolate_records, tableau_floats
 from .small_gemm import backend_for
 
 __all__ = ["integrate_device_loop", "supports"]
@@ -280,8 +280,6 @@ def integrate_device_loop(
     if compiled_start or first_step is not None:
         dt = dt if compiled_start else torch.full_like(t, abs(float(first_step)))
     elif per_sample:
-        from .per_sample import initial_steps
-
         dt = initial_steps(F, t, y, k0, direction, order, rtol, atol)
     else:
         as_time = functools.partial(torch.scalar_tensor, dtype=dtype, device=device)
@@ -435,7 +433,7 @@ def _init_step(
     func, shape, G, d, per_sample, direction, order, rtol, atol, max_step, dtype, device, backend
 ) -> Callable | None:
     """The starting step size, compiled: ``(t (G,), y (G, d), f0 (G, d)) -> dt (G,)`` float64, signed and
-    clamped to ``max_step``. It is ``control.initial_step`` (joint: one group) or ``per_sample.initial_steps``
+    clamped to ``max_step``. It is ``control.initial_step`` (joint: one group) or ``control.initial_steps``
     (each group its own) with func traced in: one compiled call instead of some fifteen eager operations,
     three host reads and an eager call of func (the tiny MLP solve: ~100 µs of its ~700). ``None`` where
     compilation is unavailable (the eager functions then run)."""
@@ -669,35 +667,14 @@ class _DenseOutput:
         a = idx.t().clamp(max=t0.shape[0] - 1)  # (K, G): the output's own order
         args = (a, t0, h, ys, Qs, Tq.t())
         fn = _interpolator(self.backend)
-        if fn is not _interpolate:
+        if fn is not interpolate_records:
             try:
                 self.out[lo:hi] = fn(*args)
                 return
             except Exception as exc:  # pragma: no cover - depends on the platform's compiler
                 _FAILED_INTERP.add(self.backend)
                 _warn_once(f"compile=True: dense output runs uncompiled ({type(exc).__name__}: {exc})")
-        self.out[lo:hi] = _interpolate(*args)
-
-
-def _interpolate(
-    a: torch.Tensor, t0: torch.Tensor, h: torch.Tensor, ys: torch.Tensor, Qs: torch.Tensor, Tq: torch.Tensor
-) -> torch.Tensor:
-    """The solution at the requested times ``Tq`` ((K, 1) shared, or (K, G) per group) for every group from the
-    recorded attempts: ``a`` (K, G)
-    the attempt over each (time, group), ``t0``/``h`` (A, G) their start and step, ``ys`` (A, G, d) their start
-    value and ``Qs`` (A, G, degree, d) their continuous extension, y(t0 + θh) = y0 + Σ_p h θ^(p+1) Q_p.
-
-    Requested times outnumber steps (several per step), so this is gathers and a short sum per output;
-    compiled, it is one fused loop over the outputs with indirect loads (no gathered copies)."""
-    g = torch.arange(t0.shape[1], device=t0.device)
-    h_sel = h[a, g]
-    theta = ((Tq - t0[a, g]) / torch.where(h_sel == 0, 1.0, h_sel)).clamp(0.0, 1.0)
-    w = h_sel * theta
-    acc = ys[a, g]
-    for p in range(Qs.shape[2]):
-        acc = acc + w.to(ys.dtype)[..., None] * Qs[a, g, p]
-        w = w * theta
-    return acc
+        self.out[lo:hi] = interpolate_records(*args)
 
 
 _INTERP: dict = {}
@@ -705,11 +682,11 @@ _FAILED_INTERP: set = set()
 
 
 def _interpolator(backend) -> Callable:
-    """``_interpolate`` compiled once per backend, with dynamic shapes (the numbers of attempts and requested
+    """``interpolate_records`` compiled once per backend, with dynamic shapes (the numbers of attempts and requested
     times change from call to call); the plain function where there is no backend or compiling failed."""
     if backend is None or backend in _FAILED_INTERP:
-        return _interpolate
+        return interpolate_records
     fn = _INTERP.get(backend)
     if fn is None:
-        fn = _INTERP[backend] = torch.compile(_interpolate, backend=backend, dynamic=True)
+        fn = _INTERP[backend] = torch.compile(interpolate_records, backend=backend, dynamic=True)
     return fn

@@ -16,31 +16,11 @@ import numpy as np
 import torch
 
 from .._errors import Status
-from .control import _MIN_RATIO, StepController
+from .control import _MIN_RATIO, StepController, initial_steps, rms_rows
 from .integrate import STIFF_HINT, IntegrationResult, _max_steps_message
-from .runge_kutta import RungeKutta, combo, tableau_floats
+from .runge_kutta import RungeKutta, combo, interpolate_records, tableau_floats
 
-__all__ = ["integrate_per_sample", "initial_steps", "Replay", "compiled_attempt", "PerSampleDense", "PerSampleEvents"]
-
-
-def _rms_rows(x: torch.Tensor) -> torch.Tensor:
-    """Per-sample RMS norm of a (batch, d) tensor, in float64 as the joint loop's Python floats."""
-    return (torch.linalg.vector_norm(x, dim=1) / math.sqrt(max(x.shape[1], 1))).double()
-
-
-def initial_steps(f, t, y, f0, direction: float, order: int, rtol: float, atol: float) -> torch.Tensor:
-    """Hairer's starting step (``control.initial_step``) for each row of ``y`` (batch, d) on its own;
-    ``f(t (batch,) float64, y)`` evaluates the batch. Positive step sizes, float64."""
-    dtype = y.dtype
-    scale = y.abs() * rtol + atol
-    d0, d1 = _rms_rows(y / scale), _rms_rows(f0 / scale)
-    h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
-    f1 = f(t + direction * h0, y + (direction * h0).to(dtype)[:, None] * f0)
-    d2 = _rms_rows((f1 - f0) / scale) / h0
-    dmax = torch.maximum(d1, d2)
-    h1 = torch.where(dmax <= 1e-15, torch.clamp(h0 * 1e-3, min=1e-6), (0.01 / dmax) ** (1.0 / order))
-    dt = torch.minimum(100 * h0, h1)
-    return torch.where(torch.isfinite(dt) & (dt > 0), dt, torch.full_like(dt, 1e-6))
+__all__ = ["integrate_per_sample", "Replay", "compiled_attempt", "PerSampleDense", "PerSampleEvents"]
 
 
 def integrate_per_sample(
@@ -99,7 +79,7 @@ def integrate_per_sample(
         nfe = nfe + active.long()
         return func(t64.to(dtype), yy.view(shape)).reshape(B, d)
 
-    rms = _rms_rows
+    rms = rms_rows
 
     t = T_t[:, 0].clone()
     t_end = T_t[:, -1].clone()
@@ -453,7 +433,7 @@ class PerSampleDense:
     coefficients Q (B, degree, d) with y(t0 + θh) = y0 + Σ_p h θ^(p+1) Q_p, times after the attempt (B,)); a
     rejected or finished sample's time does not move, so for each sample the times after the attempts never
     decrease and the first attempt whose end reaches a time is the accepted step over it. Evaluated by the
-    compiled loop's ``device_loop._interpolate``, which reads its records the same way."""
+    compiled loop's ``runge_kutta.interpolate_records``, which reads its records the same way."""
 
     def __init__(self, records: list, direction: float, start, stop) -> None:
         self.t0 = torch.stack([r[0] for r in records])  # (A, B) float64
@@ -476,8 +456,6 @@ class PerSampleDense:
 
     def __call__(self, t_new) -> torch.Tensor:
         """The solution at ``t_new`` ((K,) for every sample, or (B, K) each its own) as (K, B, d)."""
-        from .device_loop import _interpolate
-
         B = self.t0.shape[1]
         dev = self.t0.device
         T = torch.as_tensor(t_new, dtype=torch.float64).detach().to(dev)
@@ -496,7 +474,7 @@ class PerSampleDense:
         d = self.direction
         keys = (d * self.after).t().contiguous()  # (B, A), non-decreasing
         a = torch.searchsorted(keys, (d * T).contiguous()).clamp(max=self.t0.shape[0] - 1).t()  # (K, B)
-        return _interpolate(a, self.t0, self.h, self.y, self.Q, T.t())
+        return interpolate_records(a, self.t0, self.h, self.y, self.Q, T.t())
 
 
 class PerSampleEvents:

@@ -16,7 +16,7 @@ import torch
 
 from .tableaus import ButcherTableau
 
-__all__ = ["RungeKutta", "StageBuffer", "Segment", "combo", "tableau_floats"]
+__all__ = ["RungeKutta", "StageBuffer", "Segment", "combo", "tableau_floats", "interpolate_records"]
 
 RHS = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -199,3 +199,24 @@ class Segment:
     def __call__(self, ts) -> torch.Tensor:
         dt = self.t1 - self.t0
         return self.method.interpolate(self.y0, dt, self.K, [(t - self.t0) / dt for t in ts])
+
+
+def interpolate_records(
+    a: torch.Tensor, t0: torch.Tensor, h: torch.Tensor, ys: torch.Tensor, Qs: torch.Tensor, Tq: torch.Tensor
+) -> torch.Tensor:
+    """The solution at the requested times ``Tq`` ((K, 1) shared, or (K, G) per group) for every group from the
+    recorded attempts: ``a`` (K, G)
+    the attempt over each (time, group), ``t0``/``h`` (A, G) their start and step, ``ys`` (A, G, d) their start
+    value and ``Qs`` (A, G, degree, d) their continuous extension, y(t0 + θh) = y0 + Σ_p h θ^(p+1) Q_p.
+
+    Requested times outnumber steps (several per step), so this is gathers and a short sum per output;
+    compiled, it is one fused loop over the outputs with indirect loads (no gathered copies)."""
+    g = torch.arange(t0.shape[1], device=t0.device)
+    h_sel = h[a, g]
+    theta = ((Tq - t0[a, g]) / torch.where(h_sel == 0, 1.0, h_sel)).clamp(0.0, 1.0)
+    w = h_sel * theta
+    acc = ys[a, g]
+    for p in range(Qs.shape[2]):
+        acc = acc + w.to(ys.dtype)[..., None] * Qs[a, g, p]
+        w = w * theta
+    return acc
