@@ -209,7 +209,7 @@ def test_an_ode_block_is_compiled_once_not_every_training_iteration(gradient):
         block(x).pow(2).sum().backward()
         sizes.append((len(device_loop._CACHE), len(compiled._CACHE)))
     assert sizes[0] == sizes[1] == sizes[2]  # later iterations reuse what the first one compiled
-    fn = [v for v in list(device_loop._CACHE.values()) + list(compiled._CACHE.values()) if v[0] is block.func]
+    fn = device_loop._CACHE.owned_by(block.func) + compiled._CACHE.owned_by(block.func)
     assert fn, "the block's field has a compiled entry"
 
 
@@ -290,7 +290,7 @@ def test_adjoint_backward_in_the_compiled_loop_equals_the_eager_adjoint(norm):
     for g_comp, g_eager in zip(got[1][1], got[0][1]):
         torch.testing.assert_close(g_comp, g_eager, rtol=1e-10, atol=1e-12)
     augs = [v[1] for v in adjoint._AUG_CACHE.values() if v[0] is field]
-    assert augs and any(v[0] is augs[0] for v in device_loop._CACHE.values()), "the backward ran compiled"
+    assert augs and device_loop._CACHE.owned_by(augs[0]), "the backward ran compiled"
 
 
 def test_adjoint_backward_stays_eager_with_a_warning_for_foreign_parameters():
@@ -354,7 +354,7 @@ def test_adjoint_backward_of_a_closure_compiled_with_the_seminorm(with_params):
     else:
         assert got[0][2] is None and got[1][2] is None
     augs = [v[1] for v in adjoint._AUG_CACHE.values() if v[0] is f]
-    assert augs and any(v[0] is augs[0] for v in device_loop._CACHE.values()), "the backward ran compiled"
+    assert augs and device_loop._CACHE.owned_by(augs[0]), "the backward ran compiled"
 
 
 def test_attempts_per_compiled_call_follow_the_cost_of_func():
@@ -382,8 +382,8 @@ def test_attempts_per_compiled_call_follow_the_cost_of_func():
     assert _choose_unroll(lambda t, y: y, shape, torch.float32, torch.device("cpu"), [], 1 << 20) == 1
     # the starting step is compiled only for a func whose calls were timed cheap
     cpu = torch.device("cpu")
-    assert _UNROLL[_unroll_key(cheap, shape, torch.float32, cpu, False)][2] is True
-    assert _UNROLL[_unroll_key(costly, shape, torch.float32, cpu, False)][2] is False
+    assert _UNROLL.get(_unroll_key(cheap, shape, torch.float32, cpu, False), cheap)[1] is True
+    assert _UNROLL.get(_unroll_key(costly, shape, torch.float32, cpu, False), costly)[1] is False
 
 
 def test_direct_calls_of_the_compiled_loop_change_nothing(monkeypatch):

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import torch
 
+from .compiled.cache import backend_of
 from .solvers.adams import integrate_adams
 from .solvers.control import StepController
 from .solvers.implicit import IMPLICIT_TABLEAUS, AdaptiveTRBDF2, ImplicitRK, ImplicitTableau
@@ -540,5 +541,5 @@ def _compiled_rosenbrock(tableau: RosenbrockTableau, ctx: RunContext, batch: int
     if why is not None:
         _warn_once(f"compile=True for {tableau.name} does not support {why} yet; using the eager solver")
         return None
-    backend = ctx.opts["compile"] if isinstance(ctx.opts["compile"], str) else "inductor"
+    backend = backend_of(ctx.opts["compile"])
     return CompiledRosenbrock(tableau, rhs.func, rhs.buffer_shape, rhs.dtype, rhs.device, batch=batch, backend=backend)

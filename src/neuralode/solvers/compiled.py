@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import math
 import types
-import warnings
 from typing import Callable, Sequence
 
 import torch
 
 from .._errors import Status
+from ..compiled.cache import _WARNED, CompileCache, warn_fallback
 from .control import StepController, initial_step
 from .integrate import IntegrationResult, Outputs, _max_steps_message, _underflow, _underflow_message
 from .runge_kutta import RungeKutta, Segment, tableau_floats
@@ -25,8 +25,8 @@ from .small_gemm import backend_for
 
 __all__ = ["integrate_compiled", "compiled_step"]
 
-_CACHE: dict = {}
-_WARNED: set = set()
+_CACHE = CompileCache("fused_step", 64)
+_WARNED = _WARNED  # (the set of messages already warned about; tests reset it)
 _SERIAL = 0
 
 
@@ -78,16 +78,13 @@ def fresh_code(fn: Callable) -> Callable:
 
 
 def compiled_step(func, method: RungeKutta, shape, dtype, device, backend: str):
-    key = (id(func), method.tableau.name, tuple(shape), dtype, str(device), backend)
-    hit = _CACHE.get(key)
-    if hit is not None and hit[0] is func:
-        return hit[1]
+    key = (id(func), id(method.tableau), tuple(shape), dtype, str(device), backend)
+    hit = _CACHE.get(key, func, method.tableau)
+    if hit is not None:
+        return hit
     step = fresh_code(_make_step(func, method, torch.Size(shape), dtype, device))
     fn = torch.compile(step, backend=backend_for(backend, device), dynamic=False)
-    if len(_CACHE) > 64:
-        _CACHE.clear()
-    _CACHE[key] = (func, fn)
-    return fn
+    return _CACHE.put(key, fn, func, method.tableau)
 
 
 def integrate_compiled(
@@ -181,7 +178,4 @@ def integrate_compiled(
     return res
 
 
-def _warn_once(msg: str) -> None:
-    if msg not in _WARNED:
-        _WARNED.add(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+_warn_once = warn_fallback

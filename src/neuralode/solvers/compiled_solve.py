@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ..compiled.cache import backend_of
 from .compiled import _warn_once, integrate_compiled
 from .control import StepController
 from .device_loop import integrate_device_loop
@@ -34,7 +35,7 @@ def run_compiled(ctx, rk: RungeKutta, ctrl: StepController, step_t: list, max_st
     if why is not None:
         _warn_once(f"compile=True does not support {why} yet; using the eager solver")
         return None
-    backend = opts["compile"] if isinstance(opts["compile"], str) else "inductor"
+    backend = backend_of(opts["compile"])
     if not torch.is_grad_enabled() and device_loop_supports(rk, ctrl):
         records: list | None = [] if trace is not None else None  # (checkpointed gradients: the attempts)
         kept: list | None = [] if keep_segments else None  # (dense output: every attempt's extension)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .._errors import Status
+from ..compiled.cache import CompileCache
 from .compiled import _warn_once, fresh_code
 from .control import _MIN_RATIO, StepController, initial_step, initial_steps
 from .integrate import IntegrationResult, _l2_norm, _max_steps_message, _underflow_message
@@ -38,7 +39,7 @@ from .small_gemm import backend_for
 
 __all__ = ["integrate_device_loop", "supports"]
 
-_CACHE: dict = {}
+_CACHE = CompileCache("device_loop", 32)
 _EPS = float(np.finfo(np.float64).eps)
 #: recorded step coefficients kept before the requested times they cover are evaluated (then dropped)
 _RECORD_BYTES = 64 * 2**20
@@ -241,9 +242,9 @@ def integrate_device_loop(
     dense_out = m > 2 or keep is not None
     cheap = False  # func's eager calls were timed under _EXPENSIVE_CALL_S (in its first solve)
     if unroll is None:
-        known = _UNROLL.get(_unroll_key(func, shape, dtype, device, per_sample), (None,))
-        if known[0] is func:
-            unroll, cheap = known[1], known[2]
+        known = _UNROLL.get(_unroll_key(func, shape, dtype, device, per_sample), func)
+        if known is not None:
+            unroll, cheap = known
     # wall time of the prelude's calls of func, which choose ``unroll`` (timed only while it is unknown: on
     # CUDA timing synchronises)
     seconds: list[float] | None = [] if unroll is None else None
@@ -305,12 +306,12 @@ def integrate_device_loop(
         span = float((T_rows[:, -1] - T_rows[:, 0]).abs().max()) if rows else abs(T[-1] - T[0])
         span_steps = span / max(float(dt.abs().min()), 1e-300)  # the initial step's guess
         unroll = _choose_unroll(func, shape, dtype, device, seconds, G * d, per_sample, span_steps)
-    key = (id(func), method.tableau.name, tuple(shape), G, per_sample, direction, rtol, atol, unroll)
+    key = (id(func), id(method.tableau), tuple(shape), G, per_sample, direction, rtol, atol, unroll)
     key += (max_num_steps, transposed, ctrl.safety, ctrl.ifactor, ctrl.dfactor, ctrl.beta1, ctrl.min_step)
     key += (ctrl.max_step, dtype, str(device), backend, dense_out, norm_blocks, trace is not None)
-    hit = _CACHE.get(key)
-    if hit is not None and hit[0] is func:
-        fn, degree = hit[1]
+    hit = _CACHE.get(key, func, method.tableau)
+    if hit is not None:
+        fn, degree = hit
     else:
         attempts, degree = _make_attempts(
             func,
@@ -338,9 +339,7 @@ def integrate_device_loop(
         except Exception as exc:  # pragma: no cover - depends on the platform's compiler
             _warn_once(f"compile=True: torch.compile is unavailable ({type(exc).__name__}); using the eager solver")
             return None
-        if len(_CACHE) > 32:
-            _CACHE.clear()
-        _CACHE[key] = (func, (fn, degree))
+        _CACHE.put(key, (fn, degree), func, method.tableau)
     out = torch.empty(m, G, d, dtype=dtype, device=device)
     out[0] = y
     if transposed:
@@ -426,7 +425,7 @@ def integrate_device_loop(
 _NO_DIRECT = False
 
 
-_INIT: dict = {}
+_INIT = CompileCache("initial_step", 64)
 
 
 def _init_step(
@@ -439,9 +438,9 @@ def _init_step(
     compilation is unavailable (the eager functions then run)."""
     key = (id(func), tuple(shape), G, d, per_sample, direction, order, rtol, atol, max_step, dtype, str(device))
     key += (backend,)
-    hit = _INIT.get(key)
-    if hit is not None and hit[0] is func:
-        return hit[1]
+    hit = _INIT.get(key, func)
+    if hit is not None:
+        return hit or None  # (False: compiling failed before, the eager starting step runs)
     tol_shift, unit = atol / rtol, 1.0 / rtol
     root_n = math.sqrt(max(d, 1))
 
@@ -484,13 +483,11 @@ def _init_step(
                 return direct(*args)
             return fn(*args)
         except Exception:  # noqa: BLE001 - a backend that compiles lazily may fail on the first call
-            _INIT[key] = (func, None)
+            _INIT.put(key, False, func)
             return None
 
-    if len(_INIT) > 64:
-        _INIT.clear()
-    _INIT[key] = (func, call if fn is not None else None)
-    return _INIT[key][1]
+    _INIT.put(key, call if fn is not None else False, func)
+    return call if fn is not None else None
 
 
 class DirectCall:
@@ -558,7 +555,7 @@ _CHEAP_CALL_S = 2.5e-4
 #: ... and a solve long enough for it to pay: the span over the initial step (which is cautious, so this
 #: overestimates the steps; a short solve's masked attempts would cost more than the calls saved)
 _LONG_SPAN_STEPS = 100.0
-_UNROLL: dict = {}
+_UNROLL = CompileCache("unroll_choice", 256)
 
 
 def _timed(seconds: list | None, device: torch.device, call: Callable) -> torch.Tensor:
@@ -594,17 +591,15 @@ def _choose_unroll(
     the attempts after the end are computed and thrown away. Chosen once per (func, shape, dtype, device,
     per_sample), so that timing noise near a threshold never compiles a second loop."""
     key = _unroll_key(func, shape, dtype, device, per_sample)
-    got = _UNROLL.get(key)
-    if got is not None and got[0] is func:
-        return got[1]
+    got = _UNROLL.get(key, func)
+    if got is not None:
+        return got[0]
     expensive = min(seconds) >= _EXPENSIVE_CALL_S if seconds else size >= _EXPENSIVE_SIZE
     cheap = bool(seconds) and not expensive
     unroll = 1 if expensive or span_steps <= 2.5 else 2 if span_steps <= 8 else 4
     if seconds and not per_sample and min(seconds) < _CHEAP_CALL_S and span_steps >= _LONG_SPAN_STEPS:
         unroll = 8
-    if len(_UNROLL) > 256:
-        _UNROLL.clear()
-    _UNROLL[key] = (func, unroll, cheap)
+    _UNROLL.put(key, (unroll, cheap), func)
     return unroll
 
 
@@ -677,7 +672,7 @@ class _DenseOutput:
         self.out[lo:hi] = interpolate_records(*args)
 
 
-_INTERP: dict = {}
+_INTERP = CompileCache("dense_output", 8)
 _FAILED_INTERP: set = set()
 
 
@@ -686,7 +681,4 @@ def _interpolator(backend) -> Callable:
     times change from call to call); the plain function where there is no backend or compiling failed."""
     if backend is None or backend in _FAILED_INTERP:
         return interpolate_records
-    fn = _INTERP.get(backend)
-    if fn is None:
-        fn = _INTERP[backend] = torch.compile(interpolate_records, backend=backend, dynamic=True)
-    return fn
+    return _INTERP.get_or_make(backend, lambda: torch.compile(interpolate_records, backend=backend, dynamic=True))

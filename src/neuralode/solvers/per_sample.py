@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .._errors import Status
+from ..compiled.cache import CompileCache
 from .control import _MIN_RATIO, StepController, initial_steps, rms_rows
 from .integrate import STIFF_HINT, IntegrationResult, _max_steps_message
 from .runge_kutta import RungeKutta, combo, interpolate_records, tableau_floats
@@ -396,7 +397,7 @@ def compiled_attempt(func, method: RungeKutta, shape: torch.Size, dtype, device,
     return _compiled(fn, func, method, shape, dtype, device, backend, ("attempt", rtol, atol))
 
 
-_REPLAY_CACHE: dict = {}
+_REPLAY_CACHE = CompileCache("per_sample_step", 32)
 
 
 def _compiled(fn, func, method: RungeKutta, shape: torch.Size, dtype, device, backend: str, kind: tuple = ("replay",)):
@@ -405,15 +406,13 @@ def _compiled(fn, func, method: RungeKutta, shape: torch.Size, dtype, device, ba
     from .compiled import _warn_once, fresh_code
     from .small_gemm import backend_for
 
-    key = (id(func), method.tableau.name, tuple(shape), dtype, str(device), backend, kind)
-    hit = _REPLAY_CACHE.get(key)
-    if hit is not None and hit[0] is func:
-        compiled = hit[1]
+    key = (id(func), id(method.tableau), tuple(shape), dtype, str(device), backend, kind)
+    hit = _REPLAY_CACHE.get(key, func, method.tableau)
+    if hit is not None:
+        compiled = hit
     else:
         compiled = torch.compile(fresh_code(fn), backend=backend_for(backend, device), dynamic=False)
-        if len(_REPLAY_CACHE) > 32:
-            _REPLAY_CACHE.clear()
-        _REPLAY_CACHE[key] = (func, compiled)
+        _REPLAY_CACHE.put(key, compiled, func, method.tableau)
 
     def call(*args):
         try:

@@ -26,6 +26,7 @@ from typing import Callable
 
 import torch
 
+from ..compiled.cache import CompileCache
 from .compiled import fresh_code
 from .rosenbrock import Rosenbrock, RosenbrockTableau
 from .small_gemm import backend_for
@@ -35,7 +36,7 @@ __all__ = ["CompiledRosenbrock", "small_lu", "small_lu_solve"]
 #: blocks up to this size are factorised by the unrolled elimination (traced code grows as d³)
 SMALL_D = 8
 
-_CACHE: dict = {}
+_CACHE = CompileCache("rosenbrock_step", 64)
 
 
 def small_lu(A: torch.Tensor) -> tuple[list[torch.Tensor], list[tuple]]:
@@ -145,17 +146,14 @@ def _make_step(func: Callable, tab: RosenbrockTableau, shape: torch.Size, batch:
 
 
 def compiled_rosenbrock_step(func, tab: RosenbrockTableau, shape, batch: int, dtype, device, backend: str):
-    key = (id(func), tab.name, tuple(shape), batch, dtype, str(device), backend)
-    hit = _CACHE.get(key)
-    if hit is not None and hit[0] is func:
-        return hit[1]
+    key = (id(func), id(tab), tuple(shape), batch, dtype, str(device), backend)
+    hit = _CACHE.get(key, func, tab)
+    if hit is not None:
+        return hit
     fn = torch.compile(
         fresh_code(_make_step(func, tab, torch.Size(shape), batch, dtype)), backend=backend_for(backend, device)
     )
-    if len(_CACHE) > 64:
-        _CACHE.clear()
-    _CACHE[key] = (func, fn)
-    return fn
+    return _CACHE.put(key, fn, func, tab)
 
 
 class CompiledRosenbrock(Rosenbrock):
