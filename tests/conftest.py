@@ -6,6 +6,18 @@ import torch
 
 torch.set_num_threads(1)
 
+# test modules that compile throughout: every test in them is marked `compile` (and so `slow`)
+_COMPILE_MODULES = {"test_compiled.py", "test_compile_cache.py", "test_small_gemm.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests of the compiled paths (by module, or by a name that says so) get the `compile` and `slow`
+    markers, so that `pytest -m "not slow"` is the quick check and `pytest -m compile` runs them alone."""
+    for item in items:
+        if item.path.name in _COMPILE_MODULES or "compile" in item.name:
+            item.add_marker(pytest.mark.compile)
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(autouse=True)
 def _seed():

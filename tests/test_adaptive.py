@@ -69,6 +69,7 @@ def scipy_error(func, y0, t, ref, solver, rtol):
 SCIPY_PEER = {"dopri5": "RK45", "tsit5": "RK45", "bosh3": "RK23", "dopri8": "DOP853"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("problem", sorted(PROBLEMS))
 @pytest.mark.parametrize("method", ["dopri5", "tsit5", "bosh3", "dopri8"])
 def test_error_falls_with_rtol_and_stays_near_the_tolerance(problem, method):

@@ -194,6 +194,7 @@ def test_evaluate_reports_the_error_and_loss_of_a_known_classifier():
     assert evaluate(_Constant(logits), x[:3], torch.full((3,), 2))["error"] == 0
 
 
+@pytest.mark.slow
 def test_adjoint_training_memory_is_below_backprop_and_does_not_grow_with_the_steps():
     from neuralode.experiments.classify import peak_step_memory
 
@@ -254,6 +255,7 @@ def _recomputed_test_metrics(out, shards=1):
     return wrong / n, loss / n
 
 
+@pytest.mark.slow
 def test_cli_trains_writes_metrics_plots_and_resumes(tmp_path):
     out = _classify(tmp_path, "--epochs", "1")
     first = json.loads((out / "metrics.json").read_text())
@@ -300,6 +302,7 @@ def test_tolerance_sweep_trades_evaluations_for_accuracy(tmp_path):
     assert (out / "sweep.png").stat().st_size > 0 and (out / "sweep.csv").exists()
 
 
+@pytest.mark.slow
 def test_classify_runs_under_torchrun_with_two_processes(tmp_path):
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -18,6 +18,7 @@ def test_demo_writes_metrics_and_plots(tmp_path):
         assert (out / name).stat().st_size > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("system", ["pendulum", "falling", "lotka_volterra"])
 def test_dynamics_cli_runs_each_system_with_irregular_noisy_data(tmp_path, system):
     out = tmp_path / system
@@ -42,6 +43,7 @@ def test_dynamics_cli_runs_each_system_with_irregular_noisy_data(tmp_path, syste
     assert set(metrics["physical_parameters"]) and (out / "phase.png").exists()
 
 
+@pytest.mark.slow
 def test_demo_training_reduces_the_error(tmp_path):
     from neuralode.experiments.dynamics import train
 
@@ -50,6 +52,7 @@ def test_demo_training_reduces_the_error(tmp_path):
     assert sum(losses[-10:]) < 0.7 * sum(losses[:10]), losses
 
 
+@pytest.mark.slow
 def test_bench_runs_and_writes_json(tmp_path):
     pytest.importorskip("torchdiffeq")
     out = tmp_path / "bench.json"
@@ -66,6 +69,7 @@ def test_unknown_subcommand_exits_with_usage():
         main(["nonsense"])
 
 
+@pytest.mark.slow
 def test_latent_cli_writes_its_table_and_plots(tmp_path):
     out = tmp_path / "latent"
     argv = ["latent", "--n", "30", "--iters", "3", "--n-spirals", "40", "--no-progress", "--out", str(out)]
@@ -236,6 +240,7 @@ def test_an_out_folder_without_write_permission_is_refused(tmp_path, capsys):
         locked.chmod(0o755)
 
 
+@pytest.mark.slow
 def test_python_dash_m_neuralode_is_the_command(tmp_path):
     import subprocess
     import sys

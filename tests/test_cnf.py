@@ -83,6 +83,7 @@ class _Linear(nn.Module):
         return z @ self.A.T
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trace", ["exact", "hutchinson"])
 def test_log_prob_of_linear_dynamics_matches_the_gaussian_it_transports(trace):
     # z(T) = e^{AT} z(0), z(0) ~ N(0, I)  ⇒  x ~ N(0, M Mᵀ) with M = e^{AT}
@@ -135,6 +136,7 @@ def test_toy_distributions_are_generated_in_code():
         sample_2d("donut", 10)
 
 
+@pytest.mark.slow
 def test_flow_cli_runs_end_to_end(tmp_path):
     import json
 
@@ -176,6 +178,7 @@ def test_flow_cli_runs_end_to_end(tmp_path):
     assert (ref / "curves.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_a_short_flow_fit_beats_the_best_gaussian(tmp_path):
     from neuralode.experiments.flow import train_flow
 
@@ -218,6 +221,7 @@ def test_cnf_density_of_its_own_samples_agrees_forward_and_backward():
         torch.testing.assert_close(cnf.log_prob(x), lq, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["planar", "cnf", "planar_cnf"])
 def test_density_matching_lowers_the_reverse_kl(which):
     from neuralode.data.potentials import log_target
@@ -281,6 +285,7 @@ def test_density_matching_cli_runs(tmp_path, model):
     assert model != "planar_cnf" or m["parameters"] == 3 * 10  # (w, u ∈ R², b) × (value, slope in t)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trace", ["exact", "hutchinson"])
 def test_regularisers_integrate_kinetic_energy_and_jacobian_norm(trace):
     """Linear dynamics f = A z: ∫‖A z(t)‖² dt along z(t) = e^{A(t−T)} x (flowing data back to the base),
@@ -315,6 +320,7 @@ def test_regularisation_keys_are_checked():
         CNF(2, regularization={"kinetc": 1.0})
 
 
+@pytest.mark.slow
 def test_density_matching_table_compares_at_equal_parameter_count(tmp_path):
     from neuralode.experiments.flow import match_table
 
@@ -326,6 +332,7 @@ def test_density_matching_table_compares_at_equal_parameter_count(tmp_path):
     assert (tmp_path / "table.md").read_text().count("| U1 |") == 1
 
 
+@pytest.mark.slow
 def test_density_matching_table_resumes_from_finished_runs(tmp_path, monkeypatch):
     from neuralode.experiments import flow
 
@@ -341,6 +348,7 @@ def test_density_matching_table_resumes_from_finished_runs(tmp_path, monkeypatch
         flow.match_table(targets=("U1",), iters=3, hidden=4, layers=1, out_dir=str(tmp_path), show_progress=False)
 
 
+@pytest.mark.slow
 def test_nll_reference_table_compares_the_default_with_a_longer_run_and_resumes(tmp_path, monkeypatch):
     import json
 
@@ -379,6 +387,7 @@ def test_match_density_reports_a_non_negative_kl_for_the_base_itself(tmp_path):
     assert m["kl"] > -3 * m["kl_se"] and m["kl_se"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["8gaussians", "circles", "moons"])
 def test_true_density_of_a_toy_dataset_integrates_to_one_and_matches_its_sampler(name):
     from neuralode.data.toy2d import log_density_2d, sample_2d
@@ -401,6 +410,7 @@ def test_true_density_of_a_toy_dataset_integrates_to_one_and_matches_its_sampler
         assert abs(freq - p) < 4 * se + 1e-3, (lo0, lo1, freq, p)
 
 
+@pytest.mark.slow
 def test_toy_entropies_match_thin_shape_formulas():
     # well-separated Gaussians / thin rings and curves: H ≈ log(mass split) + log(length) + ½ log(2πeσ²)
     from neuralode.data.toy2d import entropy_2d

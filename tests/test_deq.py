@@ -80,6 +80,7 @@ def _loss(z):
     return (z * w).sum() + 0.5 * (z**2).sum()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("solver", ["anderson", "broyden"])
 def test_implicit_gradients_match_finite_differences(solver):
     func = _Tanh()
@@ -119,6 +120,7 @@ def test_implicit_gradients_match_backprop_through_unrolled_iterations():
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.slow
 def test_memory_does_not_grow_with_iterations():
     from neuralode.experiments.classify import _cpu_peak
 
@@ -155,6 +157,7 @@ def test_memory_does_not_grow_with_iterations():
     assert unrolled(60) > 3 * m60  # backprop through the iterations keeps every one
 
 
+@pytest.mark.slow
 def test_jacobian_regulariser_estimates_the_frobenius_norm():
     torch.manual_seed(0)
     n = 8
@@ -183,6 +186,7 @@ def test_jacobian_regulariser_estimates_the_frobenius_norm():
     assert lin.weight.grad is not None and float(lin.weight.grad.abs().sum()) > 0
 
 
+@pytest.mark.slow
 def test_deq_classifier_trains_on_the_built_in_digits(tmp_path):
     out = tmp_path / "deq"
     argv = ["classify", "--model", "deq", "--epochs", "2", "--no-progress", "--out", str(out)]

@@ -31,7 +31,7 @@ DOCS = ROOT / "docs"
 TIME_BUDGET_S = int(os.environ.get("NEURALODE_DOCS_BUDGET_S", "120"))
 
 # The public API: these modules' __all__, plus the documented solver data and fixed-point solvers.
-PUBLIC_MODULES = ["neuralode", "neuralode.nn", "neuralode.models"]
+PUBLIC_MODULES = ["neuralode", "neuralode.nn", "neuralode.models", "neuralode.compiled"]
 PUBLIC_EXTRA = {
     "neuralode.solvers.tableaus": ["TABLEAUS"],
     "neuralode.solvers.implicit": ["ImplicitTableau", "IMPLICIT_TABLEAUS"],
@@ -160,7 +160,7 @@ def _docstring_examples():
         for path, o in objs:
             o = getattr(o, "__wrapped__", o)
             doc = _own_doc(o)
-            if ">>>" in doc and id(o) not in seen:
+            if (">>>" in doc or "```python" in doc) and id(o) not in seen:
                 seen.add(id(o))
                 out.append(pytest.param(path, o, id=path))
     return out
@@ -177,6 +177,9 @@ def test_docstring_examples_run(path, obj, tmp_path, monkeypatch):
     out = []
     runner.run(test, out=out.append)
     assert runner.failures == 0, "".join(out)
+    for line, code, skipped in python_blocks(inspect.getdoc(obj) or ""):  # fenced examples run as written
+        if not skipped:
+            exec(compile(code, f"{path} (docstring, line {line})", "exec"), dict(globs))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ def scipy_reference(system, t):
     return torch.tensor(sol.y.T)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SYSTEMS))
 def test_each_system_matches_scipy(name):
     system = SYSTEMS[name]
@@ -63,6 +64,7 @@ def test_windows_gather_each_window_at_its_own_times():
         assert torch.equal(target[b, :, 0], ys[0, s : s + 3, 0])
 
 
+@pytest.mark.slow
 def test_hybrid_model_recovers_a_known_parameter_on_clean_data(tmp_path):
     # the pendulum from half its true g/L and μ, clean observations, physics-only start (NN output zero)
     m = train(
@@ -83,6 +85,7 @@ def test_hybrid_model_recovers_a_known_parameter_on_clean_data(tmp_path):
     assert m["physical_parameters"]["mu"]["relative_error"] < 0.1, m["physical_parameters"]
 
 
+@pytest.mark.slow
 def test_final_mae_is_the_returned_models_error_and_the_average_is_named_as_one(tmp_path):
     # a short hybrid run whose error is still falling: the last evaluations' average lags the final model
     kw = dict(system="falling", hybrid=True, data_size=40, batch_time=10, rtol=1e-5, atol=1e-6)

@@ -37,6 +37,7 @@ def test_ode_demo(tmp_path, adjoint):
     assert (tmp_path / "ode_demo.png").exists() and json.loads((tmp_path / "log.json").read_text())
 
 
+@pytest.mark.slow
 def test_bouncing_ball_learns_height_and_restitution_from_bounce_times(tmp_path):
     # main() first checks its simulated bounce times against the closed form
     log = load("bouncing_ball").main(["--niters", "20", "--bounces", "3", "--viz", "--out", str(tmp_path)])
@@ -45,6 +46,7 @@ def test_bouncing_ball_learns_height_and_restitution_from_bounce_times(tmp_path)
     assert (tmp_path / "bouncing_ball.png").exists()
 
 
+@pytest.mark.slow
 def test_learn_physics_moves_the_parameters_towards_the_truth(tmp_path):
     log = load("learn_physics").main(["--niters", "12", "--viz", "--out", str(tmp_path)])
     assert log[-1]["loss"] < 0.5 * log[0]["loss"]

@@ -133,6 +133,7 @@ class Slaved(torch.nn.Module):
         return torch.stack([-self.lam * (x - torch.sin(z)) + self.theta[0], x], -1)
 
 
+@pytest.mark.slow
 def test_adjoint_loses_accuracy_where_the_backward_solve_is_unstable_and_checkpoint_does_not():
     func = Slaved()
     y0 = torch.tensor([1.0, 0.5], dtype=D)

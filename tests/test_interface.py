@@ -60,6 +60,7 @@ def test_backwards_integration_when_t_decreases():
     assert torch.allclose(ys[:, 0], torch.exp(-t), rtol=1e-8)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["dopri5", "rk4", "explicit_adams"])
 def test_backward_then_forward_returns_to_start(method):
     f = lambda t, y: torch.stack([y[1], -torch.sin(y[0])])  # pendulum

@@ -45,6 +45,7 @@ def test_sequences_observed_at_different_times_are_encoded_independently():
     assert torch.allclose(mean_all[2:3], mean_one, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("encoder", ["gru", "odernn"])
 def test_elbo_improves_over_a_few_iterations(encoder):
     torch.manual_seed(0)

@@ -77,6 +77,7 @@ ENTRY_POINTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("entry", ENTRY_POINTS)
 def test_adjoint_memory_does_not_grow_with_the_steps(entry):
     run = ENTRY_POINTS[entry]
@@ -101,6 +102,7 @@ def test_the_measurement_sees_dense_output_kept_by_the_adjoint():
     assert long > 5 * short  # dense output asked for: a record per step
 
 
+@pytest.mark.slow
 def test_continuous_normalizing_flow_memory_does_not_grow_with_the_steps():
     torch.manual_seed(0)
     x = torch.randn(500, 2, dtype=torch.float64)

@@ -83,6 +83,7 @@ class _Field(torch.nn.Module):
         return self.net(h)
 
 
+@pytest.mark.slow
 def test_augmented_ode_fits_the_reflection_that_a_plain_ode_cannot():
     """Dupont et al. (2019): g(x) = −x on {−1, 1}. A plain 1-D flow preserves order, so its best MSE is 1
     (both points sent to 0); one extra zero dimension lets the flow rotate the points past each other."""
@@ -116,6 +117,7 @@ class _Linear(torch.nn.Module):
         return h @ self.A.T
 
 
+@pytest.mark.slow
 def test_kinetic_regulariser_is_the_integral_of_the_squared_speed_in_every_mode():
     from neuralode.nn import ODEBlock
 
@@ -139,6 +141,7 @@ def test_kinetic_regulariser_is_the_integral_of_the_squared_speed_in_every_mode(
     assert block.reg_loss is None  # evaluation solves the plain dynamics
 
 
+@pytest.mark.slow
 def test_jacobian_regulariser_is_an_unbiased_estimate_of_the_frobenius_norm():
     from neuralode.nn import ODEBlock
 

@@ -55,6 +55,7 @@ def test_command_is_installed():
     assert callable(script.load())
 
 
+@pytest.mark.slow
 def test_command_version():
     from neuralode.cli import build_parser
 

@@ -139,6 +139,7 @@ def test_per_sample_output_times_match_scipy():
         assert float((ps.ys[:, b] - torch.from_numpy(ref.y.T)).abs().max()) < 1e-7
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rows", [False, True])
 def test_time_gradients_of_per_sample_solves_match_finite_differences(rows):
     """dL/dt for shared (1-D) and per-sample (2-D) times, against central differences in float64."""

@@ -35,6 +35,7 @@ def _grads(loss_of, tensors):
     return torch.autograd.grad(loss_of(), tensors)
 
 
+@pytest.mark.slow
 def test_per_sample_adjoint_matches_finite_differences_and_backprop():
     """A batch of van der Pol oscillators of different stiffness: dL/dμ and dL/dy0 by the per-sample adjoint
     against central differences, and against autograd through the per-sample loop."""
@@ -55,6 +56,7 @@ def test_per_sample_adjoint_matches_finite_differences_and_backprop():
     assert float(g_mu.abs().min()) > 1e-2  # every sample's parameter matters: the check is not vacuous
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["dopri5", "bosh3", "adaptive_heun"])
 def test_per_sample_adjoint_of_a_module_with_per_sample_times(method):
     """nn.Module parameters (found without ``params``), each sample on its own irregular times, gradients
@@ -170,6 +172,7 @@ def test_time_concatenating_layers_take_one_time_per_sample():
             torch.testing.assert_close(out[b : b + 1], layer(t[b], x[b : b + 1]), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_ode_block_with_per_sample_stepping():
     """ODEBlock(per_sample=True) on the ODE-Net's convolutional dynamics (inputs of very different scales): each
     sample's output is within tolerance of a tight solve of that sample alone, in about the steps the block

@@ -69,6 +69,7 @@ def test_per_sample_checkpoint_equals_backprop_through_the_loop(method, tol):
     assert ck.stats.nfe_backward >= ck.stats.nfe
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["dopri5", "dopri8"])
 def test_per_sample_checkpoint_matches_finite_differences_with_per_sample_times(method):
     """van der Pol oscillators of different stiffness, each on its own output times, float64: dL/dμ and

@@ -483,6 +483,7 @@ def run_event_case(c: Case) -> None:
         _close(b.grad, torch.zeros_like(b, dtype=torch.float64), 10 * ev_err, f"dt*/dy0 entry {i}")
 
 
+@pytest.mark.slow
 @given(event_cases())
 def test_events_of_generated_inputs_are_found_where_the_exact_solution_crosses(case):
     run_event_case(case)

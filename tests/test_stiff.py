@@ -155,6 +155,7 @@ def _radau_robertson(rates, t_eval):
 # ------------------------------------------------------------------------------ adaptive: rosenbrock23
 
 
+@pytest.mark.slow
 def test_rosenbrock23_solves_a_batch_of_robertson_problems_against_scipy_radau():
     pytest.importorskip("scipy.integrate")
     import numpy as np
@@ -180,6 +181,7 @@ def test_rosenbrock23_solves_a_batch_of_robertson_problems_against_scipy_radau()
     torch.testing.assert_close(sol.ys[-1].sum(1), torch.ones(3, dtype=torch.float64), rtol=0, atol=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["rosenbrock23", "rodas4", "adaptive_trbdf2"])
 def test_rosenbrock_gradients_are_exact_for_the_discrete_solve(method):
     func = _Mild()
@@ -231,6 +233,7 @@ def _assert_within_radau(ys: torch.Tensor, rates, t, rtol: float, atol: float, b
         assert err.max() < bound, (b, err.max())
 
 
+@pytest.mark.slow
 def test_rodas4_robertson_batch_within_the_tolerance_of_scipy_radau():
     pytest.importorskip("scipy.integrate")
     rates, y0, t = _three_robertson_problems()
@@ -240,6 +243,7 @@ def test_rodas4_robertson_batch_within_the_tolerance_of_scipy_radau():
     _assert_within_radau(sol.ys, rates, t, rtol, atol, 2)
 
 
+@pytest.mark.slow
 def test_rodas4_van_der_pol_mu_1000_batch_against_scipy_radau():
     scipy_integrate = pytest.importorskip("scipy.integrate")
     import numpy as np

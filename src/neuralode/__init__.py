@@ -8,11 +8,12 @@ The public API (everything else is private)::
     sol = neuralode.solve(func, y0, t, method="tsit5", gradient="adjoint")
 """
 
-from . import models, nn  # subpackages: neuralode.nn.ODEBlock, neuralode.models.LatentODE
+from . import compiled, models, nn  # subpackages: neuralode.nn.ODEBlock, neuralode.models.LatentODE
 from ._api import Solution, odeint, odeint_adjoint, odeint_dense, odeint_event, solve
 from ._errors import MaxStepsError, NonFiniteStateError, SolverError, Status, StepSizeUnderflowError
 from ._methods import METHODS, register_method
 from .gradients.common import SolveStats
+from .gradients.modes import Adjoint, Backprop, Checkpoint
 from .solvers.tableaus import ButcherTableau
 
 __version__ = "0.1.0"
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "nn",
     "models",
+    "compiled",
     "odeint",
     "odeint_adjoint",
     "odeint_event",
@@ -27,6 +29,9 @@ __all__ = [
     "solve",
     "Solution",
     "SolveStats",
+    "Backprop",
+    "Adjoint",
+    "Checkpoint",
     "METHODS",
     "register_method",
     "ButcherTableau",

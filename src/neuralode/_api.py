@@ -5,7 +5,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import math
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
@@ -14,15 +14,17 @@ from ._convert import ConvertedSolution, needs_conversion, solver_problem
 from ._errors import SolverError, Status, exception_for
 from ._methods import DEFAULT_MAX_NUM_STEPS, get_method, make_controller, method_names, stepper
 from ._problem import Problem, prepare, run
-from .gradients.adjoint import adjoint_solve
+from .gradients.adjoint import AdjointConfig, adjoint_solve
 from .gradients.checkpoint import checkpoint_solve
-from .gradients.common import SolveStats, time_gradient_wrapper
+from .gradients.common import SolveRecord, SolveStats, time_gradient_wrapper
+from .gradients.modes import Adjoint, Backprop, Checkpoint, GradientMode, resolve_gradient
 from .solvers.integrate import warn_uncalled_callbacks
 from .solvers.per_sample import PerSampleDense
 
-__all__ = ["solve", "Solution", "odeint", "odeint_adjoint", "odeint_event", "odeint_dense"]
+if TYPE_CHECKING:
+    from .gradients.per_sample_adjoint import PerSampleAdjointConfig
 
-GRADIENT_MODES = ("backprop", "adjoint", "checkpoint")
+__all__ = ["solve", "Solution", "odeint", "odeint_adjoint", "odeint_event", "odeint_dense"]
 
 
 class Solution:
@@ -119,7 +121,7 @@ def solve(
     rtol: Any = 1e-7,
     atol: Any = 1e-9,
     options: dict | None = None,
-    gradient: str = "backprop",
+    gradient: str | GradientMode = "backprop",
     params: Sequence[torch.Tensor] | None = None,
     adjoint_rtol: Any = None,
     adjoint_atol: Any = None,
@@ -145,11 +147,16 @@ def solve(
         options: method options, torchdiffeq's names (``first_step``, ``step_size``, ``max_num_steps``, ...).
         gradient: ``"backprop"`` (autograd through the solver), ``"adjoint"`` (Algorithm 1 of Chen et
             al. 2018; O(1) memory in the number of steps) or ``"checkpoint"`` (the exact discrete gradient
-            recomputed one step at a time).
-        params: tensors to differentiate for ``adjoint``/``checkpoint`` (default: ``func.parameters()``).
+            recomputed one step at a time); or the same modes as objects with their settings:
+            :class:`~neuralode.Backprop`, :class:`~neuralode.Adjoint` (``Adjoint(rtol=..., seminorm=True)``),
+            :class:`~neuralode.Checkpoint`.
+        params: tensors to differentiate for ``adjoint``/``checkpoint`` (default: ``func.parameters()``);
+            ``Adjoint(params=...)``/``Checkpoint(params=...)`` with an object.
         adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options: the adjoint's backward solve (default:
             the forward's); ``adjoint_options=dict(norm="seminorm")`` uses the seminorm. With the forward's
             method, ``adjoint_options`` adds to and overrides the forward's options (torchdiffeq replaces them).
+            The fields of :class:`~neuralode.Adjoint`: with a gradient-mode object, a keyword argument fills
+            only a field the object leaves unset.
         on_failure: ``"raise"`` (default) or ``"return"``: give back the solution up to the failure with
             ``status``, ``message`` and ``t_fail`` set.
         dense: keep each step's interpolant so that ``Solution.interpolate`` works. Default: yes, except with
@@ -180,9 +187,11 @@ def solve(
 
     Raises:
         ValueError: bad input, named in the message: ``t`` not strictly monotonic or of the wrong shape, an
-            unknown ``method``, option or ``gradient``, tolerances that do not broadcast to the state.
+            unknown ``method``, option or ``gradient``, tolerances that do not broadcast to the state, a
+            gradient-mode object and a keyword argument that set the same thing (or an ``adjoint_*`` argument
+            with a mode other than the adjoint).
         TypeError: ``y0``/``t`` not tensors of a floating (or complex) dtype, ``func`` returning the wrong
-            shape or type.
+            shape or type, ``gradient`` neither one of the strings nor a gradient-mode object.
         StepSizeUnderflowError: the adaptive step size became too small (a singularity, or a stiff problem).
         MaxStepsError: more than ``options["max_num_steps"]`` steps.
         NonFiniteStateError: the state or ``func``'s output became NaN or infinite.
@@ -193,8 +202,14 @@ def solve(
         >>> sol.ys.shape, sol.stats.nfe > 0
         (torch.Size([5, 1]), True)
     """
-    if gradient not in GRADIENT_MODES:
-        raise ValueError(f"`gradient` must be one of {GRADIENT_MODES}, got {gradient!r}")
+    mode = resolve_gradient(
+        gradient,
+        params=params,
+        adjoint_rtol=adjoint_rtol,
+        adjoint_atol=adjoint_atol,
+        adjoint_method=adjoint_method,
+        adjoint_options=adjoint_options,
+    )
     if per_sample and not (torch.is_tensor(y0) and y0.ndim >= 2):  # (checked on the user's shape: a complex
         # state's real view has one dimension more)
         got = f"shape {tuple(y0.shape)}" if torch.is_tensor(y0) else f"a {type(y0).__name__} state"
@@ -211,12 +226,7 @@ def solve(
             rtol=rtol,
             atol=atol,
             options=options,
-            gradient=gradient,
-            params=params,
-            adjoint_rtol=adjoint_rtol,
-            adjoint_atol=adjoint_atol,
-            adjoint_method=adjoint_method,
-            adjoint_options=adjoint_options,
+            gradient=mode,
             on_failure=on_failure,
             dense=dense,
             event_fn=event_fn,
@@ -227,55 +237,34 @@ def solve(
     if compile:
         options = {**(options or {}), "compile": compile}
     # the adjoint's memory must not grow with the steps: it keeps no dense output unless asked to
-    dense = (not compile and gradient != "adjoint") if dense is None else bool(dense)
+    dense = (not compile and not isinstance(mode, Adjoint)) if dense is None else bool(dense)
     if on_failure not in ("raise", "return"):
         raise ValueError(f"`on_failure` must be 'raise' or 'return', got {on_failure!r}")
     prob = prepare(func, y0, t, rtol, atol, method, options, event_fn, per_sample=per_sample)
-    if prob.method == "scipy_solver" and gradient != "backprop":
+    if prob.method == "scipy_solver" and not isinstance(mode, Backprop):
         raise ValueError(
             "method='scipy_solver' is forward only: it cannot be used with gradient="
-            f"{gradient!r}; use a neuralode method for gradients"
+            f"{mode.name!r}; use a neuralode method for gradients"
         )
     stats = SolveStats()
     if per_sample:
-        adjoint = dict(
-            adjoint_rtol=adjoint_rtol,
-            adjoint_atol=adjoint_atol,
-            adjoint_method=adjoint_method,
-            adjoint_options=adjoint_options,
-        )
-        return _solve_per_sample(prob, stats, gradient, event_fn, on_failure, dense, params, adjoint)
+        return _solve_per_sample(prob, stats, mode, event_fn, on_failure, dense)
     if event_fn is not None:
-        return _solve_event(
-            prob,
-            stats,
-            gradient,
-            params,
-            dict(
-                adjoint_rtol=adjoint_rtol,
-                adjoint_atol=adjoint_atol,
-                adjoint_method=adjoint_method,
-                adjoint_options=adjoint_options,
-            ),
-            on_failure,
-            dense,
-        )
-    return _solve(
-        prob, stats, gradient, params, adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options, on_failure, dense
-    )
+        return _solve_event(prob, stats, mode, on_failure, dense)
+    return _solve(prob, stats, mode, on_failure, dense)
 
 
 def _solve_per_sample(
-    prob: Problem, stats: SolveStats, gradient: str, event_fn, on_failure: str, dense: bool, params, adjoint: dict
+    prob: Problem, stats: SolveStats, mode: GradientMode, event_fn, on_failure: str, dense: bool
 ) -> Solution:
     from .gradients.per_sample_adjoint import per_sample_adjoint_solve
     from .gradients.per_sample_checkpoint import per_sample_checkpoint_solve
     from .solvers.per_sample import integrate_per_sample
 
     if event_fn is not None:
-        return _solve_per_sample_event(prob, stats, gradient, on_failure, dense, params, adjoint)
+        return _solve_per_sample_event(prob, stats, mode, on_failure, dense)
     opts = prob.options
-    max_steps, ctrl, rhs, method = _per_sample_setup(prob, gradient)
+    max_steps, ctrl, rhs, method = _per_sample_setup(prob)
     y0 = prob.unflatten(prob.y0)
     rows = prob.t.ndim == 2  # per-sample output times
     needs_t_grad = prob.t.requires_grad and torch.is_grad_enabled()
@@ -287,7 +276,7 @@ def _solve_per_sample(
         from .solvers.device_loop import supports as device_loop_supports
 
         compiled = device_loop_supports(method, ctrl)
-        if torch.is_grad_enabled() and gradient == "backprop":
+        if torch.is_grad_enabled() and isinstance(mode, Backprop):
             from .solvers.per_sample import compiled_attempt
 
             step_fn = compiled_attempt(prob.func, method, y0.shape, y0.dtype, y0.device, backend, prob.rtol, prob.atol)
@@ -340,31 +329,31 @@ def _solve_per_sample(
             step_fn=step_fn if torch.is_grad_enabled() else None,
         )
 
-    box: dict = {}
-    if gradient == "adjoint" and torch.is_grad_enabled():
-        box = _per_sample_adjoint_cfg(prob, adjoint, rhs, max_steps)
-        box["forward"] = solve_loop
-        box["backend"] = backend  # (the backward solves in the compiled per-sample loop too)
-        ps = _params_of(prob.func, params, "params")
+    record = SolveRecord(stats)
+    if isinstance(mode, Adjoint) and torch.is_grad_enabled():
+        # (with a backend, the backward solves run in the compiled per-sample loop too)
+        cfg = _per_sample_adjoint_config(prob, mode, rhs, max_steps, backend)
+        ps = _params_of(prob.func, mode.params, "params")
 
         def core(y0_: torch.Tensor) -> torch.Tensor:
-            return per_sample_adjoint_solve(prob.func, y0_, ps, stats, box)
+            return per_sample_adjoint_solve(prob.func, solve_loop, y0_, ps, cfg, record)
 
-    elif gradient == "checkpoint" and torch.is_grad_enabled():
+    elif isinstance(mode, Checkpoint) and torch.is_grad_enabled():
         # (with a backend, the replayed attempts are compiled too)
-        box = {"forward": solve_loop, "method": method, "t_out": prob.t_out, "backend": backend}
-        ps = _params_of(prob.func, params, "params")
+        ps = _params_of(prob.func, mode.params, "params")
 
         def core(y0_: torch.Tensor) -> torch.Tensor:
-            return per_sample_checkpoint_solve(prob.func, y0_, ps, stats, box)
+            return per_sample_checkpoint_solve(
+                prob.func, solve_loop, y0_, ps, record, method=method, t_out=prob.t_out, backend=backend
+            )
 
     else:
 
         def core(y0_: torch.Tensor) -> torch.Tensor:
-            box["result"], box["sample_stats"] = solve_loop(y0_)
-            ys_ = box["result"].ys
+            record.result, record.sample_stats = solve_loop(y0_)
+            ys_ = record.result.ys
             if ys_.requires_grad:  # backprop passes back through every recorded (batched) evaluation
-                calls = box["sample_stats"]["calls"]
+                calls = record.sample_stats["calls"]
 
                 def count(grad: torch.Tensor) -> None:
                     stats.nfe_backward += calls
@@ -373,7 +362,8 @@ def _solve_per_sample(
             return ys_.view(-1, *y0_.shape)
 
     ys = _per_sample_time_gradient(prob, y0, core, stats) if needs_t_grad else core(y0)
-    res, sample_stats = box.pop("result"), box.pop("sample_stats")
+    res, sample_stats = record.take_result(), record.sample_stats
+    record.sample_stats = None
     res.ys = ys.reshape(ys.shape[0], -1)
     stats.nfe += sample_stats["calls"]
     stats.n_steps += res.n_steps
@@ -387,7 +377,7 @@ def _solve_per_sample(
     return sol
 
 
-def _per_sample_setup(prob: Problem, gradient: str) -> tuple:
+def _per_sample_setup(prob: Problem) -> tuple:
     """Checks of a per-sample solve; (max_num_steps, controller, rhs, stepper)."""
     if not get_method(prob.method).per_sample:
         raise ValueError(
@@ -412,14 +402,14 @@ def _per_sample_setup(prob: Problem, gradient: str) -> tuple:
 
 
 def _solve_per_sample_event(
-    prob: Problem, stats: SolveStats, gradient: str, on_failure: str, dense: bool, params, adjoint: dict
+    prob: Problem, stats: SolveStats, mode: GradientMode, on_failure: str, dense: bool
 ) -> Solution:
     """Every sample integrated until its own first event: located without a graph, then solved from its start
     to its event time with the gradient mode asked for; the event times get their gradients by the implicit
     function theorem, per sample."""
     from .solvers.per_sample import PerSampleEvents, integrate_per_sample
 
-    max_steps, ctrl, rhs, method = _per_sample_setup(prob, gradient)
+    max_steps, ctrl, rhs, method = _per_sample_setup(prob)
     y0 = prob.unflatten(prob.y0)
     B = y0.shape[0]
     rows = prob.t.ndim == 2
@@ -460,7 +450,7 @@ def _solve_per_sample_event(
     t_start = prob.t[:, 0] if rows else prob.t[0].expand(B)
     t_pair = torch.stack([t_start, t_ev.to(dtype=prob.t.dtype, device=prob.t.device)], 1)
     sub = dataclasses.replace(prob, t=t_pair, t_out=[[s, e] for s, e in zip(starts, t_ev.tolist())], event_fn=None)
-    sol = _solve_per_sample(sub, stats, gradient, None, on_failure, dense, params, adjoint)
+    sol = _solve_per_sample(sub, stats, mode, None, on_failure, dense)
     ys = sol.ys.reshape(2, B, -1)
     with torch.no_grad():
         g = events._raw(t_ev, ys[-1]) * events.sign0
@@ -509,40 +499,43 @@ class _PerSampleEventTime(torch.autograd.Function):
         return None, None, None, None, gy
 
 
-def _per_sample_adjoint_cfg(prob: Problem, adjoint: dict, rhs, max_steps: int) -> dict:
+def _per_sample_adjoint_config(
+    prob: Problem, mode: Adjoint, rhs, max_steps: int, backend: str | None
+) -> PerSampleAdjointConfig:
     """The per-sample adjoint's backward solve: an adaptive RK method, scalar tolerances, the integral
     controller (the per-sample loop's), its error on the state and adjoint of each sample (a seminorm)."""
-    cfg = _adjoint_cfg(
-        prob, adjoint["adjoint_rtol"], adjoint["adjoint_atol"], adjoint["adjoint_method"], adjoint["adjoint_options"]
-    )
-    if not get_method(cfg["method"]).per_sample:
+    from .gradients.per_sample_adjoint import PerSampleAdjointConfig
+
+    cfg = _adjoint_config(prob, mode)
+    if not get_method(cfg.method).per_sample:
         raise ValueError(
             f"per_sample=True with gradient='adjoint' needs an adaptive Runge–Kutta adjoint_method "
-            f"({', '.join(method_names(per_sample=True))}), not {cfg['method']!r}"
+            f"({', '.join(method_names(per_sample=True))}), not {cfg.method!r}"
         )
-    if not (isinstance(cfg["rtol"], float) and isinstance(cfg["atol"], float)):
+    if not (isinstance(cfg.rtol, float) and isinstance(cfg.atol, float)):
         raise ValueError("per_sample=True with gradient='adjoint' takes scalar adjoint_rtol and adjoint_atol")
-    if cfg["norm"] not in (None, "seminorm"):
+    if cfg.norm not in (None, "seminorm"):
         raise ValueError(
             "per_sample=True with gradient='adjoint' always controls the error of each sample's state and "
             "adjoint (a seminorm: the parameter integrals are left out); leave adjoint_options['norm'] unset"
         )
-    unsupported = {"step_t", "jump_t"} & set(cfg["options"])
+    unsupported = {"step_t", "jump_t"} & set(cfg.options)
     if unsupported:
         raise ValueError(f"adjoint_options {sorted(unsupported)} are not supported with per_sample=True")
-    opts = cfg["options"]
-    ctrl = make_controller(get_method(cfg["method"]).order, opts)
+    opts = cfg.options
+    ctrl = make_controller(get_method(cfg.method).order, opts)
     if ctrl.beta2 != 0:
         raise ValueError("per-sample stepping uses the integral controller: leave `pcoeff` at 0 in adjoint_options")
-    return {
-        "method": stepper(cfg["method"], 1, rhs.dtype, rhs.device, "dense"),
-        "ctrl": ctrl,
-        "rtol": cfg["rtol"],
-        "atol": cfg["atol"],
-        "max_num_steps": int(opts.get("max_num_steps", max_steps)),
-        "first_step": opts.get("first_step"),
-        "t_out": prob.t_out,
-    }
+    return PerSampleAdjointConfig(
+        method=stepper(cfg.method, 1, rhs.dtype, rhs.device, "dense"),
+        ctrl=ctrl,
+        rtol=cfg.rtol,
+        atol=cfg.atol,
+        max_num_steps=int(opts.get("max_num_steps", max_steps)),
+        first_step=opts.get("first_step"),
+        t_out=prob.t_out,
+        backend=backend,
+    )
 
 
 def _per_sample_time_gradient(prob: Problem, y0: torch.Tensor, core: Callable, stats: SolveStats) -> torch.Tensor:
@@ -560,55 +553,42 @@ def _per_sample_time_gradient(prob: Problem, y0: torch.Tensor, core: Callable, s
     return time_gradient_wrapper(prob.t, y0, f, core, batch=B)
 
 
-def _solve(
-    prob: Problem,
-    stats: SolveStats,
-    gradient: str,
-    params,
-    adjoint_rtol,
-    adjoint_atol,
-    adjoint_method,
-    adjoint_options,
-    on_failure: str,
-    dense: bool,
-) -> Solution:
+def _solve(prob: Problem, stats: SolveStats, mode: GradientMode, on_failure: str, dense: bool) -> Solution:
     t = prob.t
-    box: dict = {"dense": dense}
+    record = SolveRecord(stats, dense=dense)
     needs_t_grad = t.requires_grad and torch.is_grad_enabled()
     extra_rhs = prob.rhs()
 
     def f_at(i: int, y: torch.Tensor) -> torch.Tensor:
         return extra_rhs.at(prob.t_out[i], y)
 
-    if gradient == "backprop":
+    if isinstance(mode, Backprop):
 
         def core(y0: torch.Tensor) -> torch.Tensor:
             rhs = prob.rhs()
             res = run(prob, rhs, y0=y0, keep_segments=dense, use_event=False)
-            box["result"], box["nfe"] = res, rhs.nfe
+            record.result, record.nfe = res, rhs.nfe
             if res.ys.requires_grad:
                 res.ys.register_hook(_count_backprop(stats, rhs))
             return res.ys
-    elif gradient == "checkpoint":
-        ps = _params_of(prob.func, params, "params")
+    elif isinstance(mode, Checkpoint):
+        ps = _params_of(prob.func, mode.params, "params")
 
         def core(y0: torch.Tensor) -> torch.Tensor:
-            return checkpoint_solve(prob, y0, ps, stats, box)
+            return checkpoint_solve(prob, y0, ps, record)
     else:
-        ps = _params_of(prob.func, params, "params")
-        cfg = _adjoint_cfg(prob, adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options)
-        cfg["dense"] = dense
-        box = cfg
+        ps = _params_of(prob.func, mode.params, "params")
+        cfg = _adjoint_config(prob, mode)
 
         def core(y0: torch.Tensor) -> torch.Tensor:
-            return adjoint_solve(prob, y0, t, ps, stats, cfg)
+            return adjoint_solve(prob, y0, t, ps, cfg, record)
 
-    if needs_t_grad and gradient != "adjoint":
+    if needs_t_grad and not isinstance(mode, Adjoint):
         ys = time_gradient_wrapper(t, prob.y0, f_at, core)
     else:
         ys = core(prob.y0)
-    res = box.pop("result")  # the solve object must not keep the outputs alive through the graph
-    stats.nfe += box["nfe"] + extra_rhs.nfe
+    res = record.take_result()  # the solve object must not keep the outputs alive through the graph
+    stats.nfe += record.nfe + extra_rhs.nfe
     stats.n_steps += res.n_steps
     stats.n_rejected += res.n_rejected
     m = ys.shape[0]
@@ -624,7 +604,9 @@ def _count_backprop(stats: SolveStats, rhs) -> Callable:
     return hook
 
 
-def _adjoint_cfg(prob: Problem, rtol, atol, method, options) -> dict:
+def _adjoint_config(prob: Problem, mode: Adjoint) -> AdjointConfig:
+    """The adjoint's backward solve, checked before the forward starts: ``mode``'s settings, each unset one
+    the forward's (with the forward's method, its options under ``mode``'s)."""
     from ._problem import (
         _check_tol,
         check_method,
@@ -633,6 +615,7 @@ def _adjoint_cfg(prob: Problem, rtol, atol, method, options) -> dict:
         valid_options,
     )
 
+    rtol, atol, method, options = mode.rtol, mode.atol, mode.method, mode.backward_options()
     method = prob.method if method is None else check_method(method, "adjoint_method")
     if method == "scipy_solver":
         raise ValueError(
@@ -660,7 +643,7 @@ def _adjoint_cfg(prob: Problem, rtol, atol, method, options) -> dict:
     atol = prob.atol if atol is None else _check_tol("adjoint_atol", atol, prob.y0, shapes, shape)
     # compile=True: the backward solve runs in the compiled device loop where it can (gradients.adjoint)
     compile_ = prob.options.get("compile", False)
-    return {"rtol": rtol, "atol": atol, "method": method, "options": options, "norm": norm, "compile": compile_}
+    return AdjointConfig(rtol=rtol, atol=atol, method=method, options=options, norm=norm, compile=compile_)
 
 
 class _EventTime(torch.autograd.Function):
@@ -698,9 +681,7 @@ class _EventTime(torch.autograd.Function):
         return None, None, None, None, gy
 
 
-def _solve_event(
-    prob: Problem, stats: SolveStats, gradient: str, params, adjoint_kw: dict, on_failure: str, dense: bool
-) -> Solution:
+def _solve_event(prob: Problem, stats: SolveStats, mode: GradientMode, on_failure: str, dense: bool) -> Solution:
     t_out = prob.t_out
     direction = 1.0 if len(t_out) < 2 or t_out[1] >= t_out[0] else -1.0
     rhs = prob.rhs()
@@ -732,18 +713,7 @@ def _solve_event(
         prob.norm,
         None,
     )
-    sol = _solve(
-        sub,
-        stats,
-        gradient,
-        params,
-        adjoint_kw["adjoint_rtol"],
-        adjoint_kw["adjoint_atol"],
-        adjoint_kw["adjoint_method"],
-        adjoint_kw["adjoint_options"],
-        on_failure,
-        dense,
-    )
+    sol = _solve(sub, stats, mode, on_failure, dense)
     ys = torch.cat([y.reshape(2, -1) for y in sol.ys], 1) if prob.is_tuple else sol.ys.reshape(2, -1)
     with torch.no_grad():
         g = prob.event_fn(

@@ -6,11 +6,22 @@
 - ``checkpoint``: the exact gradient of the discrete solve (as backprop) keeping one state per accepted step
   and recomputing one step's graph at a time.
 
-Each mode drives the same integration loop; the loop itself knows nothing of gradients.
+``solve(gradient=...)`` takes the modes' names or the objects of ``modes`` (``Backprop()``, ``Adjoint(...)``,
+``Checkpoint(...)``), which carry their settings. Each mode drives the same integration loop; the loop itself
+knows nothing of gradients.
 """
 
 from .adjoint import adjoint_solve
 from .checkpoint import checkpoint_solve
 from .common import SolveStats, time_gradient_wrapper
+from .modes import Adjoint, Backprop, Checkpoint
 
-__all__ = ["adjoint_solve", "checkpoint_solve", "SolveStats", "time_gradient_wrapper"]
+__all__ = [
+    "adjoint_solve",
+    "checkpoint_solve",
+    "SolveStats",
+    "time_gradient_wrapper",
+    "Backprop",
+    "Adjoint",
+    "Checkpoint",
+]

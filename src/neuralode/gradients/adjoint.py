@@ -25,11 +25,41 @@ import torch
 from .._amp import full_precision
 from .._problem import Problem, run, valid_options
 from ..solvers.integrate import _callbacks, block_rms_max
-from .common import SolveStats, direct_gradients, raise_on_failure, vjp, warn_on_drift
+from .common import (
+    EAGER_AUG_SECONDS,
+    BackwardFlags,
+    SolveRecord,
+    SolveStats,
+    direct_gradients,
+    raise_on_failure,
+    vjp,
+    warn_on_drift,
+)
 
-__all__ = ["adjoint_solve", "CALLBACK_NAMES"]
+__all__ = ["adjoint_solve", "AdjointConfig", "CALLBACK_NAMES"]
 
 CALLBACK_NAMES = ("callback_step", "callback_accept_step", "callback_reject_step")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdjointConfig:
+    """The adjoint's backward solve, its settings checked and defaulted (``_api._adjoint_config``).
+
+    Attributes:
+        rtol, atol: tolerances of the state and the adjoint (floats or per-component tensors).
+        method: the method's name.
+        options: its options (``norm`` taken out).
+        norm: None (the default: RMS of each block, the max over the blocks), ``"seminorm"`` or a callable.
+        compile: the forward's ``compile`` setting (False, True or a backend name): where it is set, the
+            backward solve runs in the compiled device loop where it can.
+    """
+
+    rtol: Any
+    atol: Any
+    method: str
+    options: dict
+    norm: Any = None
+    compile: bool | str = False
 
 
 def _real_size(p: torch.Tensor) -> int:
@@ -48,26 +78,34 @@ def _from_real(seg: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 
 class _AdjointSolve(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, prob: Problem, cfg: dict, y0: torch.Tensor, t: torch.Tensor, *params: torch.Tensor):
+    def forward(
+        ctx,
+        prob: Problem,
+        cfg: AdjointConfig,
+        record: SolveRecord,
+        y0: torch.Tensor,
+        t: torch.Tensor,
+        *params: torch.Tensor,
+    ):
         rhs = prob.rhs()
         with torch.no_grad():
-            res = run(prob, rhs, y0=y0.detach(), keep_segments=cfg.get("dense", False), use_event=False)
-        cfg["result"] = res
-        cfg["result_next_step"] = res.next_step
-        cfg["nfe"] = rhs.nfe
+            res = run(prob, rhs, y0=y0.detach(), keep_segments=record.dense, use_event=False)
+        record.result = res
+        record.next_step = res.next_step
+        record.nfe = rhs.nfe
         # the backward pass needs the problem's settings, not its initial state: keep a stand-in of the same
         # shape, dtype and device (one element of memory) so that the graph does not hold y0 alive
         ctx.prob = dataclasses.replace(prob, y0=prob.y0.new_zeros(()).expand(prob.y0.shape))
-        ctx.cfg = cfg
+        ctx.cfg, ctx.record = cfg, record
         ctx.save_for_backward(res.ys, t, *params)
         return res.ys
 
     @staticmethod
     @full_precision
     def backward(ctx, grad_ys: torch.Tensor):
-        prob, cfg = ctx.prob, ctx.cfg
+        prob, cfg, record = ctx.prob, ctx.cfg, ctx.record
         ys, t, *params = ctx.saved_tensors
-        stats: SolveStats = cfg["stats"]
+        stats: SolveStats = record.stats
         wrt = [p for p in params if p.requires_grad]
         m, n = ys.shape
         t_out = prob.t_out[:m]
@@ -111,21 +149,21 @@ class _AdjointSolve(torch.autograd.Function):
 
         aug_prob_rhs = _flat_rhs(aug_func, 2 * n + n_g, dtype, ys.device)
         aug_prob_rhs.into = aug_into
-        rtol, atol = _aug_tol(cfg["rtol"], n, n_g), _aug_tol(cfg["atol"], n, n_g)
-        norm = _aug_norm(cfg["norm"], prob, n, wrt, ys.device)
+        rtol, atol = _aug_tol(cfg.rtol, n, n_g), _aug_tol(cfg.atol, n, n_g)
+        norm = _aug_norm(cfg.norm, prob, n, wrt, ys.device)
         callbacks = _adjoint_callbacks(prob.func)
 
         a = grad_ys[-1]  # read only (copied into the augmented state)
         # first step of each backward segment: the step size the solver was taking where that segment starts
         # (the forward's last proposal, then each backward segment's), instead of the initial-step heuristic
         # and its extra evaluation
-        options = dict(cfg["options"])
-        adaptive = "first_step" in valid_options(cfg["method"]) and "step_size" not in options
+        options = dict(cfg.options)
+        adaptive = "first_step" in valid_options(cfg.method) and "step_size" not in options
         carry_step = adaptive and options.get("first_step") is None
-        h = cfg["result_next_step"] if carry_step else None
+        h = record.next_step if carry_step else None
         g = torch.zeros(n_g, dtype=dtype, device=ys.device)
         t_grad = torch.zeros(m, dtype=dtype, device=ys.device) if t.requires_grad else None
-        fused = _compiled_segment(prob, cfg, wrt, n, ys) if cfg.get("compile") and m > 1 else None
+        fused = _compiled_segment(prob, cfg, stats, wrt, n, ys) if cfg.compile and m > 1 else None
         # (kept apart: its quadrature holds a share of dL/dθ even if a later segment falls back to eager)
         closure = fused if isinstance(fused, _ClosureSegment) else None
         drift_warned = False
@@ -153,7 +191,7 @@ class _AdjointSolve(torch.autograd.Function):
                         rtol=rtol,
                         atol=atol,
                         norm=norm,
-                        method=cfg["method"],
+                        method=cfg.method,
                         options=options if h is None else {**options, "first_step": abs(h)},
                         callbacks=callbacks,
                         use_event=False,
@@ -166,7 +204,7 @@ class _AdjointSolve(torch.autograd.Function):
             z1 = res.ys[-1]
             if adaptive and not drift_warned:  # (once per backward pass; fixed steps honour no tolerance)
                 drift_warned = warn_on_drift(
-                    z1[:n], ys[i - 1], cfg["rtol"], cfg["atol"], t_out[i], t_out[i - 1], key=id(prob.func)
+                    z1[:n], ys[i - 1], cfg.rtol, cfg.atol, t_out[i], t_out[i - 1], key=id(prob.func)
                 )
             # copies, not views: a view would keep the whole augmented output (the state part included)
             # alive for as long as the caller holds the gradients
@@ -189,15 +227,15 @@ class _AdjointSolve(torch.autograd.Function):
             t_grad = t_grad.to(device=t.device, dtype=t.dtype)
             if len(t) > m:
                 t_grad = torch.cat([t_grad, t_grad.new_zeros(len(t) - m)])
-        return (None, None, a, t_grad, *direct_gradients(params, p_grads))
+        return (None, None, None, a, t_grad, *direct_gradients(params, p_grads))
 
 
 _AUG_CACHE: dict = {}
-#: on CPU, a backward whose augmented dynamics take this long (seconds) per eager call runs eagerly
-_EAGER_AUG_SECONDS = 3e-3
 
 
-def _compiled_segment(prob: Problem, cfg: dict, wrt: Sequence[torch.Tensor], n: int, ys: torch.Tensor):
+def _compiled_segment(
+    prob: Problem, cfg: AdjointConfig, stats: SolveStats, wrt: Sequence[torch.Tensor], n: int, ys: torch.Tensor
+):
     """The backward solve in the compiled device loop (``compile=True``): the augmented dynamics, ``func``
     and its vector-Jacobian products by ``torch.func.vjp``, traced into the fused step. Returns
     ``segment(z0, f0, t_from, t_to, first_step) -> result`` (``f0``: a call giving the dynamics at z0), or
@@ -209,7 +247,7 @@ def _compiled_segment(prob: Problem, cfg: dict, wrt: Sequence[torch.Tensor], n: 
     from ..solvers.device_loop import integrate_device_loop
     from ..solvers.device_loop import supports as device_loop_supports
 
-    module, method, options = prob.func, cfg["method"], cfg["options"]
+    module, method, options = prob.func, cfg.method, cfg.options
     names = None
     if isinstance(module, torch.nn.Module):
         by_id = {id(p): name for name, p in module.named_parameters()}
@@ -219,11 +257,11 @@ def _compiled_segment(prob: Problem, cfg: dict, wrt: Sequence[torch.Tensor], n: 
         why = f"the method {method!r}"
     elif prob.shapes is not None:
         why = "tuple states"
-    elif not (isinstance(cfg["rtol"], float) and isinstance(cfg["atol"], float)):
+    elif not (isinstance(cfg.rtol, float) and isinstance(cfg.atol, float)):
         why = "tensor tolerances"
-    elif cfg["norm"] not in (None, "seminorm") or {"step_t", "jump_t"} & set(options):
+    elif cfg.norm not in (None, "seminorm") or {"step_t", "jump_t"} & set(options):
         why = "adjoint norms other than the default and 'seminorm', or step_t/jump_t"
-    elif (names is None or None in names) and wrt and cfg["norm"] != "seminorm":
+    elif (names is None or None in names) and wrt and cfg.norm != "seminorm":
         why = (
             "parameters that are not the nn.Module func's own, with the default adjoint norm (pass "
             "adjoint_options=dict(norm='seminorm') to run such a backward compiled)"
@@ -242,25 +280,25 @@ def _compiled_segment(prob: Problem, cfg: dict, wrt: Sequence[torch.Tensor], n: 
         _warn_once(f"compile=True: the adjoint's backward solve runs eagerly ({why} not supported compiled)")
         return None
     if names is None or None in names:  # a closure's parameters (or none): [y, a] compiled, θ by quadrature
-        return _ClosureSegment(prob, cfg, wrt, n, ys, rk, ctrl)
+        return _ClosureSegment(prob, cfg, stats, wrt, n, ys, rk, ctrl)
     sizes = [p.numel() for p in wrt]
     width = 2 * n + sum(sizes)
     starts = [0, n] + [2 * n + sum(sizes[:j]) for j in range(len(sizes))]
     blocks = tuple(zip(starts, [n, n] + sizes))
-    if cfg["norm"] == "seminorm":
+    if cfg.norm == "seminorm":
         blocks = blocks[:2]
     key = (id(module), names, prob.shape, ys.dtype, str(ys.device))
     hit = _AUG_CACHE.get(key)
     if hit is not None and hit[0] is module:
         aug, speed = hit[1], hit[2]
     else:
-        aug, speed = _make_aug(module, names, prob.shape, n), {}
+        aug, speed = _make_aug(module, names, prob.shape, n), BackwardFlags()
         if len(_AUG_CACHE) > 64:
             _AUG_CACHE.clear()
         _AUG_CACHE[key] = (module, aug, speed)
-    if speed.get("eager"):
+    if speed.eager:
         return None
-    backend = cfg["compile"] if isinstance(cfg["compile"], str) else "inductor"
+    backend = cfg.compile if isinstance(cfg.compile, str) else "inductor"
     max_steps = int(options.get("max_num_steps", DEFAULT_MAX_NUM_STEPS))
 
     def segment(z0: torch.Tensor, f0: Callable, t_from: float, t_to: float, first_step: float | None):
@@ -276,8 +314,8 @@ def _compiled_segment(prob: Problem, cfg: dict, wrt: Sequence[torch.Tensor], n: 
             rk,
             ctrl,
             per_sample=False,
-            rtol=cfg["rtol"],
-            atol=cfg["atol"],
+            rtol=cfg.rtol,
+            atol=cfg.atol,
             first_step=first_step if options.get("first_step") is None else options["first_step"],
             max_num_steps=max_steps,
             backend=backend,
@@ -293,17 +331,17 @@ def _compiled_segment(prob: Problem, cfg: dict, wrt: Sequence[torch.Tensor], n: 
     return segment
 
 
-def _timed_start(f0: Callable, speed: dict, device: torch.device) -> torch.Tensor | None:
+def _timed_start(f0: Callable, speed: BackwardFlags, device: torch.device) -> torch.Tensor | None:
     """The augmented dynamics at a segment's start (``f0()``), or None where the backward should stay eager.
     An expensive func (convolutions: milliseconds per call) leaves the loop's own overhead negligible, and on
     CPU Inductor's kernels for its vector-Jacobian products were measured slower than eager ones (GroupNorm's
     backward), so such a backward stays eager; decided once per func, by timing this first call."""
-    if "eager" in speed or device.type != "cpu":
+    if speed.eager is not None or device.type != "cpu":
         return f0()
     start = time.perf_counter()
     out = f0()
-    speed["eager"] = time.perf_counter() - start >= _EAGER_AUG_SECONDS
-    return None if speed["eager"] else out
+    speed.eager = time.perf_counter() - start >= EAGER_AUG_SECONDS
+    return None if speed.eager else out
 
 
 class _ClosureSegment:
@@ -315,26 +353,26 @@ class _ClosureSegment:
     accepted steps as the eager seminorm backward does inside its steps. The steps are the eager seminorm
     backward's. ``finish()`` returns the parameter integral (flat) and counts its evaluations."""
 
-    def __init__(self, prob: Problem, cfg: dict, wrt, n: int, ys: torch.Tensor, rk, ctrl):
+    def __init__(self, prob: Problem, cfg: AdjointConfig, stats: SolveStats, wrt, n: int, ys: torch.Tensor, rk, ctrl):
         from .._methods import DEFAULT_MAX_NUM_STEPS
         from .per_sample_adjoint import _Compiled
 
         func, shape = prob.func, prob.shape
-        self.n, self.rk, self.ctrl, self.cfg, self.stats = n, rk, ctrl, cfg, cfg["stats"]
+        self.n, self.rk, self.ctrl, self.cfg, self.stats = n, rk, ctrl, cfg, stats
         key = (id(func), "closure", shape, ys.dtype, str(ys.device))
         hit = _AUG_CACHE.get(key)
         if hit is None or hit[0] is not func:
             if len(_AUG_CACHE) > 64:
                 _AUG_CACHE.clear()
-            hit = _AUG_CACHE[key] = (func, _make_state_aug(func, shape, n), {})
+            hit = _AUG_CACHE[key] = (func, _make_state_aug(func, shape, n), BackwardFlags())
         self.aug, self.speed = hit[1], hit[2]
 
         def one_sample(t1: torch.Tensor, y1: torch.Tensor) -> torch.Tensor:  # (1,) times, (1, n) states
             return func(t1.reshape(()), y1.reshape(shape)).reshape(1, n)
 
         self.quad = _Compiled(one_sample, torch.Size([1, n]), wrt, rk, ys.dtype, ys.device) if wrt else None
-        self.backend = cfg["compile"] if isinstance(cfg["compile"], str) else "inductor"
-        self.max_steps = int(cfg["options"].get("max_num_steps", DEFAULT_MAX_NUM_STEPS))
+        self.backend = cfg.compile if isinstance(cfg.compile, str) else "inductor"
+        self.max_steps = int(cfg.options.get("max_num_steps", DEFAULT_MAX_NUM_STEPS))
 
     def __call__(self, z0: torch.Tensor, f0: Callable, t_from: float, t_to: float, first_step: float | None):
         from ..solvers.device_loop import integrate_device_loop
@@ -343,7 +381,7 @@ class _ClosureSegment:
         f0 = _timed_start(f0, self.speed, z0.device)
         if f0 is None:
             return None
-        options = self.cfg["options"]
+        options = self.cfg.options
         got = integrate_device_loop(
             self.aug,
             z0[: 2 * n].reshape(1, -1),
@@ -352,8 +390,8 @@ class _ClosureSegment:
             self.rk,
             self.ctrl,
             per_sample=False,
-            rtol=self.cfg["rtol"],
-            atol=self.cfg["atol"],
+            rtol=self.cfg.rtol,
+            atol=self.cfg.atol,
             first_step=first_step if options.get("first_step") is None else options["first_step"],
             max_num_steps=self.max_steps,
             backend=self.backend,
@@ -442,9 +480,14 @@ def _adjoint_callbacks(func: Any):
 
 
 def adjoint_solve(
-    prob: Problem, y0: torch.Tensor, t: torch.Tensor, params: Sequence[torch.Tensor], stats: SolveStats, cfg: dict
+    prob: Problem,
+    y0: torch.Tensor,
+    t: torch.Tensor,
+    params: Sequence[torch.Tensor],
+    cfg: AdjointConfig,
+    record: SolveRecord,
 ) -> torch.Tensor:
-    """Solve ``prob`` with adjoint gradients. ``cfg`` holds the backward solve's rtol, atol, method,
-    options and norm (already defaulted)."""
-    cfg["stats"] = stats
-    return _AdjointSolve.apply(prob, cfg, y0, t, *params)
+    """Solve ``prob`` with adjoint gradients. ``cfg``: the backward solve's settings (already defaulted);
+    ``record``: the forward leaves its result, evaluations and last proposed step there, and the backward
+    adds its cost to ``record.stats``."""
+    return _AdjointSolve.apply(prob, cfg, record, y0, t, *params)

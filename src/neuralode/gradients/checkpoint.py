@@ -17,22 +17,22 @@ from .._amp import full_precision
 from .._methods import get_method
 from .._problem import Problem, run
 from ..solvers.runge_kutta import Segment
-from .common import SolveStats, direct_gradients, vjp
+from .common import SolveRecord, direct_gradients, vjp
 
 __all__ = ["checkpoint_solve"]
 
 
 class _CheckpointSolve(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, prob: Problem, box: dict, y0: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, prob: Problem, record: SolveRecord, y0: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
         rhs = prob.rhs()
         trace: list = []
         with torch.no_grad():
-            res = run(prob, rhs, y0=y0.detach(), trace=trace, keep_segments=box.get("dense", False), use_event=False)
-        box["result"] = res
-        box["nfe"] = rhs.nfe
-        box["stats"].checkpoint_bytes += sum(r[2].numel() * r[2].element_size() for r in trace)
-        ctx.prob, ctx.box, ctx.trace, ctx.method = prob, box, trace, res.method
+            res = run(prob, rhs, y0=y0.detach(), trace=trace, keep_segments=record.dense, use_event=False)
+        record.result = res
+        record.nfe = rhs.nfe
+        record.stats.checkpoint_bytes += sum(r[2].numel() * r[2].element_size() for r in trace)
+        ctx.prob, ctx.stats, ctx.trace, ctx.method = prob, record.stats, trace, res.method
         ctx.m = res.ys.shape[0]
         ctx.n_params = len(params)
         ctx.save_for_backward(*params)
@@ -87,7 +87,7 @@ class _CheckpointSolve(torch.autograd.Function):
                 if g is not None:
                     p_grads[i] += g
         a = a + grad_ys[0]
-        ctx.box["stats"].nfe_backward += rhs.nfe
+        ctx.stats.nfe_backward += rhs.nfe
         out_params, it = [], iter(p_grads)
         for r in needs:
             out_params.append(next(it) if r else None)
@@ -117,7 +117,8 @@ def _compiled_replay(prob: Problem, rhs, method):
 
 
 def checkpoint_solve(
-    prob: Problem, y0: torch.Tensor, params: Sequence[torch.Tensor], stats: SolveStats, box: dict
+    prob: Problem, y0: torch.Tensor, params: Sequence[torch.Tensor], record: SolveRecord
 ) -> torch.Tensor:
-    box["stats"] = stats
-    return _CheckpointSolve.apply(prob, box, y0, *params)
+    """Solve ``prob`` with checkpointed gradients. The forward leaves its result and evaluations in ``record``
+    (keeping dense output where ``record.dense``); the backward adds its cost to ``record.stats``."""
+    return _CheckpointSolve.apply(prob, record, y0, *params)

@@ -1,13 +1,28 @@
-"""Pieces shared by the gradient modes: statistics and gradients with respect to the times."""
+"""Pieces shared by the gradient modes: statistics, the per-solve record, gradients with respect to the times."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
-__all__ = ["SolveStats", "time_gradient_wrapper", "raise_on_failure", "warn_on_drift", "vjp", "direct_gradients"]
+__all__ = [
+    "SolveStats",
+    "SolveRecord",
+    "time_gradient_wrapper",
+    "raise_on_failure",
+    "warn_on_drift",
+    "vjp",
+    "direct_gradients",
+    "EAGER_AUG_SECONDS",
+    "BackwardFlags",
+]
+
+#: on CPU, an adjoint backward whose augmented dynamics take this long (seconds) per eager call runs eagerly
+#: under ``compile=True`` (joint and per-sample adjoint alike): Inductor's kernels for the vector-Jacobian
+#: products of an expensive func (convolutions, GroupNorm) were measured no faster than eager ones
+EAGER_AUG_SECONDS = 3e-3
 
 
 def vjp(outputs, inputs, grad_outputs, *, create_graph: bool = False) -> tuple:
@@ -78,6 +93,47 @@ class SolveStats:
     def as_dict(self) -> dict:
         """The counts as a plain ``dict`` (field name → int), e.g. to log as JSON."""
         return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class SolveRecord:
+    """What one solve's forward pass hands back to its caller (``_api``) and on to its backward pass.
+
+    Attributes:
+        stats: the solve's :class:`SolveStats`, which the backward pass adds its cost to.
+        dense: keep each step's interpolant (joint stepping).
+        result: the forward's integration result (``solvers.integrate`` / ``solvers.per_sample``); taken
+            (and cleared) by the caller, so that the solve object does not keep the outputs alive.
+        nfe: evaluations of ``func`` in the forward (joint stepping).
+        next_step: the step size the forward proposed last (the adjoint's first backward step).
+        sample_stats: per-sample statistics of a per-sample forward.
+    """
+
+    stats: SolveStats
+    dense: bool = False
+    result: Any = None
+    nfe: int = 0
+    next_step: float | None = None
+    sample_stats: dict | None = None
+
+    def take_result(self) -> Any:
+        """The forward's result, no longer held by the record."""
+        res, self.result = self.result, None
+        return res
+
+
+@dataclasses.dataclass
+class BackwardFlags:
+    """What the compiled adjoint backward decided about one func, kept with its augmented dynamics.
+
+    Attributes:
+        eager: whether the backward runs eagerly instead (on CPU, an augmented call of at least
+            ``EAGER_AUG_SECONDS``, or a func that ``torch.func`` cannot transform); None until measured.
+        no_vmap: the per-sample quadrature integrates one attempt at a time (``torch.vmap`` failed on func).
+    """
+
+    eager: bool | None = None
+    no_vmap: bool = False
 
 
 def time_gradient_wrapper(

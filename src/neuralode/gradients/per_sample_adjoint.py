@@ -22,9 +22,10 @@ the eager backward's; the cost is the stages once more, and the memory one chunk
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -33,9 +34,42 @@ from ..solvers.device_loop import integrate_device_loop
 from ..solvers.device_loop import supports as device_loop_supports
 from ..solvers.per_sample import integrate_per_sample
 from ..solvers.runge_kutta import combo, tableau_floats
-from .common import SolveStats, direct_gradients, raise_on_failure, vjp, warn_on_drift
+from .common import (
+    EAGER_AUG_SECONDS,
+    BackwardFlags,
+    SolveRecord,
+    SolveStats,
+    direct_gradients,
+    raise_on_failure,
+    vjp,
+    warn_on_drift,
+)
 
-__all__ = ["per_sample_adjoint_solve"]
+__all__ = ["per_sample_adjoint_solve", "PerSampleAdjointConfig"]
+
+
+@dataclasses.dataclass(frozen=True)
+class PerSampleAdjointConfig:
+    """The per-sample adjoint's backward solves (``_api._per_sample_adjoint_config``).
+
+    Attributes:
+        method: the backward's adaptive Runge–Kutta stepper (``RungeKutta``, dense).
+        ctrl: its step-size controller (the integral controller of the per-sample loop).
+        rtol, atol: scalar tolerances of each sample's state and adjoint.
+        max_num_steps: the most steps of each interval's backward solve.
+        first_step: the first step of each interval (None: Hairer's initial step per sample).
+        t_out: the output times (a list, or one list per sample).
+        backend: the ``torch.compile`` backend of the compiled backward (None: eager).
+    """
+
+    method: Any
+    ctrl: Any
+    rtol: float
+    atol: float
+    max_num_steps: int
+    first_step: float | None
+    t_out: list
+    backend: str | None = None
 
 
 class _Augmented:
@@ -132,7 +166,7 @@ class _Compiled:
         if hit is None or hit[0] is not func:  # (one aug per func: the compiled loop is cached per aug)
             if len(_AUG_CACHE) > 32:
                 _AUG_CACHE.clear()
-            hit = _AUG_CACHE[key] = (func, _make_aug(func, shape), {})
+            hit = _AUG_CACHE[key] = (func, _make_aug(func, shape), BackwardFlags())
         self.aug, self.flags = hit[1], hit[2]
         self.quad = _make_quadrature(func, self.aug, shape, method)
         self.S_used = self.quad.stages_used
@@ -143,12 +177,10 @@ class _Compiled:
 
     def worth(self, z: torch.Tensor, t_out, rows: bool) -> bool:
         """Whether to run compiled: on CPU, an expensive func (one eager augmented call ≥ 3 ms, e.g.
-        convolutions) keeps the eager backward, as the joint adjoint does (``adjoint._EAGER_AUG_SECONDS``);
+        convolutions) keeps the eager backward, as the joint adjoint does (``common.EAGER_AUG_SECONDS``);
         decided once per func."""
-        from .adjoint import _EAGER_AUG_SECONDS
-
-        if "eager" not in self.flags:
-            self.flags["eager"] = False
+        if self.flags.eager is None:
+            self.flags.eager = False
             if z.device.type == "cpu":
                 t = torch.tensor([row[-1] for row in t_out] if rows else [t_out[-1]] * z.shape[0], dtype=z.dtype)
                 try:
@@ -156,14 +188,14 @@ class _Compiled:
                         self.aug(t, z)  # (a first call pays one-time setup)
                         start = time.perf_counter()
                         self.aug(t, z)
-                    self.flags["eager"] = time.perf_counter() - start >= _EAGER_AUG_SECONDS
+                    self.flags.eager = time.perf_counter() - start >= EAGER_AUG_SECONDS
                 except Exception as exc:  # (a func torch.func cannot transform: the eager backward serves it)
                     from ..solvers.compiled import _warn_once
 
                     why = f"{type(exc).__name__}: {exc}"
                     _warn_once(f"compile=True: the per-sample adjoint's backward runs eagerly ({why})")
-                    self.flags["eager"] = True
-        return not self.flags["eager"]
+                    self.flags.eager = True
+        return not self.flags.eager
 
     def append(self, record: tuple) -> None:
         self.pending.append(record)
@@ -181,13 +213,13 @@ class _Compiled:
             return
         self.calls += len(recs) * self.S_used
         with torch.enable_grad():
-            if not self.flags.get("no_vmap"):
+            if not self.flags.no_vmap:
                 try:
                     L = torch.vmap(self.quad)(*(torch.stack([r[i] for r in recs]) for i in range(4))).sum()
                     self._add(vjp(L, self.wrt, None))
                     return
                 except Exception:  # (an op vmap does not batch: one attempt at a time from now on)
-                    self.flags["no_vmap"] = True
+                    self.flags.no_vmap = True
             for r in recs:
                 self._add(vjp(self.quad(*r[:4]), self.wrt, None))
 
@@ -242,28 +274,36 @@ def _make_quadrature(func: Callable, aug: Callable, shape: torch.Size, method) -
 
 class _PerSampleAdjoint(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, cfg: dict, y0: torch.Tensor, *params: torch.Tensor):
+    def forward(
+        ctx,
+        func: Callable,
+        forward: Callable,
+        cfg: PerSampleAdjointConfig,
+        record: SolveRecord,
+        y0: torch.Tensor,
+        *params: torch.Tensor,
+    ):
         with torch.no_grad():
-            res, sample_stats = cfg["forward"](y0.detach())
-        cfg["result"], cfg["sample_stats"] = res, sample_stats
+            res, sample_stats = forward(y0.detach())
+        record.result, record.sample_stats = res, sample_stats
         ys = res.ys.view(-1, *y0.shape)
-        ctx.cfg = cfg
+        ctx.func, ctx.cfg, ctx.stats = func, cfg, record.stats
         ctx.save_for_backward(ys, *params)
         return ys
 
     @staticmethod
     @full_precision
     def backward(ctx, grad_ys: torch.Tensor):
-        cfg = ctx.cfg
+        func, cfg = ctx.func, ctx.cfg
         ys, *params = ctx.saved_tensors
-        stats: SolveStats = cfg["stats"]
+        stats: SolveStats = ctx.stats
         wrt = [p for p in params if p.requires_grad]
         shape = ys.shape[1:]
         B, m = shape[0], ys.shape[0]
         d = math.prod(shape[1:])
-        method = cfg["method"]
-        aug = _Augmented(cfg["func"], shape, wrt, method.tableau.b, method.fsal)
-        t_out = cfg["t_out"]
+        method = cfg.method
+        aug = _Augmented(func, shape, wrt, method.tableau.b, method.fsal)
+        t_out = cfg.t_out
         rows = isinstance(t_out[0], (list, tuple))
         a = grad_ys[-1]
         # each interval starts with Hairer's initial step per sample (two calls), unless first_step is given:
@@ -275,8 +315,8 @@ class _PerSampleAdjoint(torch.autograd.Function):
             return [row[k] for row in t_out] if rows else t_out[k]
 
         fused, use_fused = None, False
-        if cfg.get("backend") and device_loop_supports(method, cfg["ctrl"]):
-            fused = _Compiled(cfg["func"], shape, wrt, method, grad_ys.dtype, grad_ys.device)
+        if cfg.backend and device_loop_supports(method, cfg.ctrl):
+            fused = _Compiled(func, shape, wrt, method, grad_ys.dtype, grad_ys.device)
             use_fused = fused.worth(torch.cat([ys[-1].reshape(B, d), a.reshape(B, d)], 1), t_out, rows)
         for k in range(m - 1, 0, -1):
             interval = [[row[k], row[k - 1]] for row in t_out] if rows else [t_out[k], t_out[k - 1]]
@@ -292,13 +332,13 @@ class _PerSampleAdjoint(torch.autograd.Function):
                         torch.Size([B, 2 * d]),
                         interval,
                         method,
-                        cfg["ctrl"],
+                        cfg.ctrl,
                         per_sample=True,
-                        rtol=cfg["rtol"],
-                        atol=cfg["atol"],
-                        first_step=cfg["first_step"],
-                        max_num_steps=cfg["max_num_steps"],
-                        backend=cfg["backend"],
+                        rtol=cfg.rtol,
+                        atol=cfg.atol,
+                        first_step=cfg.first_step,
+                        max_num_steps=cfg.max_num_steps,
+                        backend=cfg.backend,
                         trace=fused,
                     )
                 if got is None:  # (compiling failed, warned: the eager backward from here on)
@@ -313,11 +353,11 @@ class _PerSampleAdjoint(torch.autograd.Function):
                         z0,
                         interval,
                         method,
-                        cfg["ctrl"],
-                        rtol=cfg["rtol"],
-                        atol=cfg["atol"],
-                        first_step=cfg["first_step"],
-                        max_num_steps=cfg["max_num_steps"],
+                        cfg.ctrl,
+                        rtol=cfg.rtol,
+                        atol=cfg.atol,
+                        first_step=cfg.first_step,
+                        max_num_steps=cfg.max_num_steps,
                         quadrature=aug,
                     )
             where = f"in the per-sample adjoint's backward solve over output interval {k}: "
@@ -329,11 +369,11 @@ class _PerSampleAdjoint(torch.autograd.Function):
                 drift_warned = warn_on_drift(
                     z1[:, :d],
                     ys[k - 1].reshape(B, d),
-                    cfg["rtol"],
-                    cfg["atol"],
+                    cfg.rtol,
+                    cfg.atol,
                     t_out_of(k),
                     t_out_of(k - 1),
-                    key=id(cfg["func"]),
+                    key=id(func),
                 )
             a = z1[:, d:].reshape(shape) + grad_ys[k - 1]
         stats.nfe_backward += aug.calls
@@ -344,19 +384,19 @@ class _PerSampleAdjoint(torch.autograd.Function):
                 acc.add_(gr)
         grads = iter(aug.g)
         p_grads = [next(grads) if p.requires_grad else None for p in params]
-        return (None, a, *direct_gradients(params, p_grads))
+        return (None, None, None, None, a, *direct_gradients(params, p_grads))
 
 
 def per_sample_adjoint_solve(
     func: Callable,
+    forward: Callable,
     y0: torch.Tensor,
     params: Sequence[torch.Tensor],
-    stats: SolveStats,
-    cfg: dict,
+    cfg: PerSampleAdjointConfig,
+    record: SolveRecord,
 ) -> torch.Tensor:
-    """``ys (m, batch, ...)`` from ``cfg["forward"](y0) -> (result, per-sample statistics)`` (a solve without a
-    graph), differentiated by the per-sample adjoint. ``cfg`` also holds the backward's ``method`` (a
-    ``RungeKutta``), ``ctrl``, ``rtol``, ``atol``, ``max_num_steps``, ``first_step`` and the output times ``t_out``; the
-    forward's result and statistics are left in ``cfg["result"]`` and ``cfg["sample_stats"]``."""
-    cfg["func"], cfg["stats"] = func, stats
-    return _PerSampleAdjoint.apply(cfg, y0, *params)
+    """``ys (m, batch, ...)`` from ``forward(y0) -> (result, per-sample statistics)`` (a solve without a graph),
+    differentiated by the per-sample adjoint, whose backward solves ``cfg`` describes. The forward's result and
+    statistics are left in ``record.result`` and ``record.sample_stats``; the backward adds its cost to
+    ``record.stats``."""
+    return _PerSampleAdjoint.apply(func, forward, cfg, record, y0, *params)

@@ -23,20 +23,31 @@ import torch
 
 from .._amp import full_precision
 from ..solvers.per_sample import Replay
-from .common import SolveStats, direct_gradients, vjp
+from .common import SolveRecord, direct_gradients, vjp
 
 __all__ = ["per_sample_checkpoint_solve"]
 
 
 class _PerSampleCheckpoint(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, cfg: dict, y0: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx,
+        func: Callable,
+        forward: Callable,
+        method,
+        t_out: list,
+        backend: str | None,
+        record: SolveRecord,
+        y0: torch.Tensor,
+        *params: torch.Tensor,
+    ) -> torch.Tensor:
         trace: list = []
         with torch.no_grad():
-            res, sample_stats = cfg["forward"](y0.detach(), trace)
-        cfg["result"], cfg["sample_stats"] = res, sample_stats
-        cfg["stats"].checkpoint_bytes += sum(x.numel() * x.element_size() for r in trace for x in r)
-        ctx.cfg, ctx.trace, ctx.shape = cfg, trace, y0.shape
+            res, sample_stats = forward(y0.detach(), trace)
+        record.result, record.sample_stats = res, sample_stats
+        record.stats.checkpoint_bytes += sum(x.numel() * x.element_size() for r in trace for x in r)
+        ctx.func, ctx.method, ctx.t_out, ctx.backend, ctx.stats = func, method, t_out, backend, record.stats
+        ctx.trace, ctx.shape = trace, y0.shape
         ctx.m = res.ys.shape[0]
         ctx.save_for_backward(*params)
         return res.ys.view(-1, *y0.shape)
@@ -44,14 +55,14 @@ class _PerSampleCheckpoint(torch.autograd.Function):
     @staticmethod
     @full_precision
     def backward(ctx, grad_ys: torch.Tensor):
-        cfg, trace, shape = ctx.cfg, ctx.trace, ctx.shape
+        trace, shape = ctx.trace, ctx.shape
         params: Sequence[torch.Tensor] = ctx.saved_tensors
         wrt = [p for p in params if p.requires_grad]
         B = shape[0]
         g = grad_ys.reshape(grad_ys.shape[0], B, -1)
         m = g.shape[0]
-        func, method, t_out = cfg["func"], cfg["method"], cfg["t_out"]
-        replay = Replay(func, shape, method, t_out, trace, backend=cfg.get("backend")) if trace else None
+        func, method, t_out = ctx.func, ctx.method, ctx.t_out
+        replay = Replay(func, shape, method, t_out, trace, backend=ctx.backend) if trace else None
         a = torch.zeros_like(g[0])
         p_grads = [torch.zeros_like(p) for p in wrt]
         rows = torch.arange(B, device=g.device)[:, None]
@@ -74,17 +85,26 @@ class _PerSampleCheckpoint(torch.autograd.Function):
                 if gp is not None:
                     p_grads[j] += gp
         a = a + g[0]  # (the first output is y0 itself)
-        cfg["stats"].nfe_backward += replay.calls if replay is not None else 0
+        ctx.stats.nfe_backward += replay.calls if replay is not None else 0
         it = iter(p_grads)
-        return (None, a.view(shape), *direct_gradients(params, [next(it) if p.requires_grad else None for p in params]))
+        p_out = direct_gradients(params, [next(it) if p.requires_grad else None for p in params])
+        return (None, None, None, None, None, None, a.view(shape), *p_out)
 
 
 def per_sample_checkpoint_solve(
-    func: Callable, y0: torch.Tensor, params: Sequence[torch.Tensor], stats: SolveStats, cfg: dict
+    func: Callable,
+    forward: Callable,
+    y0: torch.Tensor,
+    params: Sequence[torch.Tensor],
+    record: SolveRecord,
+    *,
+    method,
+    t_out: list,
+    backend: str | None = None,
 ) -> torch.Tensor:
-    """``ys (m, batch, ...)`` from ``cfg["forward"](y0, trace) -> (result, per-sample statistics)`` (the eager
-    per-sample loop without a graph, filling ``trace``), differentiated by replaying its attempts. ``cfg`` also
-    holds the ``method`` (a ``RungeKutta``) and the output times ``t_out``; the forward's result and statistics
-    are left in ``cfg["result"]`` and ``cfg["sample_stats"]``."""
-    cfg["func"], cfg["stats"] = func, stats
-    return _PerSampleCheckpoint.apply(cfg, y0, *params)
+    """``ys (m, batch, ...)`` from ``forward(y0, trace) -> (result, per-sample statistics)`` (the per-sample loop
+    without a graph, filling ``trace``), differentiated by replaying its attempts with ``method`` (a
+    ``RungeKutta``) at the output times ``t_out`` (compiled with ``backend``, where given). The forward's result
+    and statistics are left in ``record.result`` and ``record.sample_stats``; the backward adds its cost to
+    ``record.stats``."""
+    return _PerSampleCheckpoint.apply(func, forward, method, t_out, backend, record, y0, *params)

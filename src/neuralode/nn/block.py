@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import torch
 from torch import nn
 
-from .._api import GRADIENT_MODES, solve
+from .._api import solve
 from .._methods import get_method
 from .._problem import check_method
 from ..gradients.common import SolveStats
+from ..gradients.modes import Backprop, GradientMode, resolve_gradient
 from .regularizers import RegularizedField
 
 __all__ = ["ODEBlock"]
@@ -30,7 +32,9 @@ class ODEBlock(nn.Module):
         t: the integration times (default ``[0, 1]``); with more than two, ``return_all=True`` returns the
             state at each.
         method, rtol, atol, options: the solver (the paper's ODE-Net used dopri5 at rtol = atol = 1e-3).
-        gradient: ``"adjoint"`` (constant memory, the paper's choice), ``"backprop"`` or ``"checkpoint"``.
+        gradient: ``"adjoint"`` (constant memory, the paper's choice), ``"backprop"`` or ``"checkpoint"``; or
+            a gradient-mode object, e.g. ``neuralode.Adjoint(rtol=1e-4, seminorm=True)`` (its ``params``
+            default to ``func``'s parameters).
         adjoint_options: options of the adjoint's backward solve (e.g. ``{"norm": "seminorm"}``).
         regularization: ``{"kinetic": w, "jacobian": w}``: accumulate the kinetic energy and/or the Jacobian
             Frobenius norm (Hutchinson) inside the solve during training; ``reg_loss`` is their weighted sum
@@ -50,7 +54,9 @@ class ODEBlock(nn.Module):
 
     Raises:
         ValueError: an unknown ``method``, ``gradient`` or ``regularization`` key, a negative
-            ``augment_dim``, or ``regularization`` combined with ``per_sample=True``.
+            ``augment_dim``, ``regularization`` combined with ``per_sample=True``, or ``adjoint_options``
+            together with a gradient-mode object that sets them or is not the adjoint.
+        TypeError: ``gradient`` is neither one of the strings nor a gradient-mode object.
 
     Example:
         >>> from neuralode.nn import MLPODEFunc
@@ -69,7 +75,7 @@ class ODEBlock(nn.Module):
         rtol: float = 1e-3,
         atol: float = 1e-3,
         options: dict | None = None,
-        gradient: str = "adjoint",
+        gradient: str | GradientMode = "adjoint",
         adjoint_options: dict | None = None,
         return_all: bool = False,
         augment_dim: int = 0,
@@ -79,8 +85,7 @@ class ODEBlock(nn.Module):
     ) -> None:
         super().__init__()
         check_method(method)  # (when the block is built, not at its first forward pass)
-        if gradient not in GRADIENT_MODES:
-            raise ValueError(f"`gradient` must be one of {GRADIENT_MODES}, got {gradient!r}")
+        resolve_gradient(gradient, adjoint_options=adjoint_options)  # (checked when the block is built)
         #: fuse each solver step with torch.compile where supported (see ``solve(compile=...)``)
         self.compile = compile
         reg = dict(regularization or {})
@@ -107,6 +112,7 @@ class ODEBlock(nn.Module):
         self.register_buffer("t", t.detach().clone(), persistent=False)
         self.method, self.rtol, self.atol = method, rtol, atol
         self.options = dict(options or {})
+        #: the gradient mode: a string, or a ``neuralode.Backprop``/``Adjoint``/``Checkpoint`` object
         self.gradient = gradient
         self.adjoint_options = adjoint_options
         self.return_all = return_all
@@ -153,9 +159,7 @@ class ODEBlock(nn.Module):
             rtol=self.rtol,
             atol=self.atol,
             options=self.options,
-            gradient=self.gradient,
-            params=params,
-            adjoint_options=self.adjoint_options,
+            gradient=self._mode(params),
             dense=False,
             compile=self.compile,
             per_sample=self.per_sample,
@@ -182,9 +186,7 @@ class ODEBlock(nn.Module):
             rtol=self.rtol,
             atol=self.atol,
             options=options,
-            gradient=self.gradient,
-            params=params,
-            adjoint_options=self.adjoint_options,
+            gradient=self._mode(params),
             dense=False,
         )
         self.stats = sol.stats
@@ -195,6 +197,13 @@ class ODEBlock(nn.Module):
             + self.regularization.get("jacobian", 0.0) * acc[:, 1].mean()
         )
         return hs if self.return_all else hs[-1]
+
+    def _mode(self, params: list) -> GradientMode:
+        """The gradient mode of a solve, differentiating ``params`` unless the mode names its own."""
+        mode = resolve_gradient(self.gradient, adjoint_options=self.adjoint_options)
+        if not isinstance(mode, Backprop) and mode.params is None:
+            mode = dataclasses.replace(mode, params=params)
+        return mode
 
     def extra_repr(self) -> str:
         """The settings shown by ``print(block)``: times, method, tolerances, gradient mode."""
