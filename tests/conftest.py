@@ -1,10 +1,14 @@
 import os
+import sys
 import warnings
 
 import pytest
 import torch
 
 torch.set_num_threads(1)
+
+# the shared references (helpers.py) import from every subfolder, also from a copy of tests/ elsewhere
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # test modules that compile throughout: every test in them is marked `compile` (and so `slow`)
 _COMPILE_MODULES = {"test_compiled.py", "test_compile_cache.py", "test_small_gemm.py"}

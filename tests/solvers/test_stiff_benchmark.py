@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("scipy.integrate")
 
-_PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "stiff.py"
+_PATH = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "stiff.py"
 _spec = importlib.util.spec_from_file_location("stiff_benchmark", _PATH)
 stiff = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(stiff)
