@@ -40,7 +40,7 @@ needs_cxx = pytest.mark.skipif(
 def every_fallback_warns():
     """The compiled path warns once per message when it falls back to eager: each test (of a module importing
     this fixture) must see its own fallback, not find it silenced by an earlier test's."""
-    from neuralode.solvers import compiled
+    from neuralode.compiled import step as compiled
 
     saved = set(compiled._WARNED)
     compiled._WARNED.clear()

@@ -9,9 +9,11 @@ The public API (everything else is private)::
 """
 
 from . import compiled, models, nn  # subpackages: neuralode.nn.ODEBlock, neuralode.models.LatentODE
-from ._api import Solution, odeint, odeint_adjoint, odeint_dense, odeint_event, solve
+from ._api import solve
 from ._errors import MaxStepsError, NonFiniteStateError, SolverError, Status, StepSizeUnderflowError
 from ._methods import METHODS, register_method
+from ._solution import Solution
+from ._torchdiffeq import odeint, odeint_adjoint, odeint_dense, odeint_event
 from .gradients.common import SolveStats
 from .gradients.modes import Adjoint, Backprop, Checkpoint
 from .solvers.tableaus import ButcherTableau

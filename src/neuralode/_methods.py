@@ -173,7 +173,7 @@ class ExplicitRK(Method):
         ctrl = make_controller(self.order, ctx.opts)
         step_t = times(ctx.opts.get("step_t"))
         if ctx.opts.get("compile"):
-            from .solvers.compiled_solve import run_compiled
+            from .compiled.solve import run_compiled
 
             res = run_compiled(ctx, rk, ctrl, step_t, max_num_steps(ctx.opts))
             if res is not None:
@@ -525,8 +525,8 @@ def newton_floor(prob: Any) -> float | None:
 
 def _compiled_rosenbrock(tableau: RosenbrockTableau, ctx: RunContext, batch: int):
     """rodas4's compiled stepper, or None (with a one-line warning) where the solve needs what it lacks."""
-    from .solvers.compiled import _warn_once
-    from .solvers.rosenbrock_compiled import CompiledRosenbrock
+    from .compiled.rosenbrock import CompiledRosenbrock
+    from .compiled.step import _warn_once
 
     rhs, y0 = ctx.rhs, ctx.y0
     params = getattr(rhs.func, "parameters", None)

@@ -101,8 +101,8 @@ def test_per_sample_adjoint_with_compile_runs_forward_and_backward_compiled(monk
     gradients (μ, y0, every time) equal the eager adjoint's."""
     import warnings
 
+    from neuralode.compiled import loop as device_loop
     from neuralode.gradients import per_sample_adjoint
-    from neuralode.solvers import device_loop
 
     calls = []
     original = device_loop.integrate_device_loop
@@ -263,8 +263,8 @@ def test_adjoints_warn_when_the_backward_state_drifts_from_the_forward_one():
 def test_per_sample_adjoint_with_compile_falls_back_where_func_cannot_be_transformed(monkeypatch):
     """Where torch.func cannot transform func (here: an augmented call that raises), the compiled per-sample
     adjoint says so once and the eager backward gives the gradients."""
+    from neuralode.compiled import step as compiled
     from neuralode.gradients import per_sample_adjoint
-    from neuralode.solvers import compiled
 
     def broken(func, shape):
         def aug(t, z):

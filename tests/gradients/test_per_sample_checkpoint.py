@@ -192,7 +192,8 @@ def test_per_sample_checkpoint_with_events_and_in_an_ode_block():
 def test_per_sample_checkpoint_with_compile_runs_the_forward_loop_and_the_replay_compiled(monkeypatch):
     """compile=True: the forward solve runs in the compiled per-sample loop, which records the same trace,
     and the replayed attempts run through torch.compile; values and gradients equal the eager ones."""
-    from neuralode.solvers import device_loop, per_sample
+    from neuralode.compiled import loop as device_loop
+    from neuralode.solvers import per_sample
 
     loops, replays = [], []
     real_loop, real_compiled = device_loop.integrate_device_loop, per_sample._compiled

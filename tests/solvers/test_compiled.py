@@ -190,8 +190,9 @@ def test_device_loop_reports_max_num_steps_and_underflow():
 
 @pytest.mark.parametrize("gradient", ["adjoint", "backprop"])
 def test_an_ode_block_is_compiled_once_not_every_training_iteration(gradient):
+    from neuralode.compiled import loop as device_loop
+    from neuralode.compiled import step as compiled
     from neuralode.nn import ODEBlock
-    from neuralode.solvers import compiled, device_loop
 
     class Field(torch.nn.Module):
         def __init__(self):
@@ -246,8 +247,8 @@ def test_per_sample_compiled_loop_on_wide_states():
 def test_adjoint_backward_in_the_compiled_loop_equals_the_eager_adjoint(norm):
     """compile=True runs the adjoint's backward solve (func and its vector-Jacobian products by torch.func)
     in the fused loop: the same steps and, up to reassociation, the same gradients as the eager adjoint."""
+    from neuralode.compiled import loop as device_loop
     from neuralode.gradients import adjoint
-    from neuralode.solvers import device_loop
 
     class Field(torch.nn.Module):
         def __init__(self):
@@ -289,7 +290,7 @@ def test_adjoint_backward_in_the_compiled_loop_equals_the_eager_adjoint(norm):
     assert got[1][0] == got[0][0]
     for g_comp, g_eager in zip(got[1][1], got[0][1]):
         torch.testing.assert_close(g_comp, g_eager, rtol=1e-10, atol=1e-12)
-    augs = [v[1] for v in adjoint._AUG_CACHE.values() if v[0] is field]
+    augs = [v[0] for v in adjoint._AUG_CACHE.owned_by(field)]
     assert augs and device_loop._CACHE.owned_by(augs[0]), "the backward ran compiled"
 
 
@@ -317,8 +318,8 @@ def test_adjoint_backward_of_a_closure_compiled_with_the_seminorm(with_params):
     """A closure's parameters (torch.func cannot substitute them): with the seminorm, or none to integrate, the
     compiled loop solves [y, a] and a quadrature adds dL/dθ over its accepted steps; the steps are the eager
     backward's and the gradients equal its to rounding."""
+    from neuralode.compiled import loop as device_loop
     from neuralode.gradients import adjoint
-    from neuralode.solvers import device_loop
 
     torch.manual_seed(2)
     w = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
@@ -353,12 +354,12 @@ def test_adjoint_backward_of_a_closure_compiled_with_the_seminorm(with_params):
         torch.testing.assert_close(got[1][2], got[0][2], rtol=1e-10, atol=1e-12)
     else:
         assert got[0][2] is None and got[1][2] is None
-    augs = [v[1] for v in adjoint._AUG_CACHE.values() if v[0] is f]
+    augs = [v[0] for v in adjoint._AUG_CACHE.owned_by(f)]
     assert augs and device_loop._CACHE.owned_by(augs[0]), "the backward ran compiled"
 
 
 def test_attempts_per_compiled_call_follow_the_cost_of_func():
-    from neuralode.solvers.device_loop import _UNROLL, _choose_unroll, _unroll_key
+    from neuralode.compiled.loop import _UNROLL, _choose_unroll, _unroll_key
 
     def cheap(t, y):
         return y
@@ -389,7 +390,7 @@ def test_attempts_per_compiled_call_follow_the_cost_of_func():
 def test_direct_calls_of_the_compiled_loop_change_nothing(monkeypatch):
     """The compiled loop calls its compiled entry without TorchDynamo's frame hook (guards checked by hand for a
     solve's first two calls, skipped after): same steps, statistics and values, bit for bit, as Dynamo's calls."""
-    from neuralode.solvers import device_loop
+    from neuralode.compiled import loop as device_loop
 
     f, y0, t = _problem()
     direct_calls = []
@@ -447,8 +448,8 @@ def test_direct_calls_respect_the_guards_when_func_changes():
 
 
 def test_direct_call_only_for_a_single_compiled_entry_whose_guards_pass():
-    from neuralode.solvers.compiled import fresh_code
-    from neuralode.solvers.device_loop import DirectCall
+    from neuralode.compiled.loop import DirectCall
+    from neuralode.compiled.step import fresh_code
 
     scale = {"s": 2.0}
 
@@ -484,8 +485,8 @@ def test_compiled_starting_step_equals_the_eager_one(per_sample, direction):
     ``control.initial_step`` (joint) and ``control.initial_steps`` compute it."""
     import math
 
+    from neuralode.compiled.loop import _init_step
     from neuralode.solvers.control import initial_step, initial_steps
-    from neuralode.solvers.device_loop import _init_step
 
     f, y0, _ = _problem()
     G = y0.shape[0] if per_sample else 1
@@ -522,7 +523,7 @@ def test_per_sample_output_times_in_the_compiled_loop(direction, monkeypatch):
     eager per-sample loop's steps and gives its values. The recorded attempts are evaluated and dropped after
     every call, so a record that some sample still needs must not be dropped (samples end at different
     times: one that is done early must not hold the others' outputs back, nor lose theirs)."""
-    from neuralode.solvers import device_loop
+    from neuralode.compiled import loop as device_loop
 
     monkeypatch.setattr(device_loop, "_RECORD_BYTES", 0)
     mus = torch.tensor([0.5, 1.0, 2.0, 4.0, 1.5], dtype=torch.float64)

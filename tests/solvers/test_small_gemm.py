@@ -10,8 +10,8 @@ from helpers import every_fallback_warns, needs_cxx  # noqa: F401 (an autouse fi
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import neuralode as node
-from neuralode.solvers import small_gemm
-from neuralode.solvers.small_gemm import SMALL_GEMM_MACS, SMALL_GEMM_MIN_K, _rewrite
+from neuralode.compiled import small_gemm
+from neuralode.compiled.small_gemm import SMALL_GEMM_MACS, SMALL_GEMM_MIN_K, _rewrite
 
 aten = torch.ops.aten
 

@@ -326,7 +326,7 @@ def test_adaptive_trbdf2_solves_robertson_against_scipy_radau():
 
 @pytest.mark.parametrize("d", [1, 2, 3, 5])
 def test_unrolled_small_lu_solves_like_lapack(d):
-    from neuralode.solvers.rosenbrock_compiled import small_lu, small_lu_solve
+    from neuralode.compiled.rosenbrock import small_lu, small_lu_solve
 
     g = torch.Generator().manual_seed(d)
     A = torch.randn(64, d, d, generator=g, dtype=torch.float64)
@@ -343,7 +343,7 @@ def test_unrolled_small_lu_solves_like_lapack(d):
 def test_compiled_rodas4_step_function_equals_the_eager_step(small, monkeypatch):
     """The function that compile=True compiles, run uncompiled, against the eager stepper on one step; both the
     unrolled elimination and the LAPACK branch (forced by lowering SMALL_D)."""
-    from neuralode.solvers import rosenbrock_compiled as rc
+    from neuralode.compiled import rosenbrock as rc
     from neuralode.solvers.integrate import RHS
     from neuralode.solvers.rosenbrock import RODAS4, Rosenbrock
 

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from .._api import odeint
+from .._torchdiffeq import odeint
 
 __all__ = ["System", "SYSTEMS", "observe"]
 

@@ -24,6 +24,7 @@ import torch
 
 from .._amp import full_precision
 from .._problem import Problem, run, valid_options
+from ..compiled.cache import CompileCache, backend_of
 from ..solvers.integrate import _callbacks, block_rms_max
 from .common import (
     EAGER_AUG_SECONDS,
@@ -230,7 +231,7 @@ class _AdjointSolve(torch.autograd.Function):
         return (None, None, None, a, t_grad, *direct_gradients(params, p_grads))
 
 
-_AUG_CACHE: dict = {}
+_AUG_CACHE = CompileCache("adjoint_dynamics", 64)
 
 
 def _compiled_segment(
@@ -243,9 +244,9 @@ def _compiled_segment(
     eager backward runs). ``segment`` returns None where compiling failed or (on CPU) the dynamics are too
     expensive for the compiled loop to pay."""
     from .._methods import DEFAULT_MAX_NUM_STEPS, get_method, make_controller, stepper
-    from ..solvers.compiled import _warn_once
-    from ..solvers.device_loop import integrate_device_loop
-    from ..solvers.device_loop import supports as device_loop_supports
+    from ..compiled.loop import integrate_device_loop
+    from ..compiled.loop import supports as device_loop_supports
+    from ..compiled.step import _warn_once
 
     module, method, options = prob.func, cfg.method, cfg.options
     names = None
@@ -288,17 +289,13 @@ def _compiled_segment(
     if cfg.norm == "seminorm":
         blocks = blocks[:2]
     key = (id(module), names, prob.shape, ys.dtype, str(ys.device))
-    hit = _AUG_CACHE.get(key)
-    if hit is not None and hit[0] is module:
-        aug, speed = hit[1], hit[2]
-    else:
-        aug, speed = _make_aug(module, names, prob.shape, n), BackwardFlags()
-        if len(_AUG_CACHE) > 64:
-            _AUG_CACHE.clear()
-        _AUG_CACHE[key] = (module, aug, speed)
+    hit = _AUG_CACHE.get(key, module)
+    if hit is None:
+        hit = _AUG_CACHE.put(key, (_make_aug(module, names, prob.shape, n), BackwardFlags()), module)
+    aug, speed = hit
     if speed.eager:
         return None
-    backend = cfg.compile if isinstance(cfg.compile, str) else "inductor"
+    backend = backend_of(cfg.compile)
     max_steps = int(options.get("max_num_steps", DEFAULT_MAX_NUM_STEPS))
 
     def segment(z0: torch.Tensor, f0: Callable, t_from: float, t_to: float, first_step: float | None):
@@ -360,22 +357,20 @@ class _ClosureSegment:
         func, shape = prob.func, prob.shape
         self.n, self.rk, self.ctrl, self.cfg, self.stats = n, rk, ctrl, cfg, stats
         key = (id(func), "closure", shape, ys.dtype, str(ys.device))
-        hit = _AUG_CACHE.get(key)
-        if hit is None or hit[0] is not func:
-            if len(_AUG_CACHE) > 64:
-                _AUG_CACHE.clear()
-            hit = _AUG_CACHE[key] = (func, _make_state_aug(func, shape, n), BackwardFlags())
-        self.aug, self.speed = hit[1], hit[2]
+        hit = _AUG_CACHE.get(key, func)
+        if hit is None:
+            hit = _AUG_CACHE.put(key, (_make_state_aug(func, shape, n), BackwardFlags()), func)
+        self.aug, self.speed = hit
 
         def one_sample(t1: torch.Tensor, y1: torch.Tensor) -> torch.Tensor:  # (1,) times, (1, n) states
             return func(t1.reshape(()), y1.reshape(shape)).reshape(1, n)
 
         self.quad = _Compiled(one_sample, torch.Size([1, n]), wrt, rk, ys.dtype, ys.device) if wrt else None
-        self.backend = cfg.compile if isinstance(cfg.compile, str) else "inductor"
+        self.backend = backend_of(cfg.compile)
         self.max_steps = int(cfg.options.get("max_num_steps", DEFAULT_MAX_NUM_STEPS))
 
     def __call__(self, z0: torch.Tensor, f0: Callable, t_from: float, t_to: float, first_step: float | None):
-        from ..solvers.device_loop import integrate_device_loop
+        from ..compiled.loop import integrate_device_loop
 
         n = self.n
         f0 = _timed_start(f0, self.speed, z0.device)

@@ -16,6 +16,7 @@ import torch
 from .._amp import full_precision
 from .._methods import get_method
 from .._problem import Problem, run
+from ..compiled.cache import backend_of
 from ..solvers.runge_kutta import Segment
 from .common import SolveRecord, direct_gradients, vjp
 
@@ -95,7 +96,7 @@ class _CheckpointSolve(torch.autograd.Function):
 
 
 def _compiled_replay(prob: Problem, rhs, method):
-    """With ``compile=True``, the compiled step of the forward solve (``solvers.compiled``), through which the
+    """With ``compile=True``, the compiled step of the forward solve (``compiled.step``), through which the
     backward rebuilds each step's graph (autograd then runs its compiled backward); None otherwise."""
     opts = prob.options
     if (
@@ -107,9 +108,9 @@ def _compiled_replay(prob: Problem, rhs, method):
         return None
     if not (isinstance(prob.rtol, float) and isinstance(prob.atol, float)):
         return None
-    from ..solvers.compiled import compiled_step
+    from ..compiled.step import compiled_step
 
-    backend = opts["compile"] if isinstance(opts["compile"], str) else "inductor"
+    backend = backend_of(opts["compile"])
     try:
         return compiled_step(rhs.func, method, rhs.buffer_shape, rhs.dtype, rhs.device, backend)
     except Exception:  # pragma: no cover - depends on the platform's compiler (the forward warned already)

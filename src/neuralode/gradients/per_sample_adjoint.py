@@ -14,7 +14,7 @@ it), and one pass of parameter VJPs through the step's retained stage graphs, we
 and acceptance. Memory: one step's graphs, not the trajectory.
 
 With ``compile=True`` (FSAL methods) each interval's backward solve runs in the compiled per-sample loop
-(``device_loop``), the augmented dynamics traced into it by ``torch.func.vjp``; the loop streams its attempts
+(``compiled.loop``), the augmented dynamics traced into it by ``torch.func.vjp``; the loop streams its attempts
 to ``_Compiled``, which adds the parameter integral per chunk of attempts (their stages recomputed without a
 graph, then one backward pass through ``func`` at the weighted stages, vmapped over the chunk). The steps are
 the eager backward's; the cost is the stages once more, and the memory one chunk of attempts' states.
@@ -30,8 +30,9 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .._amp import full_precision
-from ..solvers.device_loop import integrate_device_loop
-from ..solvers.device_loop import supports as device_loop_supports
+from ..compiled.cache import CompileCache
+from ..compiled.loop import integrate_device_loop
+from ..compiled.loop import supports as device_loop_supports
 from ..solvers.per_sample import integrate_per_sample
 from ..solvers.runge_kutta import combo, tableau_floats
 from .common import (
@@ -144,7 +145,7 @@ class _Augmented:
                 acc.add_(gr)
 
 
-_AUG_CACHE: dict = {}
+_AUG_CACHE = CompileCache("per_sample_adjoint_dynamics", 32)
 
 
 class _Compiled:
@@ -162,12 +163,10 @@ class _Compiled:
     def __init__(self, func: Callable, shape: torch.Size, wrt: Sequence[torch.Tensor], method, dtype, device):
         self.wrt = list(wrt)
         key = (id(func), tuple(shape), dtype, str(device))
-        hit = _AUG_CACHE.get(key)
-        if hit is None or hit[0] is not func:  # (one aug per func: the compiled loop is cached per aug)
-            if len(_AUG_CACHE) > 32:
-                _AUG_CACHE.clear()
-            hit = _AUG_CACHE[key] = (func, _make_aug(func, shape), BackwardFlags())
-        self.aug, self.flags = hit[1], hit[2]
+        hit = _AUG_CACHE.get(key, func)  # (one aug per func: the compiled loop is cached per aug)
+        if hit is None:
+            hit = _AUG_CACHE.put(key, (_make_aug(func, shape), BackwardFlags()), func)
+        self.aug, self.flags = hit
         self.quad = _make_quadrature(func, self.aug, shape, method)
         self.S_used = self.quad.stages_used
         self.g = [torch.zeros_like(p) for p in self.wrt]
@@ -190,7 +189,7 @@ class _Compiled:
                         self.aug(t, z)
                     self.flags.eager = time.perf_counter() - start >= EAGER_AUG_SECONDS
                 except Exception as exc:  # (a func torch.func cannot transform: the eager backward serves it)
-                    from ..solvers.compiled import _warn_once
+                    from ..compiled.step import _warn_once
 
                     why = f"{type(exc).__name__}: {exc}"
                     _warn_once(f"compile=True: the per-sample adjoint's backward runs eagerly ({why})")

@@ -403,8 +403,8 @@ _REPLAY_CACHE = CompileCache("per_sample_step", 32)
 def _compiled(fn, func, method: RungeKutta, shape: torch.Size, dtype, device, backend: str, kind: tuple = ("replay",)):
     """``fn`` (``_replay_fn``'s or ``_attempt_fn``'s) through ``torch.compile``, cached per func; the eager
     ``fn`` where compiling fails (with a one-line warning)."""
-    from .compiled import _warn_once, fresh_code
-    from .small_gemm import backend_for
+    from ..compiled.small_gemm import backend_for
+    from ..compiled.step import _warn_once, fresh_code
 
     key = (id(func), id(method.tableau), tuple(shape), dtype, str(device), backend, kind)
     hit = _REPLAY_CACHE.get(key, func, method.tableau)
@@ -445,7 +445,7 @@ class PerSampleDense:
 
     @classmethod
     def from_calls(cls, calls: list, direction: float, start: torch.Tensor) -> "PerSampleDense":
-        """From the compiled loop's records (``device_loop.integrate_device_loop(keep=...)``: per call, stacks
+        """From the compiled loop's records (``compiled.loop.integrate_device_loop(keep=...)``: per call, stacks
         over its attempts); each group's solved interval runs from ``start`` to its time after the last."""
         self = cls.__new__(cls)
         self.t0, self.h, self.y, self.Q, self.after = (torch.cat([c[i] for c in calls]) for i in range(5))

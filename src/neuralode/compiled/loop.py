@@ -30,12 +30,12 @@ import numpy as np
 import torch
 
 from .._errors import Status
-from ..compiled.cache import CompileCache
-from .compiled import _warn_once, fresh_code
-from .control import _MIN_RATIO, StepController, initial_step, initial_steps
-from .integrate import IntegrationResult, _l2_norm, _max_steps_message, _underflow_message
-from .runge_kutta import RungeKutta, combo, interpolate_records, tableau_floats
+from ..solvers.control import _MIN_RATIO, StepController, initial_step, initial_steps
+from ..solvers.integrate import IntegrationResult, _l2_norm, _max_steps_message, _underflow_message
+from ..solvers.runge_kutta import RungeKutta, combo, interpolate_records, tableau_floats
+from .cache import CompileCache
 from .small_gemm import backend_for
+from .step import _warn_once, fresh_code
 
 __all__ = ["integrate_device_loop", "supports"]
 

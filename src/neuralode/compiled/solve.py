@@ -1,18 +1,18 @@
 """``compile=True`` for an explicit adaptive method: the device loop (no graph needed) or the fused step
-(``solvers.compiled``), whichever applies, else None so that the eager loop runs."""
+(``compiled.step``), whichever applies, else None so that the eager loop runs."""
 
 from __future__ import annotations
 
 import torch
 
-from ..compiled.cache import backend_of
-from .compiled import _warn_once, integrate_compiled
-from .control import StepController
-from .device_loop import integrate_device_loop
-from .device_loop import supports as device_loop_supports
-from .integrate import IntegrationResult
-from .per_sample import PerSampleDense
-from .runge_kutta import RungeKutta
+from ..solvers.control import StepController
+from ..solvers.integrate import IntegrationResult
+from ..solvers.per_sample import PerSampleDense
+from ..solvers.runge_kutta import RungeKutta
+from .cache import backend_of
+from .loop import integrate_device_loop
+from .loop import supports as device_loop_supports
+from .step import _warn_once, integrate_compiled
 
 __all__ = ["run_compiled"]
 

@@ -26,10 +26,10 @@ from typing import Callable
 
 import torch
 
-from ..compiled.cache import CompileCache
-from .compiled import fresh_code
-from .rosenbrock import Rosenbrock, RosenbrockTableau
+from ..solvers.rosenbrock import Rosenbrock, RosenbrockTableau
+from .cache import CompileCache
 from .small_gemm import backend_for
+from .step import fresh_code
 
 __all__ = ["CompiledRosenbrock", "small_lu", "small_lu_solve"]
 

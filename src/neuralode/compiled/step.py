@@ -4,7 +4,7 @@ The Python loop stays as it is (one host read per step: the error ratio, for acc
 enter the compiled function as 0-d tensors, so a new step size never recompiles. Compiled steps are cached per
 (func, method, shape, dtype, device, backend). This path serves solves with a graph (backprop through the
 compiled step; checkpointed gradients rebuild each recorded step through it too); solves without gradients,
-the checkpoint's forward solve included, run in ``device_loop``. Tensor states and scalar tolerances only; anything
+the checkpoint's forward solve included, run in ``compiled.loop``. Tensor states and scalar tolerances only; anything
 else, or a failure to compile, falls back to the eager path with a one-line warning.
 """
 
@@ -17,10 +17,10 @@ from typing import Callable, Sequence
 import torch
 
 from .._errors import Status
-from ..compiled.cache import _WARNED, CompileCache, warn_fallback
-from .control import StepController, initial_step
-from .integrate import IntegrationResult, Outputs, _max_steps_message, _underflow, _underflow_message
-from .runge_kutta import RungeKutta, Segment, tableau_floats
+from ..solvers.control import StepController, initial_step
+from ..solvers.integrate import IntegrationResult, Outputs, _max_steps_message, _underflow, _underflow_message
+from ..solvers.runge_kutta import RungeKutta, Segment, tableau_floats
+from .cache import _WARNED, CompileCache, warn_fallback
 from .small_gemm import backend_for
 
 __all__ = ["integrate_compiled", "compiled_step"]
