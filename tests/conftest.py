@@ -14,6 +14,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 _COMPILE_MODULES = {"test_compiled.py", "test_compile_cache.py", "test_small_gemm.py"}
 
 
+def pytest_configure(config):
+    # registered here rather than in pyproject.toml: the package check runs a copy of tests/ without it
+    config.addinivalue_line(
+        "markers", "slow: takes seconds (training runs, subprocesses, compiling); -m 'not slow' leaves them out"
+    )
+    config.addinivalue_line("markers", "compile: goes through torch.compile (every such test is also slow)")
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests of the compiled paths (by module, or by a name that says so) get the `compile` and `slow`
     markers, so that `pytest -m "not slow"` is the quick check and `pytest -m compile` runs them alone."""
