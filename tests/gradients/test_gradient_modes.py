@@ -368,3 +368,20 @@ def test_no_gradients_module_imports_a_module_that_imports_it_back():
     assert "neuralode.gradients.per_sample_adjoint" in deps["neuralode.gradients.adjoint"]  # (the scan sees lazy ones)
     cycles = [(a, b) for a in deps if a.startswith("neuralode.gradients") for b in deps[a] if a in deps[b]]
     assert not cycles, cycles
+
+
+def test_cnf_takes_a_gradient_mode_object_with_its_own_params():
+    """The CNF passes its field's parameters unless the mode names its own (then those, and no conflict)."""
+    from neuralode.models import CNF
+
+    torch.manual_seed(0)
+    flow = CNF(2, hidden=8, layers=1, gradient=node.Adjoint(rtol=1e-5, atol=1e-7)).double()
+    x = torch.randn(5, 2, dtype=torch.float64)
+    flow.log_prob(x).sum().backward()
+    grads = [p.grad.clone() for p in flow.parameters()]
+    flow.zero_grad()
+    chosen = tuple(flow.parameters())
+    flow.gradient = node.Adjoint(rtol=1e-5, atol=1e-7, params=chosen)
+    flow.log_prob(x).sum().backward()
+    for a, p in zip(grads, flow.parameters()):
+        assert torch.equal(a, p.grad)

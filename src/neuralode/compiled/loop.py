@@ -441,27 +441,13 @@ def _init_step(
     hit = _INIT.get(key, func)
     if hit is not None:
         return hit or None  # (False: compiling failed before, the eager starting step runs)
-    tol_shift, unit = atol / rtol, 1.0 / rtol
-    root_n = math.sqrt(max(d, 1))
-
-    def rms(x: torch.Tensor) -> torch.Tensor:  # per group, in float64 (the eager loop's Python floats)
-        return torch.linalg.vector_norm(x.double(), dim=1) / root_n
 
     def init(t: torch.Tensor, y: torch.Tensor, f0: torch.Tensor) -> torch.Tensor:
-        if per_sample:  # per_sample.initial_steps
-            scale = y.abs() * rtol + atol
-            d0, d1 = rms(y / scale), rms(f0 / scale)
-        else:  # control.initial_step with scalar tolerances: the 1/rtol folded into the norms
-            scale = y.abs() + tol_shift
-            d0, d1 = rms(y / scale) * unit, rms(f0 / scale) * unit
-        h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
-        y1 = y + (direction * h0).to(y.dtype)[:, None] * f0
-        f1 = _evaluate(func, shape, per_sample, t + direction * h0, y1)
-        d2 = rms((f1 - f0) / scale) * (1.0 if per_sample else unit) / h0
-        dmax = torch.maximum(d1, d2)
-        h1 = torch.where(dmax <= 1e-15, torch.clamp(h0 * 1e-3, min=1e-6), (0.01 / dmax) ** (1.0 / order))
-        h = torch.minimum(100 * h0, h1)
-        h = torch.where(torch.isfinite(h) & (h > 0), h, torch.full_like(h, 1e-6))
+        def F(tt: torch.Tensor, yy: torch.Tensor) -> torch.Tensor:
+            return _evaluate(func, shape, per_sample, tt, yy)
+
+        # joint: control.initial_step's arithmetic (1/rtol folded into the norms); per sample: initial_steps'
+        h = initial_steps(F, t, y, f0, direction, order, rtol, atol, fold_rtol=not per_sample)
         return h.clamp(max=max_step) * direction
 
     try:

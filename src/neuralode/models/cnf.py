@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .._api import solve
+from ..gradients.modes import GradientMode
 
 __all__ = ["ConcatSquashLinear", "PlanarCNFNet", "CNFField", "CNF", "exact_trace", "hutchinson_trace"]
 
@@ -226,7 +227,8 @@ class CNF(nn.Module):
     Arguments:
         dim: D. ``net``: the dynamics ``net(t, z)`` (default: concat-squash MLP, ``hidden`` × ``layers``).
         trace: ``"exact"`` or ``"hutchinson"`` (``noise``: ``"rademacher"`` or ``"gaussian"``).
-        T, method, rtol, atol, gradient: the solve (``gradient``: backprop, adjoint or checkpoint).
+        T, method, rtol, atol, gradient: the solve (``gradient``: "backprop", "adjoint" or "checkpoint", or a
+            ``neuralode.Backprop``/``Adjoint``/``Checkpoint`` object).
         regularization: ``{"kinetic": λ_K, "jacobian": λ_J}`` (RNODE); ``reg_loss`` then holds the penalty
             after each training solve, to be added to the loss.
 
@@ -253,7 +255,7 @@ class CNF(nn.Module):
         method: str = "dopri5",
         rtol: float = 1e-5,
         atol: float = 1e-5,
-        gradient: str = "adjoint",
+        gradient: str | GradientMode = "adjoint",
         regularization: dict | None = None,
     ) -> None:
         super().__init__()
@@ -294,7 +296,7 @@ class CNF(nn.Module):
             rtol=self.rtol,
             atol=self.atol,
             gradient=self.gradient,
-            params=params,
+            params=None if getattr(self.gradient, "params", None) is not None else params,
             dense=False,
             options={"norm": _flow_rms} if regularize else None,
         )

@@ -151,15 +151,23 @@ def rms_rows(x: torch.Tensor) -> torch.Tensor:
     return (torch.linalg.vector_norm(x, dim=1) / math.sqrt(max(x.shape[1], 1))).double()
 
 
-def initial_steps(f, t, y, f0, direction: float, order: int, rtol: float, atol: float) -> torch.Tensor:
+def initial_steps(
+    f, t, y, f0, direction: float, order: int, rtol: float, atol: float, fold_rtol: bool = False
+) -> torch.Tensor:
     """Hairer's starting step (``initial_step``) for each row of ``y`` (batch, d) on its own;
-    ``f(t (batch,) float64, y)`` evaluates the batch. Positive step sizes, float64."""
+    ``f(t (batch,) float64, y)`` evaluates the batch. Positive step sizes, float64. Written in tensor
+    operations only, so that the compiled loop traces it as it is.
+
+    ``fold_rtol``: build the scale as ``|y| + atol/rtol`` and fold ``1/rtol`` into the norms, as
+    :func:`initial_step` does with scalar tolerances (one row: the joint solve's first step, to the bit);
+    otherwise ``atol + rtol·|y|``, as the per-sample loop does."""
     dtype = y.dtype
-    scale = y.abs() * rtol + atol
-    d0, d1 = rms_rows(y / scale), rms_rows(f0 / scale)
+    unit = 1.0 / rtol if fold_rtol else 1.0
+    scale = y.abs() + atol / rtol if fold_rtol else y.abs() * rtol + atol
+    d0, d1 = rms_rows(y / scale) * unit, rms_rows(f0 / scale) * unit
     h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
     f1 = f(t + direction * h0, y + (direction * h0).to(dtype)[:, None] * f0)
-    d2 = rms_rows((f1 - f0) / scale) / h0
+    d2 = rms_rows((f1 - f0) / scale) * unit / h0
     dmax = torch.maximum(d1, d2)
     h1 = torch.where(dmax <= 1e-15, torch.clamp(h0 * 1e-3, min=1e-6), (0.01 / dmax) ** (1.0 / order))
     dt = torch.minimum(100 * h0, h1)
