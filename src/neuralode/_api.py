@@ -16,9 +16,9 @@ from ._problem import Problem, prepare, run
 from ._solution import Solution
 from .gradients.adjoint import AdjointConfig, adjoint_solve
 from .gradients.checkpoint import checkpoint_solve
-from .gradients.common import SolveRecord, SolveStats, time_gradient_wrapper
+from .gradients.common import SolveRecord, SolveStats, first_order_only, time_gradient_wrapper
 from .gradients.modes import Adjoint, Backprop, Checkpoint, GradientMode, resolve_gradient
-from .solvers.integrate import warn_uncalled_callbacks
+from .solvers.integrate import is_vmapped, warn_uncalled_callbacks
 from .solvers.per_sample import PerSampleDense
 
 if TYPE_CHECKING:
@@ -145,6 +145,14 @@ def solve(
         adjoint_method=adjoint_method,
         adjoint_options=adjoint_options,
     )
+    vmapped = torch.is_tensor(y0) and is_vmapped(y0)  # (vmap gets its own message, from prepare)
+    if not isinstance(mode, Backprop) and not vmapped and torch._C._are_functorch_transforms_active():
+        # (the adjoint's and the checkpoint's autograd Functions define no forward-mode rule or functorch
+        # setup_context; torch's own error would not say what to do)
+        raise RuntimeError(
+            f"gradient={mode.name!r} does not run under torch.func transforms (jvp, jacfwd, jacrev, grad, "
+            "hessian): use gradient='backprop', which they differentiate through"
+        )
     if per_sample and not (torch.is_tensor(y0) and y0.ndim >= 2):  # (checked on the user's shape: a complex
         # state's real view has one dimension more)
         got = f"shape {tuple(y0.shape)}" if torch.is_tensor(y0) else f"a {type(y0).__name__} state"
@@ -412,6 +420,7 @@ class _PerSampleEventTime(torch.autograd.Function):
     @staticmethod
     @full_precision
     def backward(ctx, grad_t: torch.Tensor, grad_y: torch.Tensor):
+        first_order_only("", "the event time's gradient")
         prob = ctx.prob
         sign0, comp, t_event, y_event = ctx.saved_tensors
         B = y_event.shape[0]
@@ -597,6 +606,7 @@ class _EventTime(torch.autograd.Function):
     @staticmethod
     @full_precision
     def backward(ctx, grad_t: torch.Tensor, grad_y: torch.Tensor):
+        first_order_only("", "the event time's gradient")
         prob = ctx.prob
         t_event, y_event = ctx.saved_tensors
         with torch.enable_grad():

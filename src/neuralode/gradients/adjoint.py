@@ -32,6 +32,7 @@ from .common import (
     SolveRecord,
     SolveStats,
     direct_gradients,
+    first_order_only,
     raise_on_failure,
     vjp,
     warn_on_drift,
@@ -104,6 +105,7 @@ class _AdjointSolve(torch.autograd.Function):
     @staticmethod
     @full_precision
     def backward(ctx, grad_ys: torch.Tensor):
+        first_order_only("adjoint")
         prob, cfg, record = ctx.prob, ctx.cfg, ctx.record
         ys, t, *params = ctx.saved_tensors
         stats: SolveStats = record.stats

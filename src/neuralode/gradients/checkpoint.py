@@ -18,7 +18,7 @@ from .._methods import get_method
 from .._problem import Problem, run
 from ..compiled.cache import backend_of
 from ..solvers.runge_kutta import Segment
-from .common import SolveRecord, direct_gradients, vjp
+from .common import SolveRecord, direct_gradients, first_order_only, vjp
 
 __all__ = ["checkpoint_solve"]
 
@@ -42,6 +42,7 @@ class _CheckpointSolve(torch.autograd.Function):
     @staticmethod
     @full_precision
     def backward(ctx, grad_ys: torch.Tensor):
+        first_order_only("checkpoint")
         prob, trace, method = ctx.prob, ctx.trace, ctx.method
         params: Sequence[torch.Tensor] = ctx.saved_tensors
         needs = [p.requires_grad for p in params]

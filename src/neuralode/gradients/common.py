@@ -152,7 +152,7 @@ def time_gradient_wrapper(
     ``batch``: per-sample solves of a ``(batch, ...)`` state, ``ys`` of shape ``(m, batch, ...)``, with ``t``
     shared (1-D: a time's gradient sums over the samples) or one row per sample (``(batch, m)``).
     """
-    delta = (t - t.detach()).to(device=y0.device, dtype=y0.dtype)  # t may live on the CPU
+    delta = _TimeShift.apply(t - t.detach()).to(device=y0.device, dtype=y0.dtype)  # t may live on the CPU
     if batch is None:  # (m, 1): one time for the whole flat state
         delta = delta.reshape(-1, 1)
     else:  # (m, batch, 1, ...): each sample its own time
@@ -225,3 +225,32 @@ def warn_on_drift(y_back: torch.Tensor, y_fwd: torch.Tensor, rtol, atol, t_from,
         )
         return True
     return False
+
+
+def first_order_only(mode: str, what: str | None = None) -> None:
+    """Called first in the backward of an autograd Function whose gradients carry no graph of their own (the
+    adjoint's, the checkpoint's, an event time's, the times' shift). Autograd runs that backward with grad mode
+    on exactly when the caller asked for ``create_graph=True``; a second derivative through it would come out
+    as zero or wrong without a word. Raise instead, saying what supports higher derivatives."""
+    if torch.is_grad_enabled():
+        what = what or f"gradient={mode!r}"
+        raise RuntimeError(
+            f"{what} gives first derivatives only: a second derivative through it (backward with "
+            "create_graph=True, a Hessian-vector product) would be silently wrong. Use gradient='backprop' "
+            "with times and event times that do not require grad, which differentiates through the solver's "
+            "operations to any order"
+        )
+
+
+class _TimeShift(torch.autograd.Function):
+    """The identity on ``t - t.detach()``, whose backward refuses ``create_graph=True``: the times' gradient
+    (``time_gradient_wrapper``) is exact to first order only."""
+
+    @staticmethod
+    def forward(ctx, delta: torch.Tensor) -> torch.Tensor:
+        return delta.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        first_order_only("", "the gradient with respect to t")
+        return grad

@@ -41,6 +41,7 @@ from .common import (
     SolveRecord,
     SolveStats,
     direct_gradients,
+    first_order_only,
     raise_on_failure,
     vjp,
     warn_on_drift,
@@ -293,6 +294,7 @@ class _PerSampleAdjoint(torch.autograd.Function):
     @staticmethod
     @full_precision
     def backward(ctx, grad_ys: torch.Tensor):
+        first_order_only("adjoint")
         func, cfg = ctx.func, ctx.cfg
         ys, *params = ctx.saved_tensors
         stats: SolveStats = ctx.stats

@@ -23,7 +23,7 @@ import torch
 
 from .._amp import full_precision
 from ..solvers.per_sample import Replay
-from .common import SolveRecord, direct_gradients, vjp
+from .common import SolveRecord, direct_gradients, first_order_only, vjp
 
 __all__ = ["per_sample_checkpoint_solve"]
 
@@ -55,6 +55,7 @@ class _PerSampleCheckpoint(torch.autograd.Function):
     @staticmethod
     @full_precision
     def backward(ctx, grad_ys: torch.Tensor):
+        first_order_only("checkpoint")
         trace, shape = ctx.trace, ctx.shape
         params: Sequence[torch.Tensor] = ctx.saved_tensors
         wrt = [p for p in params if p.requires_grad]
