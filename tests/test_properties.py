@@ -31,6 +31,7 @@ from neuralode._problem import valid_options
 
 ADAPTIVE_METHODS = method_names(kind="explicit", adaptive=True)
 ADAMS_METHODS = method_names(kind="multistep")
+REVERSIBLE_METHODS = method_names(kind="reversible")
 
 settings.register_profile(
     "fast",
@@ -44,7 +45,7 @@ PROFILE = os.environ.get("NEURALODE_PROPERTY_PROFILE", "fast")
 settings.load_profile(PROFILE)
 DEEP = PROFILE == "deep"
 
-GRADIENTS = ("none", "backprop", "adjoint", "adjoint_seminorm", "adjoint_history", "checkpoint")
+GRADIENTS = ("none", "backprop", "adjoint", "adjoint_seminorm", "adjoint_history", "checkpoint", "reversible")
 LAYOUTS = ("0d", "1d", "nd", "batched", "tuple")
 MEMORY = ("contiguous", "noncontiguous", "expanded")
 
@@ -67,6 +68,7 @@ FIXED_STEP = {
     "explicit_adams": (1e-2, 1e-5),
     "implicit_adams": (1e-2, 1e-5),
     "fixed_adams": (1e-2, 1e-5),
+    "reversible_heun": (1e-3, 1e-5),
 }
 
 
@@ -110,6 +112,11 @@ def unsupported(c: Case):
         return ValueError
     if c.gradient == "checkpoint" and c.method in ADAMS_METHODS:
         return NotImplementedError
+    reversible = c.method in REVERSIBLE_METHODS
+    if c.gradient == "reversible" and not reversible or c.gradient == "checkpoint" and reversible:
+        return ValueError  # (the reversible gradient for reversible methods only; they are not replayed)
+    if c.method in REVERSIBLE_METHODS and c.per_sample:
+        return ValueError
     return None
 
 
@@ -224,7 +231,8 @@ def tolerance(c: Case) -> tuple[dict, float]:
     if c.method in FIXED_STEP:
         h, err = FIXED_STEP[c.method]
         options["step_size"] = h
-        options["interp"] = "cubic"  # (linear interpolation between grid points would dominate the error)
+        if c.method not in REVERSIBLE_METHODS:  # (they land on every output time)
+            options["interp"] = "cubic"  # (linear interpolation between grid points would dominate the error)
     elif c.method in ("rosenbrock23",):
         err = 3e-5
     else:
@@ -263,8 +271,8 @@ def run_case(c: Case) -> None:
         kw["gradient"] = "adjoint"
         if c.gradient == "adjoint_seminorm":
             kw["adjoint_options"] = dict(norm="seminorm")
-    elif c.gradient == "checkpoint":
-        kw["gradient"] = "checkpoint"
+    elif c.gradient in ("checkpoint", "reversible"):
+        kw["gradient"] = c.gradient
     y0 = tuple(y0s) if is_tuple else y0s[0]
     expected_error = unsupported(c)
     with warnings.catch_warnings(), torch.set_grad_enabled(c.gradient != "none"):

@@ -15,7 +15,7 @@ from ._methods import METHODS, register_method
 from ._solution import Solution
 from ._torchdiffeq import odeint, odeint_adjoint, odeint_dense, odeint_event
 from .gradients.common import SolveStats
-from .gradients.modes import Adjoint, Backprop, Checkpoint
+from .gradients.modes import Adjoint, Backprop, Checkpoint, Reversible
 from .solvers.tableaus import ButcherTableau
 
 __version__ = "0.1.0"
@@ -34,6 +34,7 @@ __all__ = [
     "Backprop",
     "Adjoint",
     "Checkpoint",
+    "Reversible",
     "METHODS",
     "register_method",
     "ButcherTableau",

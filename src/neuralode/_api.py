@@ -17,7 +17,7 @@ from ._solution import Solution
 from .gradients.adjoint import AdjointConfig, adjoint_solve
 from .gradients.checkpoint import checkpoint_solve
 from .gradients.common import SolveRecord, SolveStats, first_order_only, time_gradient_wrapper
-from .gradients.modes import Adjoint, Backprop, Checkpoint, GradientMode, resolve_gradient
+from .gradients.modes import Adjoint, Backprop, Checkpoint, GradientMode, Reversible, resolve_gradient
 from .solvers.integrate import is_vmapped, warn_uncalled_callbacks
 from .solvers.per_sample import PerSampleDense
 
@@ -67,6 +67,7 @@ def solve(
     event_fn: Callable | None = None,
     per_sample: bool = False,
     compile: bool | str = False,
+    checkpoints: int | None = None,
 ) -> Solution:
     """Solve ``dy/dt = func(t, y)``, ``y(t[0]) = y0`` at the times ``t``.
 
@@ -81,10 +82,11 @@ def solve(
         rtol, atol: tolerances (floats or tensors broadcastable to the state, per-component).
         options: method options, torchdiffeq's names (``first_step``, ``step_size``, ``max_num_steps``, ...).
         gradient: ``"backprop"`` (autograd through the solver), ``"adjoint"`` (Algorithm 1 of Chen et
-            al. 2018; O(1) memory in the number of steps) or ``"checkpoint"`` (the exact discrete gradient
-            recomputed one step at a time); or the same modes as objects with their settings:
-            :class:`~neuralode.Backprop`, :class:`~neuralode.Adjoint` (``Adjoint(rtol=..., seminorm=True)``),
-            :class:`~neuralode.Checkpoint`.
+            al. 2018; O(1) memory in the number of steps), ``"checkpoint"`` (the exact discrete gradient
+            recomputed one step at a time) or ``"reversible"`` (the exact discrete gradient of a reversible
+            method, its steps undone: memory that does not grow with the steps); or the same modes as objects
+            with their settings: :class:`~neuralode.Backprop`, :class:`~neuralode.Adjoint`
+            (``Adjoint(rtol=..., seminorm=True)``), :class:`~neuralode.Checkpoint`, :class:`~neuralode.Reversible`.
         params: tensors to differentiate for ``adjoint``/``checkpoint`` (default: ``func.parameters()``);
             ``Adjoint(params=...)``/``Checkpoint(params=...)`` with an object.
         adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options: the adjoint's backward solve (default:
@@ -95,9 +97,10 @@ def solve(
         on_failure: ``"raise"`` (default) or ``"return"``: give back the solution up to the failure with
             ``status``, ``message`` and ``t_fail`` set.
         dense: keep each step's interpolant so that ``Solution.interpolate`` works. Default: yes, except with
-            ``gradient="adjoint"`` (whose memory would then grow with the number of steps, which the adjoint
-            exists to avoid) and with ``compile=True`` (where the compiled loop then keeps every attempt's
-            continuous extension instead of evaluating and dropping them as it goes); pass ``dense=True`` there.
+            ``gradient="adjoint"``, ``"reversible"`` and ``checkpoints=N`` (whose memory would then grow with the
+            number of steps, which they exist to avoid) and with ``compile=True`` (where the compiled loop then
+            keeps every attempt's continuous extension instead of evaluating and dropping them as it goes); pass
+            ``dense=True`` there.
         event_fn: stop at the first zero crossing of ``event_fn(t, y)``; ``Solution.event_t`` holds it. With
             ``per_sample=True`` every sample stops at its own first event: ``event_fn(t (batch,), y)`` returns
             one row per sample (``(batch,)`` or ``(batch, k)``), ``event_t`` is ``(batch,)``.
@@ -115,6 +118,9 @@ def solve(
             except on CPU where func is expensive (≥ 3 ms per augmented call), where eager kernels were
             measured as fast. Tensor states and scalar tolerances. Anything else runs the eager solver with a
             one-line warning.
+        checkpoints: with ``gradient="checkpoint"``, keep at most this many states (the initial one included)
+            however many steps the solve takes, and recompute the rest in the backward pass: the same gradient
+            in bounded memory, for more evaluations (:class:`~neuralode.Checkpoint`). None: one state per step.
 
     Returns:
         a :class:`Solution`: ``ys`` of shape ``(len(t), *y0.shape)`` in ``y0``'s dtype (a tuple of such for a
@@ -144,6 +150,7 @@ def solve(
         adjoint_atol=adjoint_atol,
         adjoint_method=adjoint_method,
         adjoint_options=adjoint_options,
+        checkpoints=checkpoints,
     )
     vmapped = torch.is_tensor(y0) and is_vmapped(y0)  # (vmap gets its own message, from prepare)
     if not isinstance(mode, Backprop) and not vmapped and torch._C._are_functorch_transforms_active():
@@ -180,7 +187,9 @@ def solve(
     if compile:
         options = {**(options or {}), "compile": compile}
     # the adjoint's memory must not grow with the steps: it keeps no dense output unless asked to
-    dense = (not compile and not isinstance(mode, Adjoint)) if dense is None else bool(dense)
+    # (nor the checkpoint's, in a budget of states)
+    bounded = isinstance(mode, (Adjoint, Reversible)) or isinstance(mode, Checkpoint) and mode.checkpoints is not None
+    dense = (not compile and not bounded) if dense is None else bool(dense)
     if on_failure not in ("raise", "return"):
         raise ValueError(f"`on_failure` must be 'raise' or 'return', got {on_failure!r}")
     prob = prepare(func, y0, t, rtol, atol, method, options, event_fn, per_sample=per_sample)
@@ -188,6 +197,23 @@ def solve(
         raise ValueError(
             "method='scipy_solver' is forward only: it cannot be used with gradient="
             f"{mode.name!r}; use a neuralode method for gradients"
+        )
+    reversible = get_method(prob.method).kind == "reversible"
+    if isinstance(mode, Reversible) != reversible and (reversible or not isinstance(mode, Backprop)):
+        if isinstance(mode, Reversible):
+            raise ValueError(
+                f"gradient='reversible' undoes the steps of a reversible method; method={prob.method!r} is not one: "
+                f"use method='reversible_heun' or 'reversible_rk' (options base=..., coupling=...)"
+            )
+        if isinstance(mode, Checkpoint):
+            raise ValueError(
+                f"gradient='checkpoint' does not replay method={prob.method!r}: use gradient='reversible' (exact, in "
+                "memory that does not grow with the steps), 'backprop' or 'adjoint'"
+            )
+    if reversible and (per_sample or event_fn is not None):
+        raise ValueError(
+            f"method={prob.method!r} supports neither per_sample=True nor event_fn yet; use an explicit method "
+            "such as dopri5 for those"
         )
     stats = SolveStats()
     if per_sample:
@@ -272,7 +298,7 @@ def _solve_per_sample(
             step_fn=step_fn if torch.is_grad_enabled() else None,
         )
 
-    record = SolveRecord(stats)
+    record = SolveRecord(stats, checkpoints=getattr(mode, "checkpoints", None))
     if isinstance(mode, Adjoint) and torch.is_grad_enabled():
         # (with a backend, the backward solves run in the compiled per-sample loop too)
         cfg = _per_sample_adjoint_config(prob, mode, rhs, max_steps, backend)
@@ -499,7 +525,7 @@ def _per_sample_time_gradient(prob: Problem, y0: torch.Tensor, core: Callable, s
 
 def _solve(prob: Problem, stats: SolveStats, mode: GradientMode, on_failure: str, dense: bool) -> Solution:
     t = prob.t
-    record = SolveRecord(stats, dense=dense)
+    record = SolveRecord(stats, dense=dense, checkpoints=getattr(mode, "checkpoints", None))
     needs_t_grad = t.requires_grad and torch.is_grad_enabled()
     extra_rhs = prob.rhs()
 
@@ -520,6 +546,13 @@ def _solve(prob: Problem, stats: SolveStats, mode: GradientMode, on_failure: str
 
         def core(y0: torch.Tensor) -> torch.Tensor:
             return checkpoint_solve(prob, y0, ps, record)
+    elif isinstance(mode, Reversible):
+        from .gradients.reversible import reversible_solve
+
+        ps = _params_of(prob.func, mode.params, "params")
+
+        def core(y0: torch.Tensor) -> torch.Tensor:
+            return reversible_solve(prob, y0, ps, record)
     else:
         ps = _params_of(prob.func, mode.params, "params")
         cfg = _adjoint_config(prob, mode)

@@ -319,6 +319,69 @@ class Scipy(Method):
         )
 
 
+class ReversibleMethod(Method):
+    """An algebraically reversible scheme (``solvers.reversible``): adaptive, or fixed steps of at most
+    ``options["step_size"]``; steps land on the output times; ``gradient="reversible"`` differentiates it by
+    undoing its steps. ``reversible_rk`` takes ``options["base"]`` (an explicit Runge–Kutta method; default
+    ``"dopri5"``) and ``options["coupling"]`` (λ in (0, 1], default 0.999)."""
+
+    kind = "reversible"
+    checkpoint = False
+
+    def __init__(self, name: str, order: int, coupled: bool) -> None:
+        self.name, self.order, self.coupled = name, order, coupled
+        self.options = ADAPTIVE_OPTIONS | {"step_size"} | ({"base", "coupling"} if coupled else set())
+
+    def scheme(self, opts: dict):
+        from .solvers.reversible import CoupledRK, ReversibleHeun
+
+        if not self.coupled:
+            return ReversibleHeun()
+        base = get_method(opts.get("base", "dopri5"), "options['base']")
+        if not isinstance(base, ExplicitRK):
+            valid = ", ".join(method_names(kind="explicit"))
+            raise ValueError(
+                f"options['base'] must be an explicit Runge–Kutta method (one of {valid}), got {base.name!r}"
+            )
+        return CoupledRK(base.tableau, opts.get("coupling", 0.999))
+
+    def run(self, ctx: RunContext) -> IntegrationResult:
+        from .solvers.reversible import integrate_reversible
+
+        if ctx.trace is not None:
+            raise NotImplementedError(
+                f"gradient='checkpoint' does not replay {self.name!r}: use gradient='reversible' (exact, in memory "
+                "that does not grow with the steps) or 'backprop'"
+            )
+        if ctx.event is not None:
+            raise NotImplementedError(f"{self.name!r} does not locate events; use an explicit method such as dopri5")
+        opts = ctx.opts
+        scheme = self.scheme(opts)
+        step_size = opts.get("step_size")
+        if step_size is None and getattr(scheme, "_e", True) is None:
+            raise ValueError(
+                f"options['base']={scheme.base.name!r} has no error estimate: give options['step_size'] for fixed "
+                "steps, or an adaptive base such as 'dopri5'"
+            )
+        res = integrate_reversible(
+            ctx.rhs,
+            ctx.y0,
+            ctx.t_out,
+            scheme,
+            make_controller(scheme.order, opts),
+            rtol=ctx.rtol,
+            atol=ctx.atol,
+            norm=ctx.norm,
+            step_size=None if step_size is None else float(step_size),
+            first_step=opts.get("first_step"),
+            lands=times(opts.get("step_t")) + times(opts.get("jump_t")),
+            max_num_steps=max_num_steps(opts),
+            keep_segments=ctx.keep_segments,
+        )
+        res.method = scheme
+        return res
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the registry
 
@@ -344,6 +407,8 @@ for _tab in IMPLICIT_TABLEAUS.values():
 _add(Adams("explicit_adams", implicit=False, order=4))
 _add(Adams("implicit_adams", implicit=True, order=12))
 _add(Adams("fixed_adams", implicit=True, order=12))
+_add(ReversibleMethod("reversible_heun", 2, coupled=False))
+_add(ReversibleMethod("reversible_rk", 5, coupled=True))
 _add(Scipy())
 _BUILTIN.update(_REGISTRY)
 
@@ -452,7 +517,7 @@ METHODS = _Names()
 :func:`register_method`): adaptive explicit (``dopri5`` the default, ``tsit5``, ...), adaptive stiff
 (``rodas4``, ``rosenbrock23``, ``adaptive_trbdf2``), fixed-step explicit (``euler``, ``rk4``, ...), fixed-step
 implicit (``implicit_euler``, ``radauIIA5``, ...), multistep (``explicit_adams``, ``implicit_adams``,
-``fixed_adams``) and ``scipy_solver``."""
+``fixed_adams``), algebraically reversible (``reversible_heun``, ``reversible_rk``) and ``scipy_solver``."""
 
 
 # ---------------------------------------------------------------------------------------------------------------

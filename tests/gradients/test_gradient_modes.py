@@ -264,7 +264,9 @@ def test_a_gradient_of_the_wrong_type_names_the_strings_and_the_classes(bad):
 
 
 def test_an_unknown_name_keeps_its_message():
-    with pytest.raises(ValueError, match=r"`gradient` must be one of \('backprop', 'adjoint', 'checkpoint'\)"):
+    with pytest.raises(
+        ValueError, match=r"`gradient` must be one of \('backprop', 'adjoint', 'checkpoint', 'reversible'\)"
+    ):
         _solve_with("adjiont")
     with pytest.raises(ValueError, match="method='scipy_solver' is forward only.*gradient='adjoint'"):
         node.solve(

@@ -14,7 +14,7 @@ knows nothing of gradients.
 from .adjoint import adjoint_solve
 from .checkpoint import checkpoint_solve
 from .common import SolveStats, time_gradient_wrapper
-from .modes import Adjoint, Backprop, Checkpoint
+from .modes import Adjoint, Backprop, Checkpoint, Reversible
 
 __all__ = [
     "adjoint_solve",
@@ -24,4 +24,5 @@ __all__ = [
     "Backprop",
     "Adjoint",
     "Checkpoint",
+    "Reversible",
 ]

@@ -18,6 +18,7 @@ from .._methods import get_method
 from .._problem import Problem, run
 from ..compiled.cache import backend_of
 from ..solvers.runge_kutta import Segment
+from .budget import BudgetTrace, reverse_steps
 from .common import SolveRecord, direct_gradients, first_order_only, vjp
 
 __all__ = ["checkpoint_solve"]
@@ -27,12 +28,12 @@ class _CheckpointSolve(torch.autograd.Function):
     @staticmethod
     def forward(ctx, prob: Problem, record: SolveRecord, y0: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
         rhs = prob.rhs()
-        trace: list = []
+        trace = BudgetTrace(record.checkpoints)
         with torch.no_grad():
             res = run(prob, rhs, y0=y0.detach(), trace=trace, keep_segments=record.dense, use_event=False)
         record.result = res
         record.nfe = rhs.nfe
-        record.stats.checkpoint_bytes += sum(r[2].numel() * r[2].element_size() for r in trace)
+        record.stats.checkpoint_bytes += trace.peak_bytes + trace.grid_bytes()
         ctx.prob, ctx.stats, ctx.trace, ctx.method = prob, record.stats, trace, res.method
         ctx.m = res.ys.shape[0]
         ctx.n_params = len(params)
@@ -52,42 +53,61 @@ class _CheckpointSolve(torch.autograd.Function):
         rhs = prob.rhs()
         step = _compiled_replay(prob, rhs, method)
         tt = lambda s: torch.scalar_tensor(s, dtype=rhs.dtype, device=rhs.device)  # noqa: E731
+        steps = trace.records
+        # the outputs each step reaches (after its start, up to its end)
+        outs_of: list[list[int]] = [[] for _ in steps]
+        j = ctx.m - 1
+        for i in reversed(range(len(steps))):
+            while j >= 1 and direction * (t_out[j] - steps[i][0]) > 0:
+                outs_of[i].append(j)
+                j -= 1
+
+        def step_at(i: int, y: torch.Tensor, with_k: bool) -> tuple:
+            """Step ``i`` from ``y``: its end value and, where ``with_k``, its stages for the output interpolant."""
+            t0, t1, _, perturb_first, perturb_last = steps[i]
+            if step is not None and not (perturb_first or perturb_last):  # all stages in one compiled call
+                y1, K, _ = step(tt(t0), tt(t1 - t0), y, rhs.at(t0, y), prob.atol / prob.rtol, 1.0 / prob.rtol)
+                rhs.nfe += method.stages - 1
+                if with_k and method.interp_needs_f1 and not method.fsal:
+                    K = torch.cat([K, rhs.at(t1, y1)[None]])
+                return y1, K
+            buf = method.new_buffer()
+            buf.set(0, rhs.at(t0, y, perturb=int(direction) if perturb_first else 0))
+            y1, _ = method.step(rhs, t0, t1 - t0, y, buf, perturb_last=perturb_last)
+            if with_k and method.interp_needs_f1 and not method.fsal:
+                buf.set(method.f1_index, rhs.at(t1, y1))
+            return y1, buf.K
+
+        def advance(i: int, y: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return step_at(i, y, False)[0]
+
         a = torch.zeros_like(grad_ys[0])
         p_grads = [torch.zeros_like(p) for p in wrt_params]
-        j = ctx.m - 1  # next output (from the end) still to be attached to a step
-        for t0, t1, y0, perturb_first, perturb_last in reversed(trace):
-            outs: list[int] = []
-            while j >= 1 and direction * (t_out[j] - t0) > 0:
-                outs.append(j)
-                j -= 1
+
+        def pull(i: int, y_start: torch.Tensor) -> None:
+            nonlocal a
+            t0, t1 = steps[i][0], steps[i][1]
+            outs = outs_of[i]
+            inner = [k for k in outs if t_out[k] != t1]
             with torch.enable_grad():
-                y = y0.detach().requires_grad_(True)
-                inner = [k for k in outs if t_out[k] != t1]
-                if step is not None and not (perturb_first or perturb_last):  # all stages in one compiled call
-                    y1, K, _ = step(tt(t0), tt(t1 - t0), y, rhs.at(t0, y), prob.atol / prob.rtol, 1.0 / prob.rtol)
-                    rhs.nfe += method.stages - 1
-                    if inner and method.interp_needs_f1 and not method.fsal:
-                        K = torch.cat([K, rhs.at(t1, y1)[None]])
-                else:
-                    buf = method.new_buffer()
-                    buf.set(0, rhs.at(t0, y, perturb=int(direction) if perturb_first else 0))
-                    y1, _ = method.step(rhs, t0, t1 - t0, y, buf, perturb_last=perturb_last)
-                    if inner and method.interp_needs_f1 and not method.fsal:
-                        buf.set(method.f1_index, rhs.at(t1, y1))
-                    K = buf.K
+                y = y_start.detach().requires_grad_(True)
+                y1, K = step_at(i, y, bool(inner))
                 targets, grads = [y1], [a]
                 if inner:
-                    ys_in = Segment(t0, t1, y, y1, K, method)([t_out[k] for k in inner])
-                    targets.append(ys_in)
+                    targets.append(Segment(t0, t1, y, y1, K, method)([t_out[k] for k in inner]))
                     grads.append(grad_ys[inner])
                 for k in outs:
                     if t_out[k] == t1:
                         grads[0] = grads[0] + grad_ys[k]
                 got = vjp(targets, [y] + wrt_params, grads)
             a = got[0]
-            for i, g in enumerate(got[1:]):
+            for n, g in enumerate(got[1:]):
                 if g is not None:
-                    p_grads[i] += g
+                    p_grads[n] += g
+
+        if steps:
+            reverse_steps(len(steps), trace.states(), trace.budget or len(steps), advance, pull)
         a = a + grad_ys[0]
         ctx.stats.nfe_backward += rhs.nfe
         out_params, it = [], iter(p_grads)

@@ -107,6 +107,7 @@ class SolveRecord:
         nfe: evaluations of ``func`` in the forward (joint stepping).
         next_step: the step size the forward proposed last (the adjoint's first backward step).
         sample_stats: per-sample statistics of a per-sample forward.
+        checkpoints: the checkpointed gradient's budget of kept states (None: every state).
     """
 
     stats: SolveStats
@@ -115,6 +116,7 @@ class SolveRecord:
     nfe: int = 0
     next_step: float | None = None
     sample_stats: dict | None = None
+    checkpoints: int | None = None
 
     def take_result(self) -> Any:
         """The forward's result, no longer held by the record."""

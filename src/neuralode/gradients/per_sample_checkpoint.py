@@ -23,6 +23,7 @@ import torch
 
 from .._amp import full_precision
 from ..solvers.per_sample import Replay
+from .budget import BudgetTrace, reverse_steps
 from .common import SolveRecord, direct_gradients, first_order_only, vjp
 
 __all__ = ["per_sample_checkpoint_solve"]
@@ -41,11 +42,11 @@ class _PerSampleCheckpoint(torch.autograd.Function):
         y0: torch.Tensor,
         *params: torch.Tensor,
     ) -> torch.Tensor:
-        trace: list = []
+        trace = BudgetTrace(record.checkpoints)
         with torch.no_grad():
             res, sample_stats = forward(y0.detach(), trace)
         record.result, record.sample_stats = res, sample_stats
-        record.stats.checkpoint_bytes += sum(x.numel() * x.element_size() for r in trace for x in r)
+        record.stats.checkpoint_bytes += trace.peak_bytes + trace.grid_bytes()
         ctx.func, ctx.method, ctx.t_out, ctx.backend, ctx.stats = func, method, t_out, backend, record.stats
         ctx.trace, ctx.shape = trace, y0.shape
         ctx.m = res.ys.shape[0]
@@ -68,11 +69,19 @@ class _PerSampleCheckpoint(torch.autograd.Function):
         p_grads = [torch.zeros_like(p) for p in wrt]
         rows = torch.arange(B, device=g.device)[:, None]
         moved = torch.stack([r[3].any() for r in trace]).tolist() if trace else []
-        for i in reversed(range(len(trace))):
+
+        def advance(i: int, y: torch.Tensor) -> torch.Tensor:
             if not moved[i]:
-                continue  # (no sample accepted: the state does not move, no output is written, the adjoint passes)
+                return y
+            with torch.no_grad():
+                return replay(i, y)[0]
+
+        def pull(i: int, y_start: torch.Tensor) -> None:
+            nonlocal a
+            if not moved[i]:
+                return  # (no sample accepted: the state does not move, no output is written, the adjoint passes)
             with torch.enable_grad():
-                y = trace[i][2].detach().requires_grad_(True)
+                y = y_start.detach().requires_grad_(True)
                 y_next, values, ks, valid = replay(i, y)
                 targets, grads = [y_next], [a]
                 if values is not None:
@@ -85,6 +94,9 @@ class _PerSampleCheckpoint(torch.autograd.Function):
             for j, gp in enumerate(got[1:]):
                 if gp is not None:
                     p_grads[j] += gp
+
+        if trace:
+            reverse_steps(len(trace), trace.states(), trace.budget or len(trace), advance, pull)
         a = a + g[0]  # (the first output is y0 itself)
         ctx.stats.nfe_backward += replay.calls if replay is not None else 0
         it = iter(p_grads)
