@@ -22,6 +22,7 @@ import resource
 import subprocess
 import sys
 import time
+import warnings
 
 import torch
 
@@ -39,7 +40,17 @@ def _rss_mib() -> float:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def budget_point(label: str, dim: int = 64, hidden: int = 256, batch: int = 64) -> dict:
+def _peak_rss_mib() -> float:
+    """This process's peak resident set size (VmHWM: unlike getrusage's ru_maxrss it is not carried over from
+    the parent across fork and exec)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # pragma: no cover - not Linux
+
+
+def budget_point(label: str, dim: int = 16, hidden: int = 64, batch: int = 128) -> dict:
     """One forward + backward (run in a fresh process, so that the peak RSS is this point's)."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -59,7 +70,7 @@ def budget_point(label: str, dim: int = 64, hidden: int = 256, batch: int = 64) 
     t1 = time.perf_counter()
     sol.ys[-1].square().sum().backward()
     t2 = time.perf_counter()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    peak = _peak_rss_mib()
     return {
         "mode": label,
         "steps": sol.stats.n_steps,
@@ -178,22 +189,35 @@ def vdp(rtol: float = 1e-7) -> list[dict]:
         ("reversible_heun", "reversible", None, {}),
         ("reversible_rk", "backprop", None, {}),
         ("reversible_rk", "reversible", None, {}),
+        ("reversible_rk", "backprop", {"base": "rk4", "step_size": 1e-3}, {}),
+        ("reversible_rk", "reversible", {"base": "rk4", "step_size": 1e-3}, {}),
     ]
     refs, rows = {}, []
     for method, mode, opts, extra in cases:
-        with __import__("warnings").catch_warnings():
-            __import__("warnings").simplefilter("ignore")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             try:
                 g, stats, secs = grad(mode, method, opts, **extra)
-            except Exception as e:  # (the adjoint's backward solve can fail here: recorded, not hidden)
-                rows.append({"method": method, "mode": mode, **extra, "error": f"{type(e).__name__}: {e}"[:200]})
-                print(f"{method:<16} {mode:<12} failed: {type(e).__name__}")
+            except Exception as e:  # (the solve can fail here: recorded, not hidden)
+                rows.append(
+                    {
+                        "method": method,
+                        "options": opts,
+                        "mode": mode,
+                        **extra,
+                        "error": f"{type(e).__name__}: {e}"[:200],
+                    }
+                )
+                print(f"{method:<16} {str(opts or ''):<34} {mode:<12} failed: {type(e).__name__}")
                 continue
+        warned = sorted({str(w.message).split(":")[0] for w in caught if issubclass(w.category, RuntimeWarning)})
+        key = (method, str(opts))
         if mode == "backprop":
-            refs[method] = g
-        ref = refs[method]
+            refs[key] = g
+        ref = refs[key]
         row = {
             "method": method,
+            "options": opts,
             "mode": mode,
             **extra,
             "grad": g.tolist(),
@@ -203,10 +227,12 @@ def vdp(rtol: float = 1e-7) -> list[dict]:
             "nfe_backward": stats.nfe_backward,
             "kept_bytes": stats.checkpoint_bytes,
             "backward_s": secs,
+            "warned": warned,
         }
         rows.append(row)
         print(
-            f"{method:<16} {mode:<12} {str(extra or ''):<18} vs backprop {row['rel_err_vs_backprop_same_method']:.1e}  "
+            f"{method:<16} {str(opts or ''):<34} {mode:<12} {str(extra or ''):<18} "
+            f"vs backprop {row['rel_err_vs_backprop_same_method']:.1e}  "
             f"vs exact flow {row['rel_err_vs_exact_flow']:.1e}  steps {stats.n_steps}  kept {stats.checkpoint_bytes} B",
             flush=True,
         )

@@ -106,7 +106,10 @@ def shapes_of(layout: str) -> list[tuple]:
 
 def unsupported(c: Case):
     """The error a combination must raise (a named one, before any number comes back), or None."""
-    if c.per_sample and (c.method not in ADAPTIVE_METHODS or c.layout not in ("nd", "batched")):
+    per_sample_methods = ADAPTIVE_METHODS + REVERSIBLE_METHODS
+    if c.per_sample and (c.method not in per_sample_methods or c.layout not in ("nd", "batched")):
+        return ValueError
+    if c.per_sample and c.method in REVERSIBLE_METHODS and c.gradient.startswith("adjoint"):
         return ValueError
     if c.method == "scipy_solver" and (c.gradient != "none" or c.per_sample or c.time_grad):
         return ValueError
@@ -115,8 +118,6 @@ def unsupported(c: Case):
     reversible = c.method in REVERSIBLE_METHODS
     if c.gradient == "reversible" and not reversible or c.gradient == "checkpoint" and reversible:
         return ValueError  # (the reversible gradient for reversible methods only; they are not replayed)
-    if c.method in REVERSIBLE_METHODS and c.per_sample:
-        return ValueError
     return None
 
 

@@ -212,3 +212,17 @@ def test_a_stiff_failure_recommends_the_adaptive_stiff_methods_first():
         )
     message = str(info.value)
     assert "stiff" in message and message.index("rodas4") < message.index("radauIIA5")
+
+
+@pytest.mark.parametrize(
+    "method, options", [("rk4", {"step_size": 0.1}), ("adaptive_trbdf2", None), ("reversible_heun", None)]
+)
+def test_compile_with_a_method_without_a_compiled_path_warns_and_runs_eagerly(method, options):
+    from neuralode.compiled.cache import _WARNED
+
+    _WARNED.clear()
+    y0, t = torch.ones(2, dtype=torch.float64), torch.tensor([0.0, 1.0], dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match=f"method '{method}' has no compiled path"):
+        got = neuralode.solve(lambda t, y: -y, y0, t, method=method, options=options, compile=True).ys
+    ref = neuralode.solve(lambda t, y: -y, y0, t, method=method, options=options).ys
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)

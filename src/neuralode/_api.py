@@ -10,8 +10,8 @@ import torch
 
 from ._amp import entry_point, full_precision
 from ._convert import ConvertedSolution, needs_conversion, solver_problem
-from ._errors import SolverError, Status, exception_for
-from ._methods import DEFAULT_MAX_NUM_STEPS, get_method, make_controller, method_names, stepper
+from ._errors import SolverError, Status, caller_stacklevel, exception_for
+from ._methods import DEFAULT_MAX_NUM_STEPS, METHODS, get_method, make_controller, method_names, stepper
 from ._problem import Problem, prepare, run
 from ._solution import Solution
 from .gradients.adjoint import AdjointConfig, adjoint_solve
@@ -154,12 +154,15 @@ def solve(
     )
     vmapped = torch.is_tensor(y0) and is_vmapped(y0)  # (vmap gets its own message, from prepare)
     if not isinstance(mode, Backprop) and not vmapped and torch._C._are_functorch_transforms_active():
-        # (the adjoint's and the checkpoint's autograd Functions define no forward-mode rule or functorch
-        # setup_context; torch's own error would not say what to do)
-        raise RuntimeError(
-            f"gradient={mode.name!r} does not run under torch.func transforms (jvp, jacfwd, jacrev, grad, "
-            "hessian): use gradient='backprop', which they differentiate through"
-        )
+        # (the gradient modes' autograd Functions define no forward-mode rule or functorch setup_context.
+        # The checkpoint's and the reversible gradient are backprop's numbers: under a transform they run as
+        # backprop, with its memory. The adjoint's are not, and torch's own error would not say what to do.)
+        if isinstance(mode, Adjoint):
+            raise RuntimeError(
+                "gradient='adjoint' does not run under torch.func transforms (jvp, jacfwd, jacrev, grad, hessian): "
+                "use gradient='backprop' or 'checkpoint', which they differentiate through"
+            )
+        mode = Backprop()
     if per_sample and not (torch.is_tensor(y0) and y0.ndim >= 2):  # (checked on the user's shape: a complex
         # state's real view has one dimension more)
         got = f"shape {tuple(y0.shape)}" if torch.is_tensor(y0) else f"a {type(y0).__name__} state"
@@ -184,6 +187,13 @@ def solve(
             compile=compile,
         )
         return ConvertedSolution(sol, conv)
+    if compile and isinstance(method, str) and method in METHODS and not get_method(method).compiles:
+        from .compiled.cache import warn_fallback
+
+        msg = f"compile=True: method {method!r} has no compiled path; it runs on the eager solver"
+        warn_fallback(msg, caller_stacklevel() + 1)
+        if "compile" not in get_method(method).options:
+            compile = False
     if compile:
         options = {**(options or {}), "compile": compile}
     # the adjoint's memory must not grow with the steps: it keeps no dense output unless asked to
@@ -210,17 +220,93 @@ def solve(
                 f"gradient='checkpoint' does not replay method={prob.method!r}: use gradient='reversible' (exact, in "
                 "memory that does not grow with the steps), 'backprop' or 'adjoint'"
             )
-    if reversible and (per_sample or event_fn is not None):
+    if reversible and (event_fn is not None or per_sample and isinstance(mode, Adjoint)):
         raise ValueError(
-            f"method={prob.method!r} supports neither per_sample=True nor event_fn yet; use an explicit method "
-            "such as dopri5 for those"
+            f"method={prob.method!r} supports neither event_fn nor the per-sample adjoint; use an explicit method "
+            "such as dopri5 for those (or gradient='reversible' with it)"
         )
     stats = SolveStats()
+    if per_sample and reversible:
+        return _solve_reversible_per_sample(prob, stats, mode, on_failure)
     if per_sample:
         return _solve_per_sample(prob, stats, mode, event_fn, on_failure, dense)
     if event_fn is not None:
         return _solve_event(prob, stats, mode, on_failure, dense)
     return _solve(prob, stats, mode, on_failure, dense)
+
+
+def _solve_reversible_per_sample(prob: Problem, stats: SolveStats, mode: GradientMode, on_failure: str) -> Solution:
+    """A reversible method with every sample on its own steps (the reversible loop with a row per sample):
+    backprop through it, or ``gradient="reversible"``."""
+    from .gradients.reversible import reversible_solve
+
+    if prob.is_tuple or len(prob.shape) < 2:
+        raise ValueError(
+            "per_sample=True needs a tensor state of shape (batch, ...) with the samples along "
+            f"dimension 0; got shape {tuple(prob.shape)}"
+        )
+    if not (isinstance(prob.rtol, float) and isinstance(prob.atol, float)):
+        raise ValueError("per_sample=True takes scalar rtol and atol")
+    entry = get_method(prob.method)
+    y0 = prob.unflatten(prob.y0)
+    shape, B = y0.shape, y0.shape[0]
+    T = torch.as_tensor(prob.t_out, dtype=torch.float64).to(y0.device)
+    rows = T.ndim == 2
+    T = (T if rows else T.expand(B, -1)).contiguous()
+    m = T.shape[1]
+
+    def field() -> tuple:
+        count = [0]
+
+        def F(t_: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            count[0] += 1
+            return prob.func(t_.to(y.dtype), y.view(shape)).reshape(B, -1)
+
+        return F, (lambda: count[0])
+
+    def loop(y_rows: torch.Tensor):
+        F, evals = field()
+        got = entry.loop(F, y_rows, T, list(range(m)), prob.options, rtol=prob.rtol, atol=prob.atol, evals=evals)
+        got.calls = evals()
+        record.result = got
+        return got
+
+    record = SolveRecord(stats)
+    if isinstance(mode, Reversible) and torch.is_grad_enabled():
+        ps = _params_of(prob.func, mode.params, "params")
+
+        def core(y0_: torch.Tensor) -> torch.Tensor:
+            ys_ = reversible_solve(
+                loop,
+                field,
+                y0_.reshape(B, -1),
+                ps,
+                record,
+                t0=T[:, 0],
+                rtol=prob.rtol,
+                atol=prob.atol,
+                method=prob.method,
+            )
+            return ys_.view(-1, *shape)
+    else:
+
+        def core(y0_: torch.Tensor) -> torch.Tensor:
+            return loop(y0_.reshape(B, -1)).ys.view(-1, *shape)
+
+    needs_t_grad = prob.t.requires_grad and torch.is_grad_enabled()
+    ys = _per_sample_time_gradient(prob, y0, core, stats) if needs_t_grad else core(y0)
+    got = record.take_result()
+    stats.nfe += got.calls
+    stats.n_steps += int(got.n_steps.max())
+    stats.n_rejected += int(got.n_rejected.max())
+    if got.status != Status.SUCCESS and on_failure == "raise":
+        raise exception_for(got.status, got.message, got.t_fail)
+    ys = ys.reshape(ys.shape[0], -1)
+    n = ys.shape[0]
+    ts = prob.t[:, :n] if rows else prob.t[:n]
+    sol = Solution(ts, prob.unflatten(ys), stats, got.status, got.message, got.t_fail, None, prob)
+    sol.sample_stats = {"n_steps": got.n_steps, "n_rejected": got.n_rejected, "nfe": got.nfe}
+    return sol
 
 
 def _solve_per_sample(
@@ -551,8 +637,23 @@ def _solve(prob: Problem, stats: SolveStats, mode: GradientMode, on_failure: str
 
         ps = _params_of(prob.func, mode.params, "params")
 
+        def forward(y0_rows: torch.Tensor):
+            rhs = prob.rhs()
+            res = run(prob, rhs, y0=y0_rows[0], keep_segments=dense, use_event=False)
+            record.result, record.nfe = res, rhs.nfe
+            return res.run
+
+        def field() -> tuple:
+            rhs = prob.rhs()
+            return (lambda t_, y: rhs(t_[0].to(rhs.dtype), y[0])[None]), (lambda: rhs.nfe)
+
+        t0 = torch.tensor([prob.t_out[0]], dtype=torch.float64, device=prob.y0.device)
+
         def core(y0: torch.Tensor) -> torch.Tensor:
-            return reversible_solve(prob, y0, ps, record)
+            ys_ = reversible_solve(
+                forward, field, y0[None], ps, record, t0=t0, rtol=prob.rtol, atol=prob.atol, method=prob.method
+            )
+            return ys_[:, 0]
     else:
         ps = _params_of(prob.func, mode.params, "params")
         cfg = _adjoint_config(prob, mode)

@@ -346,8 +346,6 @@ class ReversibleMethod(Method):
         return CoupledRK(base.tableau, opts.get("coupling", 0.999))
 
     def run(self, ctx: RunContext) -> IntegrationResult:
-        from .solvers.reversible import integrate_reversible
-
         if ctx.trace is not None:
             raise NotImplementedError(
                 f"gradient='checkpoint' does not replay {self.name!r}: use gradient='reversible' (exact, in memory "
@@ -355,31 +353,60 @@ class ReversibleMethod(Method):
             )
         if ctx.event is not None:
             raise NotImplementedError(f"{self.name!r} does not locate events; use an explicit method such as dopri5")
-        opts = ctx.opts
+        rhs, opts = ctx.rhs, ctx.opts
+        t_out = [float(s) for s in ctx.t_out]
+        direction = 1.0 if t_out[-1] >= t_out[0] else -1.0
+        # the output times and any step_t/jump_t inside the interval, each landed on by a step
+        extra = times(opts.get("step_t")) + times(opts.get("jump_t"))
+        inside = {s for s in extra if direction * (s - t_out[0]) > 0 and direction * (t_out[-1] - s) > 0}
+        marks = sorted(set(t_out) | inside, key=lambda s: direction * s)
+        where = {s: i for i, s in enumerate(t_out)}
+        out_index = [where.get(s, -1) for s in marks]
+        run_ = self.loop(
+            lambda t, y: rhs(t[0].to(rhs.dtype), y[0])[None],
+            ctx.y0[None],
+            torch.tensor([marks], dtype=torch.float64, device=ctx.y0.device),
+            out_index,
+            opts,
+            rtol=ctx.rtol,
+            atol=ctx.atol,
+            norm=ctx.norm,
+            keep_segments=ctx.keep_segments,
+            evals=lambda: rhs.nfe,
+        )
+        res = IntegrationResult(
+            run_.ys[:, 0], run_.status, run_.message, run_.t_fail, int(run_.n_steps[0]), int(run_.n_rejected[0])
+        )
+        res.segments = run_.segments
+        res.method, res.run = run_.scheme, run_
+        return res
+
+    def loop(self, F, y0, marks, out_index, opts: dict, **kw):
+        """:func:`solvers.reversible.reversible_loop` with this method's scheme and the solve's options; the
+        result also carries the scheme (``.scheme``)."""
+        from .solvers.reversible import reversible_loop
+
         scheme = self.scheme(opts)
         step_size = opts.get("step_size")
-        if step_size is None and getattr(scheme, "_e", True) is None:
+        if step_size is None and not getattr(scheme, "has_error", True):
             raise ValueError(
                 f"options['base']={scheme.base.name!r} has no error estimate: give options['step_size'] for fixed "
                 "steps, or an adaptive base such as 'dopri5'"
             )
-        res = integrate_reversible(
-            ctx.rhs,
-            ctx.y0,
-            ctx.t_out,
+        run_ = reversible_loop(
+            F,
+            y0,
+            marks,
+            out_index,
             scheme,
             make_controller(scheme.order, opts),
-            rtol=ctx.rtol,
-            atol=ctx.atol,
-            norm=ctx.norm,
             step_size=None if step_size is None else float(step_size),
             first_step=opts.get("first_step"),
-            lands=times(opts.get("step_t")) + times(opts.get("jump_t")),
             max_num_steps=max_num_steps(opts),
-            keep_segments=ctx.keep_segments,
+            **kw,
         )
-        res.method = scheme
-        return res
+        run_.scheme = scheme
+        return run_
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from .._problem import Problem, run
 from ..compiled.cache import backend_of
 from ..solvers.runge_kutta import Segment
 from .budget import BudgetTrace, reverse_steps
-from .common import SolveRecord, direct_gradients, first_order_only, vjp
+from .common import SolveRecord, direct_gradients, recomputed_backward, vjp
 
 __all__ = ["checkpoint_solve"]
 
@@ -36,16 +36,24 @@ class _CheckpointSolve(torch.autograd.Function):
         record.stats.checkpoint_bytes += trace.peak_bytes + trace.grid_bytes()
         ctx.prob, ctx.stats, ctx.trace, ctx.method = prob, record.stats, trace, res.method
         ctx.m = res.ys.shape[0]
-        ctx.n_params = len(params)
-        ctx.save_for_backward(*params)
+        ctx.save_for_backward(y0, *params)
         return res.ys
 
     @staticmethod
     @full_precision
     def backward(ctx, grad_ys: torch.Tensor):
-        first_order_only("checkpoint")
         prob, trace, method = ctx.prob, ctx.trace, ctx.method
-        params: Sequence[torch.Tensor] = ctx.saved_tensors
+        y_start, *params = ctx.saved_tensors
+        if torch.is_grad_enabled():  # (create_graph=True: a derivative of the gradient)
+
+            def again(y0: torch.Tensor) -> torch.Tensor:
+                rhs_ = prob.rhs()
+                ys = run(prob, rhs_, y0=y0, use_event=False).ys[: ctx.m]
+                ctx.stats.nfe_backward += rhs_.nfe
+                return ys
+
+            g0, gp = recomputed_backward(again, y_start, params, grad_ys)
+            return (None, None, g0, *gp)
         needs = [p.requires_grad for p in params]
         wrt_params = [p for p, r in zip(params, needs) if r]
         t_out = prob.t_out[: ctx.m]

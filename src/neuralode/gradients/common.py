@@ -17,6 +17,7 @@ __all__ = [
     "direct_gradients",
     "EAGER_AUG_SECONDS",
     "BackwardFlags",
+    "recomputed_backward",
 ]
 
 #: on CPU, an adjoint backward whose augmented dynamics take this long (seconds) per eager call runs eagerly
@@ -229,6 +230,24 @@ def warn_on_drift(y_back: torch.Tensor, y_fwd: torch.Tensor, rtol, atol, t_from,
     return False
 
 
+def recomputed_backward(forward: Callable, y0: torch.Tensor, params: Sequence[torch.Tensor], grad_ys: torch.Tensor):
+    """The backward of a checkpointed or reversible solve when autograd asks for a graph of the gradient
+    (``create_graph=True``: a Hessian-vector product, a second derivative). Those backward passes rebuild one
+    step at a time from states saved without a graph, so their result has no graph to differentiate; instead
+    the forward is run again from ``y0`` with its graph (``forward(y0) -> ys``: the same steps, as backprop
+    takes them) and differentiated with ``create_graph=True``. Exact to any order, with backprop's memory.
+    Returns (the gradient for ``y0`` or None, one per parameter or None)."""
+    with torch.enable_grad():
+        inputs = ([y0] if y0.requires_grad else []) + [p for p in params if p.requires_grad]
+        got = iter(torch.autograd.grad(forward(y0), inputs, grad_ys, create_graph=True, allow_unused=True))
+    g0 = next(got) if y0.requires_grad else None
+    out = []
+    for p in params:
+        g = next(got) if p.requires_grad else None
+        out.append(torch.zeros_like(p) if p.requires_grad and g is None else g)
+    return g0, out
+
+
 def first_order_only(mode: str, what: str | None = None) -> None:
     """Called first in the backward of an autograd Function whose gradients carry no graph of their own (the
     adjoint's, the checkpoint's, an event time's, the times' shift). Autograd runs that backward with grad mode
@@ -238,9 +257,9 @@ def first_order_only(mode: str, what: str | None = None) -> None:
         what = what or f"gradient={mode!r}"
         raise RuntimeError(
             f"{what} gives first derivatives only: a second derivative through it (backward with "
-            "create_graph=True, a Hessian-vector product) would be silently wrong. Use gradient='backprop' "
-            "with times and event times that do not require grad, which differentiates through the solver's "
-            "operations to any order"
+            "create_graph=True, a Hessian-vector product) would be silently wrong. Use gradient='backprop', "
+            "'checkpoint' or 'reversible' (a reversible method), with times and event times that do not require "
+            "grad: they differentiate the solver's operations to any order"
         )
 
 

@@ -24,7 +24,7 @@ import torch
 from .._amp import full_precision
 from ..solvers.per_sample import Replay
 from .budget import BudgetTrace, reverse_steps
-from .common import SolveRecord, direct_gradients, first_order_only, vjp
+from .common import SolveRecord, direct_gradients, recomputed_backward, vjp
 
 __all__ = ["per_sample_checkpoint_solve"]
 
@@ -50,15 +50,20 @@ class _PerSampleCheckpoint(torch.autograd.Function):
         ctx.func, ctx.method, ctx.t_out, ctx.backend, ctx.stats = func, method, t_out, backend, record.stats
         ctx.trace, ctx.shape = trace, y0.shape
         ctx.m = res.ys.shape[0]
-        ctx.save_for_backward(*params)
+        ctx.forward = forward
+        ctx.save_for_backward(y0, *params)
         return res.ys.view(-1, *y0.shape)
 
     @staticmethod
     @full_precision
     def backward(ctx, grad_ys: torch.Tensor):
-        first_order_only("checkpoint")
         trace, shape = ctx.trace, ctx.shape
-        params: Sequence[torch.Tensor] = ctx.saved_tensors
+        y_start, *params = ctx.saved_tensors
+        if torch.is_grad_enabled():  # (create_graph=True: a derivative of the gradient)
+            g0, gp = recomputed_backward(
+                lambda y0: ctx.forward(y0, None)[0].ys.view(-1, *shape)[: ctx.m], y_start, params, grad_ys
+            )
+            return (None, None, None, None, None, None, g0, *gp)
         wrt = [p for p in params if p.requires_grad]
         B = shape[0]
         g = grad_ys.reshape(grad_ys.shape[0], B, -1)

@@ -1,55 +1,56 @@
 """Exact gradients of a reversible solve in memory that does not grow with the steps (``gradient="reversible"``).
 
-The forward pass keeps no graph and no intermediate state: only the scheme's final state and the grid of
-accepted steps (two numbers per step). The backward pass walks the steps from the last, undoes each one
-(``scheme.back``) to get its start state, rebuilds that one step's graph and backpropagates the running
-adjoint of the scheme's whole state through it; at the end it pulls the adjoint through the scheme's start
-(``scheme.init``). This is the backward pass of Kidger, Foster, Li & Lyons (2021, Algorithm 2 of
-arXiv:2105.13493) for reversible Heun, and of McCallum & Foster (2024, arXiv:2410.11648) for the coupled
-Runge–Kutta scheme. The result is the gradient of the discrete solve (backprop's) up to the round-off of
-undoing the steps; the step sizes are constants, as in backprop.
+The forward pass keeps no graph and no intermediate state: only the scheme's final state and, per attempt, the
+start times, steps and which rows moved (a few numbers per row). The backward pass walks the attempts from the
+last, undoes each one (``scheme.back``) to get its start state, rebuilds that one step's graph and
+backpropagates the running adjoint of the scheme's whole state through it; at the end it pulls the adjoint
+through the scheme's start (``scheme.init``). This is the backward pass of Kidger, Foster, Li & Lyons (2021,
+Algorithm 2 of arXiv:2105.13493) for reversible Heun, and of McCallum & Foster (2024, arXiv:2410.11648) for
+the coupled Runge–Kutta scheme. The result is the gradient of the discrete solve (backprop's) up to the
+round-off of undoing the steps; step sizes and accept/reject decisions are constants, as in backprop. Joint
+and per-sample solves share it: a joint solve is one row.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from .._amp import full_precision
-from .._problem import Problem, run
-from .common import SolveRecord, direct_gradients, first_order_only, vjp
+from .common import SolveRecord, direct_gradients, recomputed_backward, vjp
 
 __all__ = ["reversible_solve"]
 
 
 class _ReversibleSolve(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, prob: Problem, record: SolveRecord, y0: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
-        rhs = prob.rhs()
-        with torch.no_grad():
-            res = run(prob, rhs, y0=y0.detach(), keep_segments=record.dense, use_event=False)
-        record.result, record.nfe = res, rhs.nfe
-        state = res.final_state
-        record.stats.checkpoint_bytes += sum(s.numel() * s.element_size() for s in state) + 16 * len(res.grid)
-        ctx.prob, ctx.stats, ctx.scheme = prob, record.stats, res.method
-        ctx.state, ctx.grid, ctx.out_steps, ctx.t0 = state, res.grid, res.out_steps, float(prob.t_out[0])
+    def forward(ctx, forward: Callable, field: Callable, info: dict, record: SolveRecord, y0, *params):
+        run = forward(y0.detach())
+        state = run.final_state
+        kept = sum(s.numel() * s.element_size() for s in state)
+        record.stats.checkpoint_bytes += kept + run.records.nbytes()
+        ctx.field, ctx.info, ctx.stats = field, info, record.stats
+        ctx.state, ctx.records, ctx.scheme, ctx.forward = state, run.records, run.scheme, forward
         ctx.save_for_backward(y0, *params)
-        return res.ys
+        return run.ys
 
     @staticmethod
     @full_precision
     def backward(ctx, grad_ys: torch.Tensor):
-        first_order_only("reversible")
         y0, *params = ctx.saved_tensors
-        params: Sequence[torch.Tensor]
+        if torch.is_grad_enabled():  # (create_graph=True: a derivative of the gradient)
+            g0, gp = recomputed_backward(lambda y: ctx.forward(y).ys[: grad_ys.shape[0]], y0, params, grad_ys)
+            return (None, None, None, None, g0, *gp)
         needs = [p.requires_grad for p in params]
         wrt = [p for p, r in zip(params, needs) if r]
-        scheme, grid, rhs = ctx.scheme, ctx.grid, ctx.prob.rhs()
-        out_at = {n: k + 1 for k, n in enumerate(ctx.out_steps) if k + 1 < grad_ys.shape[0]}
+        scheme, info = ctx.scheme, ctx.info
+        F, evals = ctx.field()
         state = ctx.state
         adj = [torch.zeros_like(s) for s in state]
         p_grads = [torch.zeros_like(p) for p in wrt]
+        m = grad_ys.shape[0]
+        rows = torch.arange(y0.shape[0], device=y0.device)
 
         def pull(fn, inputs: list) -> list:
             """Backpropagate ``adj`` through ``fn(*inputs)`` (a tuple like the state); the inputs' adjoints."""
@@ -61,36 +62,46 @@ class _ReversibleSolve(torch.autograd.Function):
                     p_grads[j] += g
             return [torch.zeros_like(x) if g is None else g for x, g in zip(xs, got[: len(xs)])]
 
-        for i in reversed(range(len(grid))):
-            k = out_at.get(i + 1)
-            if k is not None:
-                adj[0] = adj[0] + grad_ys[k]
-            t, h = grid[i]
+        def take(t, h, moved, s):
+            new, _ = scheme.step(F, t, h, s)
+            mv = moved[:, None]
+            return tuple(torch.where(mv, a, b) for a, b in zip(new, s))
+
+        for t, h, moved, wrote in reversed(ctx.records):
+            out = (wrote >= 0) & (wrote < m)
+            if bool(out.any()):
+                g = torch.zeros_like(adj[0])
+                g[out] = grad_ys[wrote[out], rows[out]]
+                adj[0] = adj[0] + g
             with torch.no_grad():
-                state = scheme.back(rhs, t + h, h, state)
-            adj = pull(lambda *s, t=t, h=h: scheme.step(rhs, t, h, tuple(s))[0], list(state))
-        _check_reversal(state[0], y0, ctx.prob.rtol, ctx.prob.atol, ctx.prob.method)
-        adj = pull(lambda y: scheme.init(rhs, ctx.t0, y), [y0])
+                back = scheme.back(F, t + h, h, state)
+                mv = moved[:, None]
+                state = tuple(torch.where(mv, a, b) for a, b in zip(back, state))
+            adj = pull(lambda *s, t=t, h=h, moved=moved: take(t, h, moved, s), list(state))
+        _check_reversal(state[0], y0, info["rtol"], info["atol"], info["method"])
+        adj = pull(lambda y: scheme.init(F, info["t0"], y), [y0])
         a0 = adj[0] + grad_ys[0]
-        ctx.stats.nfe_backward += rhs.nfe
+        ctx.stats.nfe_backward += evals()
         it = iter(p_grads)
         out_params = direct_gradients(params, [next(it) if r else None for r in needs])
-        return (None, None, a0, *out_params)
+        return (None, None, None, None, a0, *out_params)
 
 
 def _check_reversal(y_back: torch.Tensor, y0: torch.Tensor, rtol, atol, method: str) -> None:
     """Warn where undoing the steps did not come back to y0 to within the solve's tolerance: round-off grows
     in the reversal (a contracting flow undone, or a scheme outside its stability region), and the gradients
-    computed along the rebuilt states are then off too."""
+    computed along the rebuilt states are then off too. Each row (sample) is measured on its own."""
     import warnings
 
     with torch.no_grad():
         rt = float(torch.as_tensor(rtol).max())
         scale = y0.detach().abs() + torch.as_tensor(atol, dtype=y0.dtype, device=y0.device) / rt
-        rel = float(((y_back - y0.detach()) / scale).square().mean().sqrt())
-    if not rel <= rt:  # (NaN included)
+        rel = ((y_back - y0.detach()) / scale).square().mean(1).sqrt()
+        worst = float(torch.nan_to_num(rel, nan=float("inf")).max())
+    if not worst <= rt:
+        shown = "NaN or Inf" if worst == float("inf") else f"{worst:.3g}"
         warnings.warn(
-            f"gradient='reversible': undoing the steps of {method!r} came back to y0 only to {rel:.3g} (relative; "
+            f"gradient='reversible': undoing the steps of {method!r} came back to y0 only to {shown} (relative; "
             f"rtol is {rt:.3g}): the reversal amplifies round-off here (dissipative or stiff dynamics, or steps "
             "outside the scheme's stability region), and the gradients may be off as much. Use "
             "gradient='checkpoint' with checkpoints=N for an exact gradient in bounded memory",
@@ -100,8 +111,19 @@ def _check_reversal(y_back: torch.Tensor, y0: torch.Tensor, rtol, atol, method: 
 
 
 def reversible_solve(
-    prob: Problem, y0: torch.Tensor, params: Sequence[torch.Tensor], record: SolveRecord
+    forward: Callable,
+    field: Callable,
+    y0: torch.Tensor,
+    params: Sequence[torch.Tensor],
+    record: SolveRecord,
+    *,
+    t0: torch.Tensor,
+    rtol,
+    atol,
+    method: str,
 ) -> torch.Tensor:
-    """Solve ``prob`` (a reversible method) with gradients by reversing its steps; the forward leaves its result
-    and evaluations in ``record``, the backward adds its cost to ``record.stats``."""
-    return _ReversibleSolve.apply(prob, record, y0, *params)
+    """``ys (m, batch, d)`` of ``forward(y0) -> ReversibleRun`` (the reversible loop without a graph, from
+    ``y0`` (batch, d)), differentiated by undoing its steps. ``field() -> (F, evals)``: a fresh evaluation of
+    the field with its own count, for the backward pass; ``t0`` (batch,) the start times."""
+    info = dict(t0=t0, rtol=rtol, atol=atol, method=method)
+    return _ReversibleSolve.apply(forward, field, info, record, y0, *params)

@@ -17,90 +17,96 @@ on y' = μy, μ < 0; the coupled scheme damps it only while h|μ| ≲ 1 − λ),
 round-off (by up to 1/λ per step for the coupled scheme): float64 states and a coupling close to 1 suit long
 or dissipative solves.
 
-The loop lands a step on every output time (no interpolation between the stored states), keeps the grid of
-accepted steps, and with ``keep_segments`` gives linear dense output between steps.
+One loop serves the joint solve (one row: the whole state) and per-sample stepping (a row per sample, each
+with its own times, steps and accept/reject decisions). It lands a step on every output time (no interpolation
+between the stored states), keeps the grid of the attempts that moved some row, and with ``keep_segments``
+(joint) gives linear dense output between steps.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
 
-from .control import StepController, initial_step
-from .integrate import RHS, IntegrationResult, Status
+from .._errors import Status
+from .control import StepController, initial_steps, rms_rows
 from .tableaus import ButcherTableau
 
-__all__ = ["ReversibleHeun", "CoupledRK", "integrate_reversible", "LinearSegment"]
+__all__ = ["ReversibleHeun", "CoupledRK", "reversible_loop", "LinearSegment", "ReversibleRun"]
+
+
+def _times(h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Each row's step (a (batch,) float64 tensor) times the rows of ``x`` (batch, d)."""
+    return h.to(x.dtype)[:, None] * x
 
 
 class ReversibleHeun:
-    """Reversible Heun (Kidger et al. 2021, the ODE case of their reversible scheme)."""
+    """Reversible Heun (Kidger et al. 2021, the ODE case of their reversible scheme). ``F(t (batch,), y (batch,
+    d))`` evaluates the field; ``t`` and ``h`` are (batch,) float64 tensors."""
 
     order = 2
-    evals_per_step = 1
 
-    def init(self, rhs: RHS, t: float, y: torch.Tensor) -> tuple:
-        return (y, y, rhs.at(t, y))
+    def init(self, F, t: torch.Tensor, y: torch.Tensor) -> tuple:
+        return (y, y, F(t, y))
 
-    def step(self, rhs: RHS, t: float, h: float, s: tuple) -> tuple:
+    def step(self, F, t: torch.Tensor, h: torch.Tensor, s: tuple) -> tuple:
         y, yh, f = s
-        yh1 = 2 * y - yh + h * f
-        f1 = rhs.at(t + h, yh1)
-        y1 = y + (0.5 * h) * (f + f1)
-        return (y1, yh1, f1), (0.5 * h) * (f1 - f)
+        yh1 = 2 * y - yh + _times(h, f)
+        f1 = F(t + h, yh1)
+        y1 = y + _times(0.5 * h, f + f1)
+        return (y1, yh1, f1), _times(0.5 * h, f1 - f)
 
-    def back(self, rhs: RHS, t1: float, h: float, s1: tuple) -> tuple:
+    def back(self, F, t1: torch.Tensor, h: torch.Tensor, s1: tuple) -> tuple:
         y1, yh1, f1 = s1
-        yh = 2 * y1 - yh1 - h * f1
-        f = rhs.at(t1 - h, yh)
-        return (y1 - (0.5 * h) * (f + f1), yh, f)
+        yh = 2 * y1 - yh1 - _times(h, f1)
+        f = F(t1 - h, yh)
+        return (y1 - _times(0.5 * h, f + f1), yh, f)
 
 
 class CoupledRK:
     """McCallum & Foster's reversible scheme around an explicit Runge–Kutta ``base`` with coupling ``lam``."""
 
     def __init__(self, base: ButcherTableau, lam: float) -> None:
-        if not (isinstance(lam, (int, float)) and not isinstance(lam, bool) and 0 < lam <= 1):
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0 < lam <= 1:
             raise ValueError(f"option `coupling` must be a number in (0, 1], got {lam!r}")
         self.base, self.lam = base, float(lam)
         self.order = int(base.order)
-        self.evals_per_step = 2 * len(base.b)
         self._a = [list(row) for row in base.a]
         self._c, self._b = list(base.c), list(base.b)
-        self._e = None if base.b_err is None else list(base.b_err)
+        self.has_error = base.b_err is not None
+        self._e = list(base.b_err) if self.has_error else None
 
-    def _psi(self, rhs: RHS, t: float, h: float, y: torch.Tensor) -> tuple:
+    def _psi(self, F, t: torch.Tensor, h: torch.Tensor, y: torch.Tensor) -> tuple:
         """The base method's increment y(t + h) − y from y, and its error vector (None without b_err)."""
         K: list[torch.Tensor] = []
         for i, ci in enumerate(self._c):
             yi = y
             for aij, k in zip(self._a[i], K):
                 if aij:
-                    yi = yi + (h * aij) * k
-            K.append(rhs.at(t + ci * h, yi))
-        inc = sum((h * bi) * k for bi, k in zip(self._b, K) if bi)
-        err = None if self._e is None else sum((h * ei) * k for ei, k in zip(self._e, K) if ei)
+                    yi = yi + _times(aij * h, k)
+            K.append(F(t + ci * h, yi))
+        inc = sum(_times(bi * h, k) for bi, k in zip(self._b, K) if bi)
+        err = None if self._e is None else sum(_times(ei * h, k) for ei, k in zip(self._e, K) if ei)
         return inc, err
 
-    def init(self, rhs: RHS, t: float, y: torch.Tensor) -> tuple:
+    def init(self, F, t: torch.Tensor, y: torch.Tensor) -> tuple:
         return (y, y)
 
-    def step(self, rhs: RHS, t: float, h: float, s: tuple) -> tuple:
+    def step(self, F, t: torch.Tensor, h: torch.Tensor, s: tuple) -> tuple:
         y, z = s
         lam = self.lam
-        psi, _ = self._psi(rhs, t, h, z)
+        psi, _ = self._psi(F, t, h, z)
         y1 = lam * y + (1 - lam) * z + psi if lam != 1 else y + psi
-        back, err = self._psi(rhs, t + h, -h, y1)
+        back, err = self._psi(F, t + h, -h, y1)
         return (y1, z - back), err
 
-    def back(self, rhs: RHS, t1: float, h: float, s1: tuple) -> tuple:
+    def back(self, F, t1: torch.Tensor, h: torch.Tensor, s1: tuple) -> tuple:
         y1, z1 = s1
         lam = self.lam
-        back, _ = self._psi(rhs, t1, -h, y1)
+        back, _ = self._psi(F, t1, -h, y1)
         z = z1 + back
-        psi, _ = self._psi(rhs, t1 - h, h, z)
+        psi, _ = self._psi(F, t1 - h, h, z)
         return ((y1 - (1 - lam) * z - psi) / lam, z)
 
 
@@ -116,10 +122,62 @@ class LinearSegment:
         return self.y0[None] + w * (self.y1 - self.y0)[None]
 
 
-def integrate_reversible(
-    rhs: RHS,
+class Records:
+    """The attempts that moved some row, ``(t, h, moved, wrote)`` of (batch,) tensors each, stacked in chunks:
+    a few bytes per row and attempt rather than four small tensors' overheads per attempt."""
+
+    CHUNK = 256
+
+    def __init__(self) -> None:
+        self.chunks: list[tuple] = []
+        self.pending: list[tuple] = []
+
+    def append(self, record: tuple) -> None:
+        self.pending.append(record)
+        if len(self.pending) >= self.CHUNK:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.pending:
+            self.chunks.append(tuple(torch.stack(x) for x in zip(*self.pending)))
+            self.pending = []
+
+    def __len__(self) -> int:
+        return sum(c[0].shape[0] for c in self.chunks) + len(self.pending)
+
+    def __reversed__(self):
+        self._flush()
+        for chunk in reversed(self.chunks):
+            for i in reversed(range(chunk[0].shape[0])):
+                yield tuple(x[i] for x in chunk)
+
+    def nbytes(self) -> int:
+        self._flush()
+        return sum(x.numel() * x.element_size() for c in self.chunks for x in c)
+
+
+class ReversibleRun:
+    """What :func:`reversible_loop` returns.
+
+    Attributes:
+        ys: (outputs reached by every row, batch, d).
+        status, message, t_fail: as an integration result's.
+        final_state: the scheme's state after the last attempt.
+        records: per attempt that moved some row: ``(t, h, moved, wrote)``, each (batch,) — start times, steps,
+            which rows took the step, and the output index each row wrote there (−1: none); a :class:`Records`.
+        n_steps, n_rejected, nfe: per row, (batch,) int64 (``nfe``: evaluations of the field that row took part in).
+        segments: linear dense output (``keep_segments``; one row only).
+    """
+
+    def __init__(self, **kw) -> None:
+        self.__dict__.update(kw)
+
+
+def reversible_loop(
+    F,
     y0: torch.Tensor,
-    t_out: Sequence[float],
+    marks: torch.Tensor,
+    out_index: Sequence[int],
     scheme,
     ctrl: StepController | None,
     *,
@@ -128,77 +186,117 @@ def integrate_reversible(
     norm=None,
     step_size: float | None = None,
     first_step: float | None = None,
-    lands: Sequence[float] = (),
     max_num_steps: int = 100_000,
     keep_segments: bool = False,
-) -> IntegrationResult:
-    """Solve with a reversible ``scheme`` through every time in ``t_out`` (each one landed on by a step), with
-    fixed steps of at most ``step_size`` or adaptive steps chosen by ``ctrl``. Besides the usual result it
-    sets ``final_state`` (the scheme's state at the last time reached), ``grid`` (the accepted steps as
-    ``(t0, h)``) and ``out_steps`` (for each output after the first, the number of accepted steps before it)."""
-    t0, t_end = float(t_out[0]), float(t_out[-1])
-    direction = 1.0 if t_end >= t0 else -1.0
-    marks = sorted({float(s) for s in (*t_out, *lands) if direction * (s - t0) > 0 and direction * (t_end - s) >= 0})
-    marks.sort(key=lambda s: direction * s)
-    outputs = {float(s) for s in t_out[1:]}
-    state = scheme.init(rhs, t0, y0)
-    ys, grid, out_steps, segments = [y0], [], [], [] if keep_segments else None
-    n_rej = 0
+    evals=None,
+) -> ReversibleRun:
+    """Solve with a reversible ``scheme`` from ``y0`` (batch, d), every row through its own ``marks`` (batch, m)
+    float64 times (``marks[:, 0]`` the start), each landed on by a step; at mark j a row writes output
+    ``out_index[j]`` (−1: a mark that is not an output). Fixed steps of at most ``step_size``, or adaptive steps
+    chosen by ``ctrl`` (each row its own, with the RMS norm of its error, or ``norm`` of the whole error for one
+    row). ``evals()``: the field's evaluation count, for the statistics."""
+    B, m = marks.shape
+    dev = y0.device
+    rows = torch.arange(B, device=dev)
+    direction = 1.0 if float(marks[0, -1]) >= float(marks[0, 0]) else -1.0
+    idx = torch.as_tensor(list(out_index), device=dev)
+    n_out = int(idx.max()) + 1
+    t = marks[:, 0].clone()
+    k = torch.ones(B, dtype=torch.long, device=dev)
+    state = scheme.init(F, t, y0)
+    ys = y0.new_zeros((n_out, B, y0.shape[1]))
+    ys[0] = y0
+    records = Records()
+    segments: list | None = [] if keep_segments else None
+    n_steps = torch.zeros(B, dtype=torch.long, device=dev)
+    n_rej = torch.zeros_like(n_steps)
+    nfe = torch.zeros_like(n_steps)
     status, message, t_fail = Status.SUCCESS, "", None
-
-    def ratio_of(e: torch.Tensor, y: torch.Tensor, y1: torch.Tensor) -> float:
-        with torch.no_grad():
-            scale = atol + rtol * torch.maximum(y.abs(), y1.abs())
-            x = e / scale
-            return (
-                float(norm(x))
-                if norm is not None
-                else float(torch.linalg.vector_norm(x)) / math.sqrt(max(x.numel(), 1))
-            )
-
-    t = t0
-    if step_size is None:
+    adaptive = step_size is None
+    if adaptive:
         if first_step is not None:
-            dt = direction * abs(float(first_step))
+            dt = torch.full((B,), abs(float(first_step)), dtype=torch.float64, device=dev)
         else:
             with torch.no_grad():
-                rms = lambda x: float(torch.linalg.vector_norm(x)) / math.sqrt(max(x.numel(), 1))  # noqa: E731
-                dt, _ = initial_step(rhs.at, t, y0, rhs.at(t, y0), direction, scheme.order, rtol, atol, rms)
-    for target in marks:
-        while direction * (target - t) > 0:
-            if len(grid) + n_rej >= max_num_steps:
-                status, t_fail = Status.MAX_STEPS, t
-                message = f"reached max_num_steps={max_num_steps} at t={t:.10g}"
-                break
-            if step_size is not None:  # equal steps of at most step_size up to the next mark
-                n = max(1, math.ceil(abs(target - t) / step_size * (1 - 1e-12)))
-                h = (target - t) / n
-            else:
-                lands_here = direction * (t + dt - target) >= 0
-                h = target - t if lands_here else dt
-                if abs(h) < 1e-14 * max(1.0, abs(t)) or not math.isfinite(h):
-                    status, t_fail = Status.DT_UNDERFLOW, t
-                    message = f"the step size became too small at t={t:.10g} (a singularity, or a stiff problem?)"
-                    break
-            new, err = scheme.step(rhs, t, h, state)
-            if step_size is None:
-                ratio = ratio_of(err, state[0], new[0])
-                if not ratio <= 1.0:
-                    n_rej += 1
-                    dt = ctrl.next_step(h, ratio if math.isfinite(ratio) else 1e10, False)
-                    continue
-                dt = ctrl.next_step(h, ratio, True)
-            t1 = target if abs(target - (t + h)) <= 1e-13 * max(1.0, abs(target)) else t + h
-            grid.append((t, h))
-            if segments is not None:
-                segments.append(LinearSegment(t, t1, state[0], new[0]))
-            state, t = new, t1
-        if status != Status.SUCCESS:
+                fold = B == 1 and isinstance(rtol, float) and isinstance(atol, float)
+                dt = initial_steps(F, t, y0, F(t, y0), direction, scheme.order, rtol, atol, fold_rtol=fold)
+        dt = direction * dt.clamp(max=ctrl.max_step)
+    active = k < m
+    attempts = 0
+    while bool(active.any()):
+        if attempts >= max_num_steps:
+            status, t_fail = Status.MAX_STEPS, float(t[active][0])
+            message = f"reached max_num_steps={max_num_steps} attempted steps at t={t_fail:.10g}"
             break
-        t = target
-        if target in outputs:
-            ys.append(state[0])
-            out_steps.append(len(grid))
-    res = IntegrationResult(torch.stack(ys), status, message, t_fail, len(grid), n_rej, segments)
-    res.final_state, res.grid, res.out_steps = state, grid, out_steps
-    return res
+        attempts += 1
+        target = marks[rows, k.clamp(max=m - 1)]
+        before = evals() if evals is not None else 0
+        if adaptive:
+            lands = direction * (t + dt - target) >= 0
+            h = torch.where(lands, target - t, dt)
+        else:
+            n = torch.ceil((target - t).abs() / step_size * (1 - 1e-12)).clamp(min=1)
+            lands = n == 1
+            h = (target - t) / n
+        h = torch.where(active, h, torch.zeros_like(h))
+        tiny = active & (h.abs() < 1e-14 * t.abs().clamp(min=1.0))
+        if bool(tiny.any()):
+            t_fail = float(t[tiny][0])
+            status = Status.DT_UNDERFLOW
+            message = f"the step size became too small at t={t_fail:.10g} (a singularity, or stiff dynamics?)"
+            break
+        new, err = scheme.step(F, t, h, state)
+        nfe += active.long() * ((evals() - before) if evals is not None else 0)
+        y, y1 = state[0], new[0]
+        if adaptive:
+            with torch.no_grad():
+                x = err / (atol + rtol * torch.maximum(y.abs(), y1.abs()))
+                if norm is not None and B == 1:
+                    ratio = torch.as_tensor(float(norm(x[0])), dtype=torch.float64, device=dev)[None]
+                else:
+                    ratio = rms_rows(x)
+                ok = ratio <= 1.0  # (NaN: rejected)
+                r = torch.nan_to_num(ratio, nan=1e10).clamp(min=1e-10)
+                grow = (ctrl.safety * r ** (-1.0 / scheme.order)).clamp(max=ctrl.ifactor)
+                factor = torch.where(ok, grow.clamp(min=1.0), grow.clamp(min=ctrl.dfactor, max=1.0))
+            moved = active & ok
+            n_rej += (active & ~ok).long()
+            dt = torch.where(active, direction * (h.abs() * factor).clamp(max=ctrl.max_step), dt)
+        else:
+            moved = active
+        if not bool(moved.any()):
+            continue
+        n_steps += moved.long()
+        landed = moved & lands
+        wrote = torch.where(landed, idx[k.clamp(max=m - 1)], torch.full_like(k, -1))
+        records.append((t, h, moved, wrote))
+        t1 = torch.where(lands, target, t + h)
+        mv = moved[:, None]
+        if segments is not None:
+            segments.append(LinearSegment(float(t[0]), float(t1[0]), y[0], y1[0]))
+        state = tuple(torch.where(mv, a, b) for a, b in zip(new, state))
+        out = landed & (wrote >= 0)
+        if bool(out.any()):
+            ys.index_put_((wrote[out], rows[out]), state[0][out])
+        k = torch.where(landed, k + 1, k)
+        t = torch.where(moved, t1, t)
+        active = k < m
+    reached = n_out if status == Status.SUCCESS else _reached(k, idx)
+    return ReversibleRun(
+        ys=ys[:reached],
+        status=status,
+        message=message,
+        t_fail=t_fail,
+        final_state=state,
+        records=records,
+        n_steps=n_steps,
+        n_rejected=n_rej,
+        nfe=nfe,
+        segments=segments,
+    )
+
+
+def _reached(k: torch.Tensor, idx: torch.Tensor) -> int:
+    """The outputs every row wrote (a failed solve returns those)."""
+    passed = idx[: int(k.min())]
+    return int(passed.max()) + 1 if passed.numel() else 1
