@@ -1,6 +1,6 @@
 """Make the examples gallery's figures: run each script under examples/ with ``--viz`` and keep its PNG.
 
-    OMP_NUM_THREADS=1 python docs/gallery/make_figures.py            # all five, a few minutes on one core
+    OMP_NUM_THREADS=1 python docs/gallery/make_figures.py            # all six, a few minutes on one core
     OMP_NUM_THREADS=1 python docs/gallery/make_figures.py cnf        # one of them
 
 Each script draws its own figure (``--viz`` writes ``<name>.png`` into ``--out``); this runs it with its
@@ -19,7 +19,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXAMPLES = os.path.join(HERE, os.pardir, os.pardir, "examples")
-NAMES = ["ode_demo", "bouncing_ball", "learn_physics", "latent_ode", "cnf"]
+NAMES = ["ode_demo", "bouncing_ball", "hybrid_ball", "learn_physics", "latent_ode", "cnf"]
 
 
 def main(names):

@@ -11,6 +11,7 @@ The public API (everything else is private)::
 from . import compiled, models, nn  # subpackages: neuralode.nn.ODEBlock, neuralode.models.LatentODE
 from ._api import solve
 from ._errors import MaxStepsError, NonFiniteStateError, SolverError, Status, StepSizeUnderflowError
+from ._hybrid import Event
 from ._methods import METHODS, register_method
 from ._solution import Solution
 from ._torchdiffeq import odeint, odeint_adjoint, odeint_dense, odeint_event
@@ -35,6 +36,7 @@ __all__ = [
     "Adjoint",
     "Checkpoint",
     "Reversible",
+    "Event",
     "METHODS",
     "register_method",
     "ButcherTableau",

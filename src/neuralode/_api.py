@@ -8,15 +8,18 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
-from ._amp import entry_point, full_precision
+from ._amp import entry_point
 from ._convert import ConvertedSolution, needs_conversion, solver_problem
 from ._errors import SolverError, Status, caller_stacklevel, exception_for
+from ._events import EventTime as _EventTime
+from ._events import PerSampleEventTime as _PerSampleEventTime
+from ._events import guard_value as _guard_value
 from ._methods import DEFAULT_MAX_NUM_STEPS, METHODS, get_method, make_controller, method_names, stepper
 from ._problem import Problem, prepare, run
 from ._solution import Solution
 from .gradients.adjoint import AdjointConfig, adjoint_solve
 from .gradients.checkpoint import checkpoint_solve
-from .gradients.common import SolveRecord, SolveStats, first_order_only, time_gradient_wrapper
+from .gradients.common import SolveRecord, SolveStats, time_gradient_wrapper
 from .gradients.modes import Adjoint, Backprop, Checkpoint, GradientMode, Reversible, resolve_gradient
 from .solvers.integrate import is_vmapped, warn_uncalled_callbacks
 from .solvers.per_sample import PerSampleDense
@@ -68,6 +71,8 @@ def solve(
     per_sample: bool = False,
     compile: bool | str = False,
     checkpoints: int | None = None,
+    events: Sequence | None = None,
+    max_events: int = 1000,
 ) -> Solution:
     """Solve ``dy/dt = func(t, y)``, ``y(t[0]) = y0`` at the times ``t``.
 
@@ -118,6 +123,13 @@ def solve(
             except on CPU where func is expensive (≥ 3 ms per augmented call), where eager kernels were
             measured as fast. Tensor states and scalar tolerances. Anything else runs the eager solver with a
             one-line warning.
+        events: a list of :class:`~neuralode.Event`: at each zero crossing of an event's ``fn`` (located as
+            ``event_fn``'s), its ``reset`` replaces the state and the solve goes on, or stops for a terminal
+            event. ``Solution.event_times`` (differentiable: through the state, the start and the tensors ``fn``
+            uses), ``event_index`` (which event) and ``event_states`` (the state just before each) report them.
+            Joint stepping, every gradient mode.
+        max_events: with ``events``, the most events before the solve stops with a :class:`SolverError`
+            (events that accumulate, Zeno behaviour, also stop it).
         checkpoints: with ``gradient="checkpoint"``, keep at most this many states (the initial one included)
             however many steps the solve takes, and recompute the rest in the backward pass: the same gradient
             in bounded memory, for more evaluations (:class:`~neuralode.Checkpoint`). None: one state per step.
@@ -169,6 +181,16 @@ def solve(
         raise ValueError(
             f"per_sample=True needs a tensor state of shape (batch, ...) with the samples along dimension 0; got {got}"
         )
+    if events is not None:
+        if event_fn is not None or per_sample:
+            raise ValueError(
+                "`events` goes with neither `event_fn` (give it as neuralode.Event(fn, terminal=True)) nor "
+                "per_sample=True yet"
+            )
+        from ._hybrid import solve_with_events
+
+        kw = dict(method=method, rtol=rtol, atol=atol, options=options, gradient=mode, compile=compile)
+        return solve_with_events(solve, func, y0, t, events, max_events=max_events, kw=kw)
     if needs_conversion(y0):  # complex or half precision: solved as real float32 or wider (_convert)
         func, y0, rtol, atol, event_fn, conv = solver_problem(func, y0, rtol, atol, event_fn)
         sol = solve(
@@ -511,48 +533,14 @@ def _solve_per_sample_event(
         g = events._raw(t_ev, ys[-1]) * events.sign0
         comp = g.argmin(1)
     t_event = t_ev.to(dtype=prob.t.dtype, device=prob.t.device)
-    t_event, y_event = _PerSampleEventTime.apply(prob, events.sign0, comp, t_event, ys[-1])
+    guard = _guard_value(
+        lambda t_, y_: (events._raw(t_, y_) * events.sign0).gather(1, comp[:, None])[:, 0], t_ev, ys[-1]
+    )
+    t_event, y_event = _PerSampleEventTime.apply(prob, events.sign0, comp, t_event, ys[-1], guard)
     ys = torch.cat([ys[:1], y_event[None]])
     out = Solution(sol.ts, ys.view(2, *y0.shape), stats, Status.SUCCESS, "", None, sol._segments, prob, event_t=t_event)
     out.sample_stats = sol.sample_stats
     return out
-
-
-class _PerSampleEventTime(torch.autograd.Function):
-    """``_EventTime`` for every sample at once: with gᵦ(tᵦ*, yᵦ(tᵦ*)) = 0, the state's incoming gradient gets
-    the event time's sensitivity folded in, ``gy = grad_y - ψ ∂g/∂y / (∂g/∂t + ∂g/∂y · f)`` with
-    ``ψ = grad_t + grad_y · f``, per sample (row ``b`` of ``event_fn`` depends on sample ``b`` only)."""
-
-    @staticmethod
-    def forward(ctx, prob: Problem, sign0: torch.Tensor, comp: torch.Tensor, t_event, y_event):
-        ctx.prob = prob
-        ctx.save_for_backward(sign0, comp, t_event, y_event)
-        return t_event.clone(), y_event.clone()
-
-    @staticmethod
-    @full_precision
-    def backward(ctx, grad_t: torch.Tensor, grad_y: torch.Tensor):
-        first_order_only("", "the event time's gradient")
-        prob = ctx.prob
-        sign0, comp, t_event, y_event = ctx.saved_tensors
-        B = y_event.shape[0]
-        shape = (B, *prob.shape[1:])
-        with torch.enable_grad():
-            tt = t_event.detach().to(device=y_event.device, dtype=y_event.dtype).requires_grad_(True)
-            yy = y_event.detach().requires_grad_(True)
-            g = (prob.event_fn(tt, yy.view(shape)).reshape(B, -1) * sign0).gather(1, comp[:, None])
-            dg_dt, dg_dy = torch.autograd.grad(g.sum(), (tt, yy), allow_unused=True)
-        dg_dt = torch.zeros_like(tt) if dg_dt is None else dg_dt
-        dg_dy = torch.zeros_like(yy) if dg_dy is None else dg_dy
-        with torch.no_grad():
-            f = prob.func(tt.detach(), y_event.view(shape)).reshape(B, -1)
-            denom = dg_dt + (dg_dy * f).sum(1)
-            grad_y = torch.zeros_like(y_event) if grad_y is None else grad_y
-            psi = (grad_y * f).sum(1)
-            if grad_t is not None:
-                psi = psi + grad_t.to(device=yy.device, dtype=yy.dtype)
-            gy = grad_y - (psi / denom)[:, None] * dg_dy
-        return None, None, None, None, gy
 
 
 def _per_sample_adjoint_config(
@@ -724,42 +712,6 @@ def _adjoint_config(prob: Problem, mode: Adjoint) -> AdjointConfig:
     return AdjointConfig(rtol=rtol, atol=atol, method=method, options=options, norm=norm, compile=compile_)
 
 
-class _EventTime(torch.autograd.Function):
-    """Gradient of the event time by the implicit function theorem.
-
-    With g(t*, y(t*)) = 0: dt*/dθ = -(∂g/∂y · ∂y/∂θ) / (∂g/∂t + ∂g/∂y · f(t*, y*)). The state returned at
-    the event moves with t*, so its total sensitivity is folded in too.
-    """
-
-    @staticmethod
-    def forward(ctx, prob: Problem, comp: int, sign: float, t_event: torch.Tensor, y_event: torch.Tensor):
-        ctx.prob, ctx.comp, ctx.sign = prob, comp, sign
-        ctx.save_for_backward(t_event, y_event)
-        return t_event.clone(), y_event.clone()
-
-    @staticmethod
-    @full_precision
-    def backward(ctx, grad_t: torch.Tensor, grad_y: torch.Tensor):
-        first_order_only("", "the event time's gradient")
-        prob = ctx.prob
-        t_event, y_event = ctx.saved_tensors
-        with torch.enable_grad():
-            tt = t_event.detach().to(device=y_event.device, dtype=y_event.dtype).requires_grad_(True)
-            yy = y_event.detach().requires_grad_(True)
-            g = prob.event_fn(tt, prob.unflatten(yy)).reshape(-1)[ctx.comp] * ctx.sign
-            dg_dt, dg_dy = torch.autograd.grad(g, (tt, yy), allow_unused=True)
-        dg_dt = torch.zeros((), dtype=yy.dtype, device=yy.device) if dg_dt is None else dg_dt
-        dg_dy = torch.zeros_like(yy) if dg_dy is None else dg_dy
-        with torch.no_grad():
-            f = prob.rhs().at(float(t_event), y_event)
-            denom = dg_dt + torch.dot(dg_dy, f)
-            if grad_y is None:
-                grad_y = torch.zeros_like(y_event)
-            psi = (0 if grad_t is None else grad_t.to(device=yy.device, dtype=yy.dtype)) + torch.dot(grad_y, f)
-            gy = grad_y - psi * dg_dy / denom
-        return None, None, None, None, gy
-
-
 def _solve_event(prob: Problem, stats: SolveStats, mode: GradientMode, on_failure: str, dense: bool) -> Solution:
     t_out = prob.t_out
     direction = 1.0 if len(t_out) < 2 or t_out[1] >= t_out[0] else -1.0
@@ -804,7 +756,13 @@ def _solve_event(prob: Problem, stats: SolveStats, mode: GradientMode, on_failur
         sign0 = torch.sign(g0)
         comp = int(torch.argmin(g * sign0))
     t_event = torch.tensor(t_ev, dtype=prob.t.dtype, device=prob.t.device)
-    t_event, y_event = _EventTime.apply(prob, comp, float(sign0[comp]), t_event, ys[-1])
+    s0 = float(sign0[comp])
+    guard = _guard_value(
+        lambda t_, y_: prob.event_fn(t_, prob.unflatten(y_)).reshape(-1)[comp] * s0,
+        torch.tensor(t_ev, dtype=prob.y0.dtype, device=prob.y0.device),
+        ys[-1],
+    )
+    t_event, y_event = _EventTime.apply(prob, comp, s0, t_event, ys[-1], guard)
     ys = torch.cat([ys[:-1], y_event[None]])
     return Solution(
         sol.ts,
