@@ -281,14 +281,24 @@ def test_tolerance_tensor_of_wrong_shape_is_rejected():
         nd.odeint(decay, torch.ones(2), torch.tensor([0.0, 1.0]), atol=torch.ones(3))
 
 
-def test_min_step_floor_raises_instead_of_accepting_bad_steps():
-    with pytest.raises(StepSizeUnderflowError, match="min_step"):
-        nd.odeint(
-            lambda t, y: torch.cos(100 * t) * 100 * y,
-            torch.ones(1, dtype=D),
-            torch.tensor([0.0, 1.0], dtype=D),
-            options={"min_step": 0.05},
-        )
+def test_min_step_is_a_floor_at_which_steps_are_accepted_as_in_torchdiffeq():
+    """torchdiffeq's min_step: no step below it (but to land on an output time), and a step at it is accepted
+    whatever its error estimate; joint, per-sample and compiled loops alike."""
+
+    def f(t, y):
+        return torch.cos(100 * t) * 100 * y
+
+    t = torch.tensor([0.0, 1.0], dtype=D)
+    free = nd.solve(f, torch.ones(1, dtype=D), t)
+    floor = nd.solve(f, torch.ones(1, dtype=D), t, options={"min_step": 0.05})
+    assert free.stats.n_steps > 100 and floor.stats.n_steps <= 21
+
+    def f_rows(t, y):  # (t: one time per sample)
+        return torch.cos(100 * t)[:, None] * 100 * y
+
+    per_sample = nd.solve(f_rows, torch.ones(2, 1, dtype=D), t, options={"min_step": 0.05}, per_sample=True)
+    assert per_sample.sample_stats["n_steps"].tolist() == [floor.stats.n_steps] * 2
+    torch.testing.assert_close(per_sample.ys[:, 0], floor.ys, rtol=1e-12, atol=1e-12)
 
 
 def test_max_step_caps_the_step():

@@ -85,13 +85,15 @@ def test_ode_block_checks_its_arguments_when_built(kwargs, match):
         neuralode.nn.ODEBlock(torch.nn.Linear(2, 2), **kwargs)
 
 
-def test_scipy_solver_refuses_inputs_that_need_gradients_instead_of_dropping_them():
+def test_scipy_solver_gives_values_and_refuses_gradients_instead_of_dropping_them():
     y0 = torch.ones(2, dtype=torch.float64, requires_grad=True)
-    with pytest.raises(ValueError, match="scipy_solver' is forward only.*y0"):
-        neuralode.odeint(lambda t, y: -y, y0, T01, method="scipy_solver")
+    ys = neuralode.odeint(lambda t, y: -y, y0, T01, method="scipy_solver")  # (values, as torchdiffeq gives them)
+    assert ys[-1, 0].item() == pytest.approx(math.exp(-1), rel=1e-5)
+    with pytest.raises(RuntimeError, match="scipy_solver' is forward only.*y0"):
+        (ys.sum() + y0.sum()).backward()  # (a loss with another term would otherwise train on half a gradient)
     with torch.no_grad():
         ys = neuralode.odeint(lambda t, y: -y, y0, T01, method="scipy_solver")
-    assert ys[-1, 0].item() == pytest.approx(math.exp(-1), rel=1e-5)
+    assert not ys.requires_grad
 
 
 # ----------------------------------------------------------------------------------- parameters and gradients

@@ -225,7 +225,7 @@ def solve(
     if on_failure not in ("raise", "return"):
         raise ValueError(f"`on_failure` must be 'raise' or 'return', got {on_failure!r}")
     prob = prepare(func, y0, t, rtol, atol, method, options, event_fn, per_sample=per_sample)
-    if prob.method == "scipy_solver" and not isinstance(mode, Backprop):
+    if prob.method == "scipy_solver" and isinstance(mode, (Checkpoint, Reversible)):
         raise ValueError(
             "method='scipy_solver' is forward only: it cannot be used with gradient="
             f"{mode.name!r}; use a neuralode method for gradients"
@@ -683,6 +683,9 @@ def _adjoint_config(prob: Problem, mode: Adjoint) -> AdjointConfig:
 
     rtol, atol, method, options = mode.rtol, mode.atol, mode.method, mode.backward_options()
     method = prob.method if method is None else check_method(method, "adjoint_method")
+    if method == "scipy_solver" and mode.method is None:
+        # a forward solve by scipy: the backward solve of the augmented system needs a neuralode method
+        method, options = "dopri5", {k: v for k, v in (options or {}).items() if k != "solver"}
     if method == "scipy_solver":
         raise ValueError(
             "adjoint_method='scipy_solver' cannot solve the adjoint's augmented system; use a neuralode method"

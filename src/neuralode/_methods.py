@@ -22,7 +22,7 @@ from .solvers.implicit import IMPLICIT_TABLEAUS, AdaptiveTRBDF2, ImplicitRK, Imp
 from .solvers.integrate import RHS, IntegrationResult, integrate_adaptive, integrate_fixed
 from .solvers.rosenbrock import RODAS4, ROSENBROCK_METHODS, Rosenbrock, Rosenbrock23, RosenbrockTableau
 from .solvers.runge_kutta import RungeKutta
-from .solvers.scipy_wrapper import integrate_scipy
+from .solvers.scipy_wrapper import forward_only, integrate_scipy
 from .solvers.tableaus import TABLEAUS, ButcherTableau
 
 __all__ = ["Method", "METHODS", "register_method", "get_method", "method_names", "stepper", "make_controller"]
@@ -306,7 +306,7 @@ class Scipy(Method):
 
     def run(self, ctx: RunContext) -> IntegrationResult:
         opts = ctx.opts
-        return integrate_scipy(
+        res = integrate_scipy(
             ctx.rhs,
             ctx.y0,
             ctx.t_out,
@@ -317,6 +317,8 @@ class Scipy(Method):
             max_step=float(opts.get("max_step", math.inf)),
             first_step=opts.get("first_step"),
         )
+        res.ys = forward_only(res.ys, ctx.rhs.func, ctx.y0, ctx.prob.t)
+        return res
 
 
 class ReversibleMethod(Method):

@@ -264,8 +264,6 @@ def prepare(
         func = under_autocast(func, flat.device.type, amp_dtype, flat.dtype)
     t, t_list = _check_t(t, per_sample, shape if shapes is None else None)
     method = "dopri5" if method is None else check_method(method)
-    if method == "scipy_solver" and torch.is_grad_enabled():
-        _check_forward_only(func, flat, t)
     options = check_options(options, "options")
     unknown = set(options) - valid_options(method)
     if unknown:
@@ -297,27 +295,6 @@ def prepare(
     prob = Problem(func, flat, t, t_out, method, options, rtol_, atol_, shapes, shape, event_fn=event_fn)
     prob.norm = _make_norm(options.get("norm"), prob)
     return prob
-
-
-def _check_forward_only(func: Callable, flat: torch.Tensor, t: torch.Tensor) -> None:
-    """scipy's solvers give no gradient: rather than a solution that silently drops the gradients of what
-    requires grad (a loss with other terms would still train), an error saying what to do."""
-    params = func.parameters() if isinstance(func, torch.nn.Module) else ()
-    which = [
-        name
-        for name, needs in (
-            ("y0", flat.requires_grad),
-            ("t", t.requires_grad),
-            ("func's parameters", any(p.requires_grad for p in params)),
-        )
-        if needs
-    ]
-    if which:
-        raise ValueError(
-            f"method='scipy_solver' is forward only: its solution carries no gradient, but {' and '.join(which)} "
-            "require grad. Solve under torch.no_grad() (or detach them), or use a neuralode method such as "
-            "'dopri5' or 'rodas4' for gradients"
-        )
 
 
 def check_options(options: Any, name: str) -> dict:
@@ -428,8 +405,10 @@ def make_grid(prob: Problem, t_out: Sequence[float], opts: dict) -> list[float]:
         n = max(1, math.ceil(abs(t1 - t0) / h - 1e-12))
         grid = [t0 + d * h * i for i in range(n)] + [t1]
         return grid
-    if ctor is not None and t_out is prob.t_out:
-        g = ctor(prob.func, prob.unflatten(prob.y0), prob.t)
+    if ctor is not None:
+        # (the adjoint's backward solve asks for each interval, from its end to its start, as torchdiffeq does)
+        t_arg = prob.t if t_out is prob.t_out else torch.tensor([t0, t1], dtype=prob.t.dtype, device=prob.t.device)
+        g = ctor(prob.func, prob.unflatten(prob.y0), t_arg)
         g = _check_t(g)[1]
         if g[0] != t0 or g[-1] != t1:
             raise ValueError(

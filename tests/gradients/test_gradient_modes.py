@@ -4,6 +4,7 @@ solve, and conflicting or mistyped arguments are refused with messages naming th
 
 import dataclasses
 import inspect
+import math
 import re
 import textwrap
 import types
@@ -268,10 +269,20 @@ def test_an_unknown_name_keeps_its_message():
         ValueError, match=r"`gradient` must be one of \('backprop', 'adjoint', 'checkpoint', 'reversible'\)"
     ):
         _solve_with("adjiont")
-    with pytest.raises(ValueError, match="method='scipy_solver' is forward only.*gradient='adjoint'"):
+    with pytest.raises(ValueError, match="method='scipy_solver' is forward only.*gradient='checkpoint'"):
         node.solve(
-            lambda t, y: -y, torch.ones(2, dtype=F64), T, method="scipy_solver", gradient=node.Adjoint(params=())
+            lambda t, y: -y, torch.ones(2, dtype=F64), T, method="scipy_solver", gradient=node.Checkpoint(params=())
         )
+
+
+def test_the_adjoint_of_a_scipy_solve_runs_its_backward_with_a_neuralode_method():
+    k = torch.tensor(0.7, dtype=F64, requires_grad=True)
+    y0 = torch.ones(2, dtype=F64, requires_grad=True)
+    t = torch.tensor([0.0, 1.0], dtype=F64)
+    sol = node.solve(lambda t, y: -k * y, y0, t, method="scipy_solver", gradient=node.Adjoint(params=(k,)))
+    gy, gk = torch.autograd.grad(sol.ys[-1].sum(), (y0, k))
+    torch.testing.assert_close(gy, torch.full((2,), math.exp(-0.7), dtype=F64), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(gk, torch.tensor(-2 * math.exp(-0.7), dtype=F64), rtol=1e-5, atol=1e-7)
 
 
 def _block_run(per_sample: bool = False, **kw):

@@ -128,7 +128,7 @@ def _make_attempts(
             )
         ratio = dt_try.abs() * err * inv_rtol
         finite = torch.isfinite(ratio)
-        accept = active & finite & (ratio <= 1.0)
+        accept = active & finite & ((ratio <= 1.0) | (dt_try.abs() <= min_step))  # (min_step: as the eager loop)
         t1 = torch.where(lands, t_end, t + dt_try)
         # the step's continuous extension, y(t + θh) = y + h Σ_p θ^(p+1) Q_p with Q_p = Σ_r W[r, p] K_r,
         # recorded for the host to evaluate at the requested times once they are passed
@@ -146,13 +146,13 @@ def _make_attempts(
         grow = torch.where(ratio == 0, torch.full_like(r, ifactor), (safety * r ** (-beta1)).clamp(1.0, ifactor))
         shrink = (safety * r ** (-1.0 / k)).clamp(dfactor, 1.0)
         factor = torch.where(accept, grow, torch.where(finite, shrink, torch.full_like(r, dfactor)))
-        new_dt = (dt_try.abs() * factor).clamp(max=max_step) * direction
+        new_dt = (dt_try.abs() * factor).clamp(min=min_step, max=max_step) * direction
         dt = torch.where(active, new_dt, dt)
         n_steps = n_steps + accept.long()
         n_rej = n_rej + (active & ~accept).long()
         nfe = nfe + active.long() * (S - 1)
         running = running & ~(accept & lands)
-        tiny = active & running & ((dt.abs() < min_step) | (t + dt == t) | (dt.abs() < 4 * _EPS * t.abs()))
+        tiny = active & running & ((t + dt == t) | (dt.abs() < 4 * _EPS * t.abs()))
         # 1: step-size underflow; 2: the same, reached by rejecting non-finite (NaN/Inf) steps
         failed = torch.where(tiny & (failed == 0), torch.where(finite, 1, 2), failed)
         running = running & ~tiny
@@ -299,6 +299,8 @@ def integrate_device_loop(
     init_nfe = (first_step is None) + (f0 is None)
     if not compiled_start and (first_step is not None or per_sample):
         dt = dt.clamp(max=ctrl.max_step) * direction
+    if ctrl.min_step > 0:  # (the floor, as the eager loops start from it)
+        dt = direction * dt.abs().clamp(min=ctrl.min_step)
     if unroll is None:
         if seconds:  # the first, cold calls time badly: a few warm ones more, once per func
             for _ in range(3):

@@ -32,10 +32,23 @@ def vjp(outputs, inputs, grad_outputs, *, create_graph: bool = False) -> tuple:
     The graph is retained: ``func`` may use tensors computed before the solve from the tensors being
     differentiated (a spline's coefficients from data that requires grad, a weight shared by stacked solves).
     Every product of the backward pass walks that shared history, so none of them may free it; it is freed with
-    the tensors that hold it. Unused inputs get ``None``.
+    the tensors that hold it. Unused inputs get ``None``, and so does everything when no output depends on
+    anything that requires grad.
     """
+    outs = [outputs] if torch.is_tensor(outputs) else list(outputs)
+    gos = [grad_outputs] if torch.is_tensor(outputs) or grad_outputs is None else list(grad_outputs)
+    if grad_outputs is None:
+        gos = [None] * len(outs)
+    keep = [i for i, o in enumerate(outs) if o.requires_grad]
+    if not keep:  # (func does not depend on what is differentiated: a field of t alone)
+        return tuple(None for _ in (inputs if isinstance(inputs, (list, tuple)) else [inputs]))
     return torch.autograd.grad(
-        outputs, inputs, grad_outputs, allow_unused=True, retain_graph=True, create_graph=create_graph
+        [outs[i] for i in keep],
+        inputs,
+        [gos[i] for i in keep],
+        allow_unused=True,
+        retain_graph=True,
+        create_graph=create_graph,
     )
 
 

@@ -108,7 +108,9 @@ class _Augmented:
             out = self.func(t, y_)
             if out.shape != y.shape:
                 raise ValueError(f"func returned shape {tuple(out.shape)} for a state of shape {tuple(y.shape)}")
-            (vy,) = torch.autograd.grad(out, y_, a, retain_graph=keep, allow_unused=True)
+            (vy,) = (
+                torch.autograd.grad(out, y_, a, retain_graph=keep, allow_unused=True) if out.requires_grad else (None,)
+            )
         if last:
             self.carry = (out, a)
         elif keep:

@@ -90,7 +90,7 @@ class StepController:
         else:
             factor = min(1.0, max(self.dfactor, self.safety * r ** (-1.0 / self.k)))
         new = abs(dt) * factor
-        new = min(new, self.max_step)
+        new = max(min(new, self.max_step), self.min_step)
         return math.copysign(new, dt)
 
 

@@ -175,9 +175,15 @@ def batched_jacobian(f, y: torch.Tensor, batch: int, create_graph: bool = False)
     with torch.enable_grad():
         yg = y if (create_graph and y.requires_grad) else y.detach().requires_grad_(True)
         out = f(yg)
+        if not out.requires_grad:  # (f does not depend on y: torchdiffeq's test problems have such a field)
+            return torch.zeros(batch, d, d, dtype=y.dtype, device=y.device)
         basis = torch.eye(d, dtype=y.dtype, device=y.device)  # row k: e_k in every block
         grads = basis[:, None, :].expand(d, batch, d).reshape(d, n)
-        (rows,) = torch.autograd.grad(out, yg, grads, is_grads_batched=True, create_graph=create_graph)
+        (rows,) = torch.autograd.grad(
+            out, yg, grads, is_grads_batched=True, create_graph=create_graph, allow_unused=True
+        )
+        if rows is None:
+            return torch.zeros(batch, d, d, dtype=y.dtype, device=y.device)
     # rows[k, b*d + q] = ∂f_{b,k} / ∂y_{b,q}
     return rows.view(d, batch, d).transpose(0, 1).contiguous()
 
@@ -274,11 +280,18 @@ class ImplicitRK(FlatBuffers):
             ti = torch.scalar_tensor(t + self.c[i] * dt, dtype=self.dtype, device=self.device)
             if perturb_last and self.c[i] == 1.0:
                 ti = torch.nextafter(ti, torch.scalar_tensor(t, dtype=self.dtype, device=self.device))
+            elif self.c[i] == 0.0:  # (just inside the step, as the loop's own first evaluation with perturb=True)
+                ti = torch.nextafter(ti, torch.scalar_tensor(t + dt, dtype=self.dtype, device=self.device))
             F.append(rhs(ti, y + Z[i]))
         return torch.stack(F)  # (s, n)
 
-    def _jacobian(self, rhs, t: float, y: torch.Tensor) -> torch.Tensor:
+    def _jacobian(self, rhs, t: float, y: torch.Tensor, step: tuple[float, float] | None = None) -> torch.Tensor:
+        """The Jacobian at (t, y); with ``step=(t0, dt)``, a time at an end of the step is moved just inside it,
+        so that a func with a jump at a grid point (``perturb=True``) is never evaluated on the jump."""
         tt = torch.scalar_tensor(t, dtype=self.dtype, device=self.device)
+        if step is not None and t in (step[0], step[0] + step[1]):
+            inside = step[0] + 0.5 * step[1]
+            tt = torch.nextafter(tt, torch.scalar_tensor(inside, dtype=self.dtype, device=self.device))
         J = user_jacobian(rhs, tt, y, self.batch)
         return J.detach() if J is not None else batched_jacobian(lambda v: rhs(tt, v), y, self.batch)  # (B, d, d)
 
@@ -315,7 +328,7 @@ class ImplicitRK(FlatBuffers):
                     return self._iterate(rhs, t, dt, y_, perturb_last, f0, cached[0], stale=True)
                 except _Slow:  # (every failure with a kept Jacobian is reported as _Slow)
                     pass
-            J = self._jacobian(rhs, t, y_)
+            J = self._jacobian(rhs, t, y_, (t, dt))
             self.n_jac += 1
             try:
                 return self._iterate(rhs, t, dt, y_, perturb_last, f0, J, stale=False)
@@ -356,7 +369,7 @@ class ImplicitRK(FlatBuffers):
                     raise _Slow  # a kept Jacobian no longer fits: recompute it at this step's start
                 # slow contraction with a fresh Jacobian: the step's start is too far from the stages' (a fast
                 # transient); refresh it at the end-of-step stage and refactor
-                J = self._jacobian(rhs, t + self.c[-1] * dt, y_ + Z[-1])
+                J = self._jacobian(rhs, t + self.c[-1] * dt, y_ + Z[-1], (t, dt))
                 self.n_jac += 1
                 lu = torch.linalg.lu_factor(self._iteration_matrix(dt, J))
                 self.n_lu += 1
@@ -374,7 +387,7 @@ class ImplicitRK(FlatBuffers):
         implicit-function-theorem derivative of the converged stages."""
         y_ = y.detach()
         with torch.no_grad():
-            Js = torch.stack([self._jacobian(rhs, t + self.c[i] * dt, y_ + Z[i]) for i in range(self.s)])
+            Js = torch.stack([self._jacobian(rhs, t + self.c[i] * dt, y_ + Z[i], (t, dt)) for i in range(self.s)])
             lu_exact = torch.linalg.lu_factor(self._iteration_matrix(dt, Js))
         Zc = Z.detach()
         F = self._stage_values(rhs, t, dt, y, Zc, perturb_last, f0)

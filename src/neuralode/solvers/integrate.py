@@ -389,7 +389,9 @@ def warn_uncalled_callbacks(func: Any, method: str, adjoint: bool = False, per_s
 
 
 def _underflow(t: float, dt: float, min_step: float) -> bool:
-    return abs(dt) < min_step or t + dt == t or abs(dt) < 4 * _EPS * abs(t)
+    """The step no longer moves t. (A step at ``min_step`` is accepted whatever its error: torchdiffeq's
+    ``min_step``, which never underflows; ``min_step`` is kept in the signature for the message.)"""
+    return t + dt == t or abs(dt) < 4 * _EPS * abs(t)
 
 
 def integrate_adaptive(
@@ -536,7 +538,8 @@ def integrate_adaptive(
             ratio, y1_abs = error_ratio(y, y_abs, y1, e, buf)
         ratio *= abs(dt_try)
         e = None  # consumed: do not hold it through the next step
-        if ratio <= 1.0:
+        # a step at the floor options['min_step'] is accepted whatever its error (torchdiffeq's min_step)
+        if ratio <= 1.0 or (abs(dt_try) <= ctrl.min_step and math.isfinite(ratio)):
             t1 = target if lands else t + dt_try
             n_steps += 1
             if trace is not None:  # enough to recompute this step exactly: (t0, t1, y0, f0 perturbed, last perturbed)

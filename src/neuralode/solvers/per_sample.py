@@ -94,7 +94,7 @@ def integrate_per_sample(
         dt = initial_steps(lambda tt, yy: f(tt, yy, all_active), t, y, f0, direction, tab.order, rtol, atol)
     else:
         dt = torch.full_like(t, abs(float(first_step)))
-    dt = torch.clamp(dt.detach(), max=ctrl.max_step) * direction
+    dt = torch.clamp(dt.detach(), min=ctrl.min_step, max=ctrl.max_step) * direction
 
     # (one spare row: the interpolated values of (sample, slot) pairs with no output left go there, so that
     # each attempt writes its outputs with one index_put and no boolean indexing)
@@ -141,7 +141,7 @@ def integrate_per_sample(
                 ratio = dt_try.abs() * rms(e / scale) / rtol
         finite = torch.isfinite(ratio)
         nonfinite_last = torch.where(active, ~finite, nonfinite_last)  # each sample's last attempt was NaN/Inf
-        accept = active & finite & (ratio <= 1.0)
+        accept = active & finite & ((ratio <= 1.0) | (dt_try.abs() <= ctrl.min_step))  # (min_step: as joint)
         reject = active & ~accept
         if quadrature is not None:
             quadrature.end(accept, dt_try)
@@ -197,16 +197,14 @@ def integrate_per_sample(
         )
         shrink = (ctrl.safety * r ** (-1.0 / ctrl.k)).clamp(ctrl.dfactor, 1.0)
         factor = torch.where(accept, grow, torch.where(finite, shrink, torch.full_like(r, ctrl.dfactor)))
-        new_dt = (dt_try.abs() * factor).clamp(max=ctrl.max_step) * direction
+        new_dt = (dt_try.abs() * factor).clamp(min=ctrl.min_step, max=ctrl.max_step) * direction
         dt = torch.where(active, new_dt, dt)
         n_steps += accept.long()
         n_rej += reject.long()
         active = active & ~(accept & lands)
         if hit is not None:
             active = active & ~hit
-        tiny = active & (
-            (dt.abs() < ctrl.min_step) | (t + dt == t) | (dt.abs() < 4 * np.finfo(np.float64).eps * t.abs())
-        )
+        tiny = active & ((t + dt == t) | (dt.abs() < 4 * np.finfo(np.float64).eps * t.abs()))
         if bool(tiny.any()):
             worst = int(tiny.nonzero()[0])
             t_fail = float(t[worst])

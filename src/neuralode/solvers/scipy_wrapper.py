@@ -13,7 +13,41 @@ import torch
 from .._errors import Status
 from .integrate import RHS, IntegrationResult
 
-__all__ = ["integrate_scipy"]
+__all__ = ["integrate_scipy", "forward_only"]
+
+
+class _ForwardOnly(torch.autograd.Function):
+    """The identity on scipy's solution, tied to what required grad: the solution is usable as torchdiffeq's
+    is (values, without a graph through the solver), and a gradient that reaches it raises instead of being
+    dropped without a word (a loss with other terms would otherwise train on a partial gradient)."""
+
+    @staticmethod
+    def forward(ctx, which: str, ys: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+        ctx.which = which
+        return ys.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        raise RuntimeError(
+            f"method='scipy_solver' is forward only: its solution carries no gradient for {ctx.which}. Solve "
+            "under torch.no_grad() (or detach them), or use a neuralode method such as 'dopri5' or 'rodas4' for "
+            "gradients"
+        )
+
+
+def forward_only(ys: torch.Tensor, func, y0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``ys`` as :class:`_ForwardOnly` returns it where ``y0``, ``t`` or ``func``'s parameters require grad (and
+    grad mode is on); ``ys`` itself otherwise."""
+    params = [p for p in func.parameters() if p.requires_grad] if isinstance(func, torch.nn.Module) else []
+    named = (
+        ("y0", [y0] if y0.requires_grad else []),
+        ("t", [t] if t.requires_grad else []),
+        ("func's parameters", params),
+    )
+    which = [name for name, ts in named if ts]
+    if not which or not torch.is_grad_enabled():
+        return ys
+    return _ForwardOnly.apply(" and ".join(which), ys, *[x for _, ts in named for x in ts])
 
 
 def integrate_scipy(
