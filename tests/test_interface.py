@@ -323,3 +323,20 @@ def test_vmap_over_a_solve_gets_a_clear_error_and_jacrev_works():
         lo = nd.odeint(lambda tt, x: net(x), y0[0] - e, t, rtol=1e-10, atol=1e-10)[-1]
         fd[:, j] = (hi - lo) / (2 * eps)
     torch.testing.assert_close(J.detach(), fd.detach(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_min_step_in_the_compiled_loops_as_in_the_eager_one(grad):
+    """compile=True: without gradients the whole loop is compiled, with backprop each step is; both keep the
+    floor and accept at it as the eager loop does."""
+
+    def f(t, y):
+        return torch.cos(100 * t) * 100 * y
+
+    t = torch.tensor([0.0, 1.0], dtype=D)
+    y0 = torch.ones(1, dtype=D, requires_grad=grad)
+    eager = nd.solve(f, y0, t, options={"min_step": 0.05})
+    with torch.set_grad_enabled(grad):
+        compiled = nd.solve(f, y0, t, options={"min_step": 0.05}, compile="aot_eager")
+    assert compiled.stats.n_steps == eager.stats.n_steps
+    torch.testing.assert_close(compiled.ys, eager.ys, rtol=1e-12, atol=1e-12)

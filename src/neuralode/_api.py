@@ -182,10 +182,10 @@ def solve(
             f"per_sample=True needs a tensor state of shape (batch, ...) with the samples along dimension 0; got {got}"
         )
     if events is not None:
-        if event_fn is not None or per_sample:
+        if event_fn is not None or per_sample or on_failure != "raise" or dense:
             raise ValueError(
-                "`events` goes with neither `event_fn` (give it as neuralode.Event(fn, terminal=True)) nor "
-                "per_sample=True yet"
+                "`events` goes with neither `event_fn` (give it as neuralode.Event(fn, terminal=True)) nor, yet, "
+                "per_sample=True, on_failure='return' or dense=True"
             )
         from ._hybrid import solve_with_events
 
@@ -257,11 +257,8 @@ def solve(
     return _solve(prob, stats, mode, on_failure, dense)
 
 
-def _solve_reversible_per_sample(prob: Problem, stats: SolveStats, mode: GradientMode, on_failure: str) -> Solution:
-    """A reversible method with every sample on its own steps (the reversible loop with a row per sample):
-    backprop through it, or ``gradient="reversible"``."""
-    from .gradients.reversible import reversible_solve
-
+def _check_per_sample_state(prob: Problem) -> None:
+    """What every per-sample solve needs of the state and the tolerances."""
     if prob.is_tuple or len(prob.shape) < 2:
         raise ValueError(
             "per_sample=True needs a tensor state of shape (batch, ...) with the samples along "
@@ -269,6 +266,14 @@ def _solve_reversible_per_sample(prob: Problem, stats: SolveStats, mode: Gradien
         )
     if not (isinstance(prob.rtol, float) and isinstance(prob.atol, float)):
         raise ValueError("per_sample=True takes scalar rtol and atol")
+
+
+def _solve_reversible_per_sample(prob: Problem, stats: SolveStats, mode: GradientMode, on_failure: str) -> Solution:
+    """A reversible method with every sample on its own steps (the reversible loop with a row per sample):
+    backprop through it, or ``gradient="reversible"``."""
+    from .gradients.reversible import reversible_solve
+
+    _check_per_sample_state(prob)
     entry = get_method(prob.method)
     y0 = prob.unflatten(prob.y0)
     shape, B = y0.shape, y0.shape[0]
@@ -286,11 +291,15 @@ def _solve_reversible_per_sample(prob: Problem, stats: SolveStats, mode: Gradien
 
         return F, (lambda: count[0])
 
+    first = [True]
+
     def loop(y_rows: torch.Tensor):
         F, evals = field()
         got = entry.loop(F, y_rows, T, list(range(m)), prob.options, rtol=prob.rtol, atol=prob.atol, evals=evals)
         got.calls = evals()
-        record.result = got
+        if first[0]:  # (not a recomputation for a second derivative: its graph must not stay on the record)
+            first[0] = False
+            record.result = got
         return got
 
     record = SolveRecord(stats)
@@ -461,13 +470,7 @@ def _per_sample_setup(prob: Problem) -> tuple:
             f"per_sample=True needs an adaptive Runge–Kutta method ({', '.join(method_names(per_sample=True))}), "
             f"not {prob.method!r}"
         )
-    if prob.is_tuple or len(prob.shape) < 2:
-        raise ValueError(
-            "per_sample=True needs a tensor state of shape (batch, ...) with the samples along "
-            f"dimension 0; got shape {tuple(prob.shape)}"
-        )
-    if not (isinstance(prob.rtol, float) and isinstance(prob.atol, float)):
-        raise ValueError("per_sample=True takes scalar rtol and atol")
+    _check_per_sample_state(prob)
     unsupported = {"step_t", "jump_t", "norm"} & set(prob.options)
     if unsupported:
         raise ValueError(f"options {sorted(unsupported)} are not supported with per_sample=True")
@@ -625,10 +628,14 @@ def _solve(prob: Problem, stats: SolveStats, mode: GradientMode, on_failure: str
 
         ps = _params_of(prob.func, mode.params, "params")
 
+        first = [True]
+
         def forward(y0_rows: torch.Tensor):
             rhs = prob.rhs()
             res = run(prob, rhs, y0=y0_rows[0], keep_segments=dense, use_event=False)
-            record.result, record.nfe = res, rhs.nfe
+            if first[0]:  # (not a recomputation for a second derivative: its graph must not stay on the record)
+                first[0] = False
+                record.result, record.nfe = res, rhs.nfe
             return res.run
 
         def field() -> tuple:

@@ -126,6 +126,11 @@ def solve_with_events(
 
     while True:
         t_cf = float(t_c.detach())
+        while k < len(times) and times[k] == t_cf:  # (an output at an event time: the state after the reset)
+            outputs.append(y_c)
+            k += 1
+        if k >= len(times):
+            break
         y_det = tuple(x.detach() for x in y_c) if isinstance(y_c, (tuple, list)) else y_c.detach()
         with torch.no_grad():
             probe = prepare(func, y_det, torch.tensor([t_cf, t_end], dtype=torch.float64), rtol, atol, method, options)
@@ -207,12 +212,18 @@ def solve_with_events(
         if event.terminal:
             break
         close_run = close_run + 1 if abs(t_ev - t_cf) <= _ZENO_ULPS * math.ulp(max(abs(t_ev), 1.0)) else 0
-        if len(event_times) >= max_events or close_run >= _ZENO_RUN:
+        if len(event_times) > max_events and close_run < _ZENO_RUN:
+            raise SolverError(
+                f"more than max_events={max_events} events by t={t_ev:.10g}; pass a larger max_events if they are "
+                "expected, or check the events' functions and resets",
+                t_ev,
+            )
+        if close_run >= _ZENO_RUN:
             raise SolverError(
                 f"events accumulate: {len(event_times)} events up to t={t_ev:.10g}, the last ones "
                 f"{abs(t_ev - t_cf):.3g} apart (Zeno behaviour, e.g. a bouncing ball coming to rest). Stop the "
                 "solve before that time, make the event terminal, or change the reset so that the events "
-                f"stop (max_events={max_events})",
+                "stop",
                 t_ev,
             )
         t_c = t_event

@@ -132,3 +132,21 @@ def test_second_derivatives_through_times_and_event_times_are_refused():
     )
     with pytest.raises(RuntimeError, match="event time's gradient gives first derivatives only"):
         torch.autograd.grad(t_event, y0, create_graph=True)
+
+
+@pytest.mark.parametrize("case", ["checkpoint", "checkpoint per-sample", "reversible"])
+def test_second_derivatives_count_a_parameter_that_y0_comes_from_once(case):
+    kw = dict(SECOND_ORDER[case])
+    per_sample = kw.get("per_sample", False)
+
+    def hessian(**mode):
+        k = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+        y0 = k * torch.ones((2, 2) if per_sample else (2,), dtype=torch.float64)  # (y0 computed from k)
+        args = {**kw, **mode}
+        sol = neuralode.solve(lambda t, y: -k * y, y0, T, params=(k,), rtol=1e-10, atol=1e-12, **args)
+        (g,) = torch.autograd.grad(sol.ys[-1].pow(2).sum(), k, create_graph=True)
+        (h,) = torch.autograd.grad(g, k)
+        return g, h
+
+    for a, b in zip(hessian(), hessian(gradient="backprop")):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)

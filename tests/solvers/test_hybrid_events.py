@@ -161,3 +161,28 @@ def test_gradients_with_several_guards_on_either_side_equal_central_differences(
         fd_c = (loss(w, c + h) - loss(w, c - h)) / (2 * h)
     assert abs(float(got[0] - fd_w)) < 1e-6 * abs(float(fd_w)) + 1e-7
     assert abs(float(got[1] - fd_c)) < 1e-6 * abs(float(fd_c)) + 1e-7
+
+
+def test_events_at_output_times_and_at_the_end_report_the_state_after_the_reset():
+    def f(t, y):
+        return torch.ones_like(y)  # y = y0 + t between resets
+
+    halve = neuralode.Event(lambda t, y: t - 0.5, reset=lambda t, y: 0.5 * y)
+    at_end = neuralode.Event(lambda t, y: t - 1.0, reset=lambda t, y: y - 10.0)
+    t = torch.tensor([0.0, 0.5, 0.75, 1.0], dtype=D)
+    sol = neuralode.solve(f, torch.tensor([1.0], dtype=D), t, events=[halve, at_end], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(sol.event_times, torch.tensor([0.5, 1.0], dtype=D), rtol=0, atol=1e-12)
+    # y(0.5) after halving 1.5 is 0.75; 0.75 + 0.25 = 1.0 at t = 0.75; at t = 1: 1.25 - 10 after the reset
+    torch.testing.assert_close(sol.ys[:, 0], torch.tensor([1.0, 0.75, 1.0, -8.75], dtype=D), rtol=0, atol=1e-9)
+
+
+def test_max_events_is_the_most_events_allowed():
+    def osc(t, y):
+        return torch.stack([y[1], -y[0]])
+
+    cross = neuralode.Event(lambda t, y: y[0])  # (x = sin t crosses zero at π, 2π, 3π)
+    y0, t = torch.tensor([0.0, 1.0], dtype=D), torch.tensor([0.0, 10.0], dtype=D)
+    sol = neuralode.solve(osc, y0, t, events=[cross], max_events=3, rtol=1e-10, atol=1e-12)
+    assert len(sol.event_times) == 3
+    with pytest.raises(neuralode.SolverError, match="more than max_events=2"):
+        neuralode.solve(osc, y0, t, events=[cross], max_events=2)

@@ -146,7 +146,8 @@ def _make_attempts(
         grow = torch.where(ratio == 0, torch.full_like(r, ifactor), (safety * r ** (-beta1)).clamp(1.0, ifactor))
         shrink = (safety * r ** (-1.0 / k)).clamp(dfactor, 1.0)
         factor = torch.where(accept, grow, torch.where(finite, shrink, torch.full_like(r, dfactor)))
-        new_dt = (dt_try.abs() * factor).clamp(min=min_step, max=max_step) * direction
+        new_dt = (dt_try.abs() * factor).clamp(max=max_step)  # (the floor: as the per-sample loop)
+        new_dt = torch.where(finite, new_dt.clamp(min=min_step), new_dt) * direction
         dt = torch.where(active, new_dt, dt)
         n_steps = n_steps + accept.long()
         n_rej = n_rej + (active & ~accept).long()

@@ -17,6 +17,22 @@ from .step import _warn_once, integrate_compiled
 __all__ = ["run_compiled"]
 
 
+class _AcceptedSteps:
+    """Takes the compiled loop's per-attempt records as it goes and hands the accepted ones on to a joint
+    trace (a checkpointed gradient's), so that a budget of kept states holds during the forward too."""
+
+    def __init__(self, trace) -> None:
+        self.trace = trace
+
+    def append(self, record: tuple) -> None:
+        t0, _, y, accepted, t_after = record
+        if bool(accepted[0]):
+            self.trace.append((float(t0[0]), float(t_after[0]), y[0], False, False))
+
+    def clear(self) -> None:
+        self.trace.clear()
+
+
 def run_compiled(ctx, rk: RungeKutta, ctrl: StepController, step_t: list, max_steps: int) -> IntegrationResult | None:
     """The compiled path (``options["compile"]``: True or a ``torch.compile`` backend name) of an explicit
     adaptive method, or None with a one-line warning when this solve needs something it does not do yet."""
@@ -37,7 +53,7 @@ def run_compiled(ctx, rk: RungeKutta, ctrl: StepController, step_t: list, max_st
         return None
     backend = backend_of(opts["compile"])
     if not torch.is_grad_enabled() and device_loop_supports(rk, ctrl):
-        records: list | None = [] if trace is not None else None  # (checkpointed gradients: the attempts)
+        records = _AcceptedSteps(trace) if trace is not None else None  # (checkpointed gradients)
         kept: list | None = [] if keep_segments else None  # (dense output: every attempt's extension)
         got = integrate_device_loop(
             rhs.func,
@@ -62,11 +78,6 @@ def run_compiled(ctx, rk: RungeKutta, ctrl: StepController, step_t: list, max_st
                 start = torch.tensor([float(t_out[0])], dtype=torch.float64, device=y0.device)
                 direction = 1.0 if float(t_out[-1]) >= float(t_out[0]) else -1.0
                 res.segments = PerSampleDense.from_calls(kept, direction, start) if kept else []
-            if trace is not None and records:  # the accepted attempts as the loop's trace records
-                t0s = torch.stack([r[0][0] for r in records]).tolist()
-                ends = torch.stack([r[4][0] for r in records]).tolist()
-                ok = torch.stack([r[3][0] for r in records]).tolist()
-                trace.extend((a, b, r[2][0], False, False) for a, b, r, k in zip(t0s, ends, records, ok) if k)
             rhs.nfe += int(counts["nfe"][0])
             res.method = rk
             return res

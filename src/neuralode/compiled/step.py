@@ -135,7 +135,7 @@ def integrate_compiled(
             )
     else:
         dt = direction * abs(float(first_step))
-    dt = math.copysign(min(abs(dt), ctrl.max_step), direction)
+    dt = math.copysign(min(max(abs(dt), ctrl.min_step), ctrl.max_step), direction)
     tol_shift, inv_rtol = atol / rtol, 1.0 / rtol
     n_steps = n_rej = 0
     status, message, t_fail = Status.SUCCESS, "", None
@@ -155,7 +155,8 @@ def integrate_compiled(
             y1, K, ratio_t = step(tt(t), tt(dt_try), y, k0, tol_shift, inv_rtol)
             ratio = float(ratio_t)  # the loop's one host read per step
             rhs.nfe += method.stages - 1
-            if ratio <= 1.0:
+            # (a step at options['min_step'] is accepted whatever its error, as in the eager loop)
+            if ratio <= 1.0 or (abs(dt_try) <= ctrl.min_step and math.isfinite(ratio)):
                 t1 = t_end if lands else t + dt_try
                 n_steps += 1
                 if trace is not None:  # checkpointed gradients: enough to recompute this step exactly

@@ -25,6 +25,8 @@ from __future__ import annotations
 import math
 from typing import Callable, Generic, TypeVar
 
+import torch
+
 __all__ = ["OnlineCheckpoints", "reverse_steps"]
 
 T = TypeVar("T")
@@ -132,6 +134,9 @@ class BudgetTrace:
 
     def append(self, record: tuple) -> None:
         i, y = len(self.records), record[self.at]
+        if torch.is_tensor(y) and y._base is not None and y._base.numel() > y.numel():
+            y = y.clone()  # (a view into the compiled loop's block of attempts would keep the whole block)
+            record = record[: self.at] + (y,) + record[self.at + 1 :]
         if i:
             record = record[: self.at] + (None,) + record[self.at + 1 :]
         self.records.append(record)

@@ -52,7 +52,9 @@ def vjp(outputs, inputs, grad_outputs, *, create_graph: bool = False) -> tuple:
     )
 
 
-def direct_gradients(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> list:
+def direct_gradients(
+    params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None], create_graph: bool = False
+) -> list:
     """What a backward pass returns for ``params`` so that every path through ``func`` is counted once.
 
     The vector-Jacobian products give each parameter its *total* gradient, through all of its uses, including
@@ -71,7 +73,14 @@ def direct_gradients(params: Sequence[torch.Tensor], grads: Sequence[torch.Tenso
         others = [j for j, p in enumerate(params) if j != i and p.requires_grad and out[j] is not None]
         if not others:
             continue
-        back = torch.autograd.grad(params[i], [params[j] for j in others], out[i], allow_unused=True, retain_graph=True)
+        back = torch.autograd.grad(
+            params[i],
+            [params[j] for j in others],
+            out[i],
+            allow_unused=True,
+            retain_graph=True,
+            create_graph=create_graph,
+        )
         for j, g in zip(others, back):
             if g is not None:
                 out[j] = out[j] - g
@@ -251,14 +260,26 @@ def recomputed_backward(forward: Callable, y0: torch.Tensor, params: Sequence[to
     takes them) and differentiated with ``create_graph=True``. Exact to any order, with backprop's memory.
     Returns (the gradient for ``y0`` or None, one per parameter or None)."""
     with torch.enable_grad():
-        inputs = ([y0] if y0.requires_grad else []) + [p for p in params if p.requires_grad]
+        wrt = [p for p in params if p.requires_grad]
+        inputs = ([y0] if y0.requires_grad else []) + wrt
         got = iter(torch.autograd.grad(forward(y0), inputs, grad_ys, create_graph=True, allow_unused=True))
-    g0 = next(got) if y0.requires_grad else None
-    out = []
-    for p in params:
-        g = next(got) if p.requires_grad else None
-        out.append(torch.zeros_like(p) if p.requires_grad and g is None else g)
+        g0 = next(got) if y0.requires_grad else None
+        grads = [next(got) if p.requires_grad else None for p in params]
+        if g0 is not None and y0.grad_fn is not None and wrt:
+            # a parameter that y0 was computed from got its path through y0 in its total above, and autograd
+            # will add it again through the gradient returned for y0: keep only its direct part
+            back = torch.autograd.grad(y0, wrt, g0, allow_unused=True, retain_graph=True, create_graph=True)
+            it = iter(back)
+            grads = [g if not p.requires_grad else _minus(g, next(it)) for p, g in zip(params, grads)]
+        grads = direct_gradients(params, grads, create_graph=True)
+    out = [torch.zeros_like(p) if p.requires_grad and g is None else g for p, g in zip(params, grads)]
     return g0, out
+
+
+def _minus(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    if b is None:
+        return a
+    return -b if a is None else a - b
 
 
 def first_order_only(mode: str, what: str | None = None) -> None:

@@ -280,7 +280,7 @@ class ImplicitRK(FlatBuffers):
             ti = torch.scalar_tensor(t + self.c[i] * dt, dtype=self.dtype, device=self.device)
             if perturb_last and self.c[i] == 1.0:
                 ti = torch.nextafter(ti, torch.scalar_tensor(t, dtype=self.dtype, device=self.device))
-            elif self.c[i] == 0.0:  # (just inside the step, as the loop's own first evaluation with perturb=True)
+            elif perturb_last and self.c[i] == 0.0:  # (just inside the step, as the loop's first evaluation)
                 ti = torch.nextafter(ti, torch.scalar_tensor(t + dt, dtype=self.dtype, device=self.device))
             F.append(rhs(ti, y + Z[i]))
         return torch.stack(F)  # (s, n)

@@ -197,7 +197,9 @@ def integrate_per_sample(
         )
         shrink = (ctrl.safety * r ** (-1.0 / ctrl.k)).clamp(ctrl.dfactor, 1.0)
         factor = torch.where(accept, grow, torch.where(finite, shrink, torch.full_like(r, ctrl.dfactor)))
-        new_dt = (dt_try.abs() * factor).clamp(min=ctrl.min_step, max=ctrl.max_step) * direction
+        # (the floor min_step holds for finite errors; a non-finite step shrinks below it, to a NONFINITE stop)
+        new_dt = (dt_try.abs() * factor).clamp(max=ctrl.max_step)
+        new_dt = torch.where(finite, new_dt.clamp(min=ctrl.min_step), new_dt) * direction
         dt = torch.where(active, new_dt, dt)
         n_steps += accept.long()
         n_rej += reject.long()
