@@ -126,8 +126,9 @@ def solve(
         events: a list of :class:`~neuralode.Event`: at each zero crossing of an event's ``fn`` (located as
             ``event_fn``'s), its ``reset`` replaces the state and the solve goes on, or stops for a terminal
             event. ``Solution.event_times`` (differentiable: through the state, the start and the tensors ``fn``
-            uses), ``event_index`` (which event) and ``event_states`` (the state just before each) report them.
-            Joint stepping, every gradient mode.
+            uses), ``event_index`` (which event) and ``event_states`` (the state just before each) report them;
+            an output at an event time reports the state after the reset. Joint stepping, every gradient mode
+            (not with ``on_failure="return"`` or ``dense=True``).
         max_events: with ``events``, the most events before the solve stops with a :class:`SolverError`
             (events that accumulate, Zeno behaviour, also stop it).
         checkpoints: with ``gradient="checkpoint"``, keep at most this many states (the initial one included)

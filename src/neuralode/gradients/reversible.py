@@ -74,7 +74,7 @@ class _ReversibleSolve(torch.autograd.Function):
                 g[out] = grad_ys[wrote[out], rows[out]]
                 adj[0] = adj[0] + g
             with torch.no_grad():
-                back = scheme.back(F, t + h, h, state)
+                back = scheme.back(F, t, h, state)
                 mv = moved[:, None]
                 state = tuple(torch.where(mv, a, b) for a, b in zip(back, state))
             adj = pull(lambda *s, t=t, h=h, moved=moved: take(t, h, moved, s), list(state))

@@ -57,10 +57,11 @@ class ReversibleHeun:
         y1 = y + _times(0.5 * h, f + f1)
         return (y1, yh1, f1), _times(0.5 * h, f1 - f)
 
-    def back(self, F, t1: torch.Tensor, h: torch.Tensor, s1: tuple) -> tuple:
+    def back(self, F, t: torch.Tensor, h: torch.Tensor, s1: tuple) -> tuple:
+        """The step from ``t`` by ``h`` undone, from its end state ``s1``."""
         y1, yh1, f1 = s1
         yh = 2 * y1 - yh1 - _times(h, f1)
-        f = F(t1 - h, yh)
+        f = F(t, yh)
         return (y1 - _times(0.5 * h, f + f1), yh, f)
 
 
@@ -101,12 +102,13 @@ class CoupledRK:
         back, err = self._psi(F, t + h, -h, y1)
         return (y1, z - back), err
 
-    def back(self, F, t1: torch.Tensor, h: torch.Tensor, s1: tuple) -> tuple:
+    def back(self, F, t: torch.Tensor, h: torch.Tensor, s1: tuple) -> tuple:
+        """The step from ``t`` by ``h`` undone, from its end state ``s1`` (at the times the step used)."""
         y1, z1 = s1
         lam = self.lam
-        back, _ = self._psi(F, t1, -h, y1)
+        back, _ = self._psi(F, t + h, -h, y1)
         z = z1 + back
-        psi, _ = self._psi(F, t1 - h, h, z)
+        psi, _ = self._psi(F, t, h, z)
         return ((y1 - (1 - lam) * z - psi) / lam, z)
 
 
