@@ -259,7 +259,7 @@ def solve(
 
 
 def _check_per_sample_state(prob: Problem) -> None:
-    """What every per-sample solve needs of the state and the tolerances."""
+    """What every per-sample solve needs of the state, the tolerances and the options."""
     if prob.is_tuple or len(prob.shape) < 2:
         raise ValueError(
             "per_sample=True needs a tensor state of shape (batch, ...) with the samples along "
@@ -267,6 +267,9 @@ def _check_per_sample_state(prob: Problem) -> None:
         )
     if not (isinstance(prob.rtol, float) and isinstance(prob.atol, float)):
         raise ValueError("per_sample=True takes scalar rtol and atol")
+    unsupported = {"step_t", "jump_t", "norm"} & set(prob.options)
+    if unsupported:
+        raise ValueError(f"options {sorted(unsupported)} are not supported with per_sample=True")
 
 
 def _solve_reversible_per_sample(prob: Problem, stats: SolveStats, mode: GradientMode, on_failure: str) -> Solution:
@@ -472,9 +475,6 @@ def _per_sample_setup(prob: Problem) -> tuple:
             f"not {prob.method!r}"
         )
     _check_per_sample_state(prob)
-    unsupported = {"step_t", "jump_t", "norm"} & set(prob.options)
-    if unsupported:
-        raise ValueError(f"options {sorted(unsupported)} are not supported with per_sample=True")
     warn_uncalled_callbacks(prob.func, prob.method, per_sample=True)
     max_steps = int(prob.options.get("max_num_steps", DEFAULT_MAX_NUM_STEPS))
     ctrl = make_controller(get_method(prob.method).order, prob.options)

@@ -252,3 +252,19 @@ def test_unsupported_combinations_are_refused_by_name():
         with pytest.raises(ValueError, match="coupling"):
             neuralode.solve(f, y0, t, method="reversible_rk", options=dict(coupling=bad))
     assert {"reversible_heun", "reversible_rk"} <= set(neuralode.METHODS)
+
+
+def test_min_step_and_per_sample_options_as_for_the_other_methods():
+    def f(t, y):
+        return torch.cos(20 * t) * 20 * y
+
+    t = torch.tensor([0.0, 1.0], dtype=D)
+    free = neuralode.solve(f, torch.ones(1, dtype=D), t, method="reversible_rk", rtol=1e-8, atol=1e-8)
+    floor = neuralode.solve(
+        f, torch.ones(1, dtype=D), t, method="reversible_rk", rtol=1e-8, atol=1e-8, options={"min_step": 0.1}
+    )
+    assert floor.stats.n_steps <= 11 < free.stats.n_steps  # (steps at the floor accepted, none below it)
+    with pytest.raises(ValueError, match="not supported with per_sample=True"):
+        neuralode.solve(
+            f, torch.ones(2, 1, dtype=D), t, method="reversible_heun", per_sample=True, options={"step_t": [0.5]}
+        )

@@ -222,7 +222,7 @@ def reversible_loop(
             with torch.no_grad():
                 fold = B == 1 and isinstance(rtol, float) and isinstance(atol, float)
                 dt = initial_steps(F, t, y0, F(t, y0), direction, scheme.order, rtol, atol, fold_rtol=fold)
-        dt = direction * dt.clamp(max=ctrl.max_step)
+        dt = direction * dt.clamp(min=ctrl.min_step, max=ctrl.max_step)
     active = k < m
     attempts = 0
     while bool(active.any()):
@@ -241,7 +241,8 @@ def reversible_loop(
             lands = n == 1
             h = (target - t) / n
         h = torch.where(active, h, torch.zeros_like(h))
-        tiny = active & (h.abs() < 1e-14 * t.abs().clamp(min=1.0))
+        # (the proposal, not a step that lands on a mark a few ulps away, must still move t)
+        tiny = active & (dt.abs() < 1e-14 * t.abs().clamp(min=1.0)) if adaptive else torch.zeros_like(active)
         if bool(tiny.any()):
             t_fail = float(t[tiny][0])
             status = Status.DT_UNDERFLOW
@@ -257,13 +258,18 @@ def reversible_loop(
                     ratio = torch.as_tensor(float(norm(x[0])), dtype=torch.float64, device=dev)[None]
                 else:
                     ratio = rms_rows(x)
-                ok = ratio <= 1.0  # (NaN: rejected)
+                finite = torch.isfinite(ratio)
+                # (NaN: rejected; a step at options['min_step'] is accepted whatever its error, as in the other loops)
+                ok = (ratio <= 1.0) | (finite & (h.abs() <= ctrl.min_step))
                 r = torch.nan_to_num(ratio, nan=1e10).clamp(min=1e-10)
                 grow = (ctrl.safety * r ** (-1.0 / scheme.order)).clamp(max=ctrl.ifactor)
                 factor = torch.where(ok, grow.clamp(min=1.0), grow.clamp(min=ctrl.dfactor, max=1.0))
             moved = active & ok
             n_rej += (active & ~ok).long()
-            dt = torch.where(active, direction * (h.abs() * factor).clamp(max=ctrl.max_step), dt)
+            proposal = (h.abs() * factor).clamp(max=ctrl.max_step)
+            # (non-finite: below the floor, to a stop)
+            proposal = torch.where(finite, proposal.clamp(min=ctrl.min_step), proposal)
+            dt = torch.where(active, direction * proposal, dt)
         else:
             moved = active
         if not bool(moved.any()):
