@@ -128,7 +128,9 @@ def _make_attempts(
             )
         ratio = dt_try.abs() * err * inv_rtol
         finite = torch.isfinite(ratio)
-        accept = active & finite & ((ratio <= 1.0) | (dt_try.abs() <= min_step))  # (min_step: as the eager loop)
+        accept = active & finite & (ratio <= 1.0)
+        if min_step > 0:  # (a step at the floor is accepted whatever its error, as in the eager loop)
+            accept = accept | (active & finite & (dt_try.abs() <= min_step))
         t1 = torch.where(lands, t_end, t + dt_try)
         # the step's continuous extension, y(t + θh) = y + h Σ_p θ^(p+1) Q_p with Q_p = Σ_r W[r, p] K_r,
         # recorded for the host to evaluate at the requested times once they are passed
@@ -147,7 +149,9 @@ def _make_attempts(
         shrink = (safety * r ** (-1.0 / k)).clamp(dfactor, 1.0)
         factor = torch.where(accept, grow, torch.where(finite, shrink, torch.full_like(r, dfactor)))
         new_dt = (dt_try.abs() * factor).clamp(max=max_step)  # (the floor: as the per-sample loop)
-        new_dt = torch.where(finite, new_dt.clamp(min=min_step), new_dt) * direction
+        if min_step > 0:
+            new_dt = torch.where(finite, new_dt.clamp(min=min_step), new_dt)
+        new_dt = new_dt * direction
         dt = torch.where(active, new_dt, dt)
         n_steps = n_steps + accept.long()
         n_rej = n_rej + (active & ~accept).long()

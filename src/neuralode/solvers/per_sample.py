@@ -141,7 +141,9 @@ def integrate_per_sample(
                 ratio = dt_try.abs() * rms(e / scale) / rtol
         finite = torch.isfinite(ratio)
         nonfinite_last = torch.where(active, ~finite, nonfinite_last)  # each sample's last attempt was NaN/Inf
-        accept = active & finite & ((ratio <= 1.0) | (dt_try.abs() <= ctrl.min_step))  # (min_step: as joint)
+        accept = active & finite & (ratio <= 1.0)
+        if ctrl.min_step > 0:  # (a step at the floor is accepted whatever its error, as in the joint loop)
+            accept = accept | (active & finite & (dt_try.abs() <= ctrl.min_step))
         reject = active & ~accept
         if quadrature is not None:
             quadrature.end(accept, dt_try)
@@ -199,7 +201,9 @@ def integrate_per_sample(
         factor = torch.where(accept, grow, torch.where(finite, shrink, torch.full_like(r, ctrl.dfactor)))
         # (the floor min_step holds for finite errors; a non-finite step shrinks below it, to a NONFINITE stop)
         new_dt = (dt_try.abs() * factor).clamp(max=ctrl.max_step)
-        new_dt = torch.where(finite, new_dt.clamp(min=ctrl.min_step), new_dt) * direction
+        if ctrl.min_step > 0:
+            new_dt = torch.where(finite, new_dt.clamp(min=ctrl.min_step), new_dt)
+        new_dt = new_dt * direction
         dt = torch.where(active, new_dt, dt)
         n_steps += accept.long()
         n_rej += reject.long()
