@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -127,8 +128,9 @@ def solve(
             ``event_fn``'s), its ``reset`` replaces the state and the solve goes on, or stops for a terminal
             event. ``Solution.event_times`` (differentiable: through the state, the start and the tensors ``fn``
             uses), ``event_index`` (which event) and ``event_states`` (the state just before each) report them;
-            an output at an event time reports the state after the reset. Joint stepping, every gradient mode
-            (not with ``on_failure="return"`` or ``dense=True``).
+            an output at an event time reports the state after the reset. Every gradient mode, joint or
+            ``per_sample=True`` (each sample its own events; the three reports are then lists, one entry per
+            sample); not with ``on_failure="return"`` or ``dense=True``.
         max_events: with ``events``, the most events before the solve stops with a :class:`SolverError`
             (events that accumulate, Zeno behaviour, also stop it).
         checkpoints: with ``gradient="checkpoint"``, keep at most this many states (the initial one included)
@@ -183,15 +185,16 @@ def solve(
             f"per_sample=True needs a tensor state of shape (batch, ...) with the samples along dimension 0; got {got}"
         )
     if events is not None:
-        if event_fn is not None or per_sample or on_failure != "raise" or dense:
+        if event_fn is not None or on_failure != "raise" or dense:
             raise ValueError(
                 "`events` goes with neither `event_fn` (give it as neuralode.Event(fn, terminal=True)) nor, yet, "
-                "per_sample=True, on_failure='return' or dense=True"
+                "on_failure='return' or dense=True"
             )
-        from ._hybrid import solve_with_events
+        from ._hybrid import solve_with_events, solve_with_events_per_sample
 
         kw = dict(method=method, rtol=rtol, atol=atol, options=options, gradient=mode, compile=compile)
-        return solve_with_events(solve, func, y0, t, events, max_events=max_events, kw=kw)
+        chain = solve_with_events_per_sample if per_sample else solve_with_events
+        return chain(solve, func, y0, t, events, max_events=max_events, kw=kw)
     if needs_conversion(y0):  # complex or half precision: solved as real float32 or wider (_convert)
         func, y0, rtol, atol, event_fn, conv = solver_problem(func, y0, rtol, atol, event_fn)
         sol = solve(
@@ -351,6 +354,13 @@ def _solve_per_sample(
     from .gradients.per_sample_checkpoint import per_sample_checkpoint_solve
     from .solvers.per_sample import integrate_per_sample
 
+    entry = get_method(prob.method)
+    auto = entry.name == "auto"
+    if auto and event_fn is not None:
+        raise ValueError(
+            "per_sample=True with method='auto' does not locate events; use it without per_sample=True, or "
+            "per_sample=True with an explicit method such as 'tsit5'"
+        )
     if event_fn is not None:
         return _solve_per_sample_event(prob, stats, mode, on_failure, dense)
     opts = prob.options
@@ -375,6 +385,8 @@ def _solve_per_sample(
     def solve_loop(y0_: torch.Tensor, trace: list | None = None) -> tuple:
         """(result, per-sample statistics): the compiled loop where it applies (no graph), else the eager one;
         either fills ``trace`` for a checkpointed backward."""
+        if auto:
+            return entry.run_per_sample(prob.func, y0_, prob.t_out, opts, prob.rtol, prob.atol, trace=trace)
         if compiled and not torch.is_grad_enabled():
             from .compiled.loop import integrate_device_loop
 
@@ -432,9 +444,11 @@ def _solve_per_sample(
         # (with a backend, the replayed attempts are compiled too)
         ps = _params_of(prob.func, mode.params, "params")
 
+        replayed = functools.partial(entry.replay, opts=opts) if auto else method
+
         def core(y0_: torch.Tensor) -> torch.Tensor:
             return per_sample_checkpoint_solve(
-                prob.func, solve_loop, y0_, ps, record, method=method, t_out=prob.t_out, backend=backend
+                prob.func, solve_loop, y0_, ps, record, method=replayed, t_out=prob.t_out, backend=backend
             )
 
     else:
@@ -477,9 +491,11 @@ def _per_sample_setup(prob: Problem) -> tuple:
     _check_per_sample_state(prob)
     warn_uncalled_callbacks(prob.func, prob.method, per_sample=True)
     max_steps = int(prob.options.get("max_num_steps", DEFAULT_MAX_NUM_STEPS))
-    ctrl = make_controller(get_method(prob.method).order, prob.options)
+    entry = get_method(prob.method)
+    explicit = entry.explicit(prob.options) if entry.name == "auto" else entry  # (auto: its explicit method)
+    ctrl = make_controller(explicit.order, prob.options)
     rhs = prob.rhs()
-    return max_steps, ctrl, rhs, stepper(prob.method, rhs.n, rhs.dtype, rhs.device, "dense")
+    return max_steps, ctrl, rhs, stepper(explicit.name, rhs.n, rhs.dtype, rhs.device, "dense")
 
 
 def _solve_per_sample_event(
@@ -555,6 +571,12 @@ def _per_sample_adjoint_config(
     from .gradients.per_sample_adjoint import PerSampleAdjointConfig
 
     cfg = _adjoint_config(prob, mode)
+    if cfg.method == "auto":
+        # (the backward solve runs the explicit method per sample: the per-sample adjoint's parameter integrals
+        # follow the stages of an explicit Runge–Kutta step)
+        explicit = get_method("auto").explicit(cfg.options).name
+        kept = {k: v for k, v in cfg.options.items() if k not in ("nonstiff", "jacobian")}
+        cfg = dataclasses.replace(cfg, method=explicit, options=kept)
     if not get_method(cfg.method).per_sample:
         raise ValueError(
             f"per_sample=True with gradient='adjoint' needs an adaptive Runge–Kutta adjoint_method "
@@ -665,6 +687,8 @@ def _solve(prob: Problem, stats: SolveStats, mode: GradientMode, on_failure: str
     stats.nfe += record.nfe + extra_rhs.nfe
     stats.n_steps += res.n_steps
     stats.n_rejected += res.n_rejected
+    if res.intervals:
+        stats.methods.extend(res.intervals)
     m = ys.shape[0]
     if res.status != Status.SUCCESS and on_failure == "raise":
         raise exception_for(res.status, res.message, res.t_fail)

@@ -17,12 +17,13 @@ __all__ = ["EventTime", "PerSampleEventTime", "guard_value"]
 class PerSampleEventTime(torch.autograd.Function):
     """``EventTime`` for every sample at once: with gᵦ(tᵦ*, yᵦ(tᵦ*)) = 0, the state's incoming gradient gets
     the event time's sensitivity folded in, ``gy = grad_y - ψ ∂g/∂y / (∂g/∂t + ∂g/∂y · f)`` with
-    ``ψ = grad_t + grad_y · f``, per sample (row ``b`` of ``event_fn`` depends on sample ``b`` only)."""
+    ``ψ = grad_t + grad_y · f``, per sample (row ``b`` of ``event_fn`` depends on sample ``b`` only). ``mask``
+    (optional, ``(batch,)`` bool): only those samples' times are event times; the others pass through."""
 
     @staticmethod
-    def forward(ctx, prob: Problem, sign0: torch.Tensor, comp: torch.Tensor, t_event, y_event, guard):
+    def forward(ctx, prob: Problem, sign0: torch.Tensor, comp: torch.Tensor, t_event, y_event, guard, mask=None):
         ctx.prob = prob
-        ctx.save_for_backward(sign0, comp, t_event, y_event)
+        ctx.save_for_backward(sign0, comp, t_event, y_event, mask)
         return t_event.clone(), y_event.clone()
 
     @staticmethod
@@ -30,7 +31,7 @@ class PerSampleEventTime(torch.autograd.Function):
     def backward(ctx, grad_t: torch.Tensor, grad_y: torch.Tensor):
         first_order_only("", "the event time's gradient")
         prob = ctx.prob
-        sign0, comp, t_event, y_event = ctx.saved_tensors
+        sign0, comp, t_event, y_event, mask = ctx.saved_tensors
         B = y_event.shape[0]
         shape = (B, *prob.shape[1:])
         with torch.enable_grad():
@@ -47,8 +48,11 @@ class PerSampleEventTime(torch.autograd.Function):
             psi = (grad_y * f).sum(1)
             if grad_t is not None:
                 psi = psi + grad_t.to(device=yy.device, dtype=yy.dtype)
+            if mask is not None:  # (samples without an event: their time is not an event time)
+                denom = torch.where(mask, denom, torch.ones_like(denom))
+                psi = torch.where(mask, psi, torch.zeros_like(psi))
             gy = grad_y - (psi / denom)[:, None] * dg_dy
-        return None, None, None, None, gy, -(psi / denom) if ctx.needs_input_grad[5] else None
+        return None, None, None, None, gy, -(psi / denom) if ctx.needs_input_grad[5] else None, None
 
 
 def guard_value(g: Callable, t_event: torch.Tensor, y_event: torch.Tensor) -> torch.Tensor:

@@ -15,11 +15,12 @@ from typing import Any, Callable
 
 import torch
 
+from ._errors import Status
 from .compiled.cache import backend_of
 from .solvers.adams import integrate_adams
 from .solvers.control import StepController
 from .solvers.implicit import IMPLICIT_TABLEAUS, AdaptiveTRBDF2, ImplicitRK, ImplicitTableau
-from .solvers.integrate import RHS, IntegrationResult, integrate_adaptive, integrate_fixed
+from .solvers.integrate import RHS, IntegrationResult, _max_steps_message, integrate_adaptive, integrate_fixed
 from .solvers.rosenbrock import RODAS4, ROSENBROCK_METHODS, Rosenbrock, Rosenbrock23, RosenbrockTableau
 from .solvers.runge_kutta import RungeKutta
 from .solvers.scipy_wrapper import forward_only, integrate_scipy
@@ -411,6 +412,153 @@ class ReversibleMethod(Method):
         return run_
 
 
+class AutoMethod(Method):
+    """Automatic stiffness switching (``solvers.auto``): tsit5 while the problem is not stiff, rodas4 while it is,
+    each step's method chosen from a stiffness estimate the steps compute anyway. ``Solution.stats.methods``
+    lists which method ran over which interval. Options: those of the adaptive methods, ``jacobian`` (for the
+    stiff phases) and ``nonstiff`` (the explicit method: one whose last two nodes are 1, ``"tsit5"`` or
+    ``"dopri5"``)."""
+
+    name = "auto"
+    order = 5
+    kind = "auto"
+    options = (ADAPTIVE_OPTIONS - {"compile"}) | {"jacobian", "nonstiff"}
+    calls_callbacks = True
+    per_sample = True
+
+    def run_per_sample(self, func, y0: torch.Tensor, t_out, opts: dict, rtol: float, atol: float, trace=None):
+        """``per_sample=True``: :func:`solvers.per_sample_auto.integrate_per_sample_auto` with the solve's options
+        (filling ``trace`` for a checkpointed backward)."""
+        from .solvers.auto import SwitchRule, stability_boundary
+        from .solvers.per_sample_auto import integrate_per_sample_auto
+
+        nonstiff = self.explicit(opts)
+        ctrl_e, ctrl_s = make_controller(nonstiff.order, opts), make_controller(RODAS4.order, opts)
+        return integrate_per_sample_auto(
+            func,
+            y0,
+            t_out,
+            stepper(nonstiff.name, int(y0[0].numel()), y0.dtype, y0.device, "dense"),
+            ctrl_e,
+            ctrl_s,
+            SwitchRule(_boundary(nonstiff.tableau, stability_boundary)),
+            rtol=rtol,
+            atol=atol,
+            first_step=opts.get("first_step"),
+            max_num_steps=max_num_steps(opts),
+            trace=trace,
+        )
+
+    def replay(self, func, shape: torch.Size, t_out, trace, opts: dict | None = None):
+        """The per-sample checkpointed gradient's replay of the attempts ``run_per_sample`` traced."""
+        from .solvers.per_sample_auto import AutoReplay
+
+        y = trace[0][2]
+        explicit = stepper(self.explicit(opts or {}).name, int(math.prod(shape[1:])), y.dtype, y.device, "dense")
+        return AutoReplay(func, shape, explicit, t_out, trace)
+
+    def explicit(self, opts: dict) -> "ExplicitRK":
+        from .solvers.auto import supports_estimate
+
+        name = opts.get("nonstiff", "tsit5")
+        entry = get_method(name, "options['nonstiff']")
+        if not (isinstance(entry, ExplicitRK) and entry.adaptive and supports_estimate(entry.tableau)):
+            raise ValueError(
+                f"options['nonstiff'] must be an adaptive explicit method whose last two stages are both at t + h "
+                f"(first same as last), such as 'tsit5' or 'dopri5'; got {name!r}"
+            )
+        return entry
+
+    def run(self, ctx: RunContext) -> IntegrationResult:
+        from .solvers.auto import StepperSchedule, SwitchRule, explicit_stiffness, stability_boundary
+
+        rhs, opts = ctx.rhs, ctx.opts
+        nonstiff = self.explicit(opts)
+        tab = nonstiff.tableau
+        rk = stepper(nonstiff.name, rhs.n, rhs.dtype, rhs.device, "dense")
+        ros = Rosenbrock(RODAS4, rhs.n, rhs.dtype, rhs.device, batch=jacobian_batch(rhs, opts))
+        ros.track_norm = True
+        ctrl_e, ctrl_s = make_controller(nonstiff.order, opts), make_controller(RODAS4.order, opts)
+        rule = SwitchRule(_boundary(tab, stability_boundary))
+        step_t, jump_t = times(opts.get("step_t")), times(opts.get("jump_t"))
+        t_out = [float(s) for s in ctx.t_out]
+        horizon = t_out[-1] if ctx.event_t_end is None else float(ctx.event_t_end)
+        t, y, first = t_out[0], ctx.y0, opts.get("first_step")
+        stiff, nxt = False, 1  # nxt: the first output time not yet produced
+        chunks, segments = [ctx.y0[None]], [] if ctx.keep_segments else None
+        schedule, intervals = StepperSchedule(), []
+        n_steps = n_rej = 0
+        while True:
+            rule.reset()
+            seg_out = [t] + t_out[nxt:] if ctx.event is None else [t]
+            schedule.add(_trace_len(ctx.trace), ros if stiff else rk)
+            if stiff:
+                ctrl_s.reset()
+
+                def switch(K, h, h_next):
+                    return rule(float(ros.jac_norm), h_next, True)
+
+                res = integrate_adaptive(
+                    rhs, y, seg_out, ros, ctrl_s, rtol=ctx.rtol, atol=ctx.atol, norm=ctx.norm, first_step=first,
+                    step_t=step_t + seg_out, jump_t=jump_t, max_num_steps=max(1, max_num_steps(opts) - n_steps - n_rej),
+                    callbacks=ctx.callbacks, keep_segments=ctx.keep_segments, event=ctx.event, t_end=horizon,
+                    trace=ctx.trace, switch=switch,
+                )  # fmt: skip
+            else:
+                ctrl_e.reset()
+
+                def switch(K, h, h_next):
+                    return rule(explicit_stiffness(tab, K, h), h, False)
+
+                res = integrate_adaptive(
+                    rhs, y, seg_out, rk, ctrl_e, rtol=ctx.rtol, atol=ctx.atol, norm=ctx.norm, first_step=first,
+                    step_t=step_t, jump_t=jump_t, max_num_steps=max(1, max_num_steps(opts) - n_steps - n_rej),
+                    callbacks=ctx.callbacks, keep_segments=ctx.keep_segments, event=ctx.event, t_end=horizon,
+                    trace=ctx.trace, switch=switch,
+                )  # fmt: skip
+            n_steps += res.n_steps
+            n_rej += res.n_rejected
+            if res.ys.shape[0] > 1:
+                chunks.append(res.ys[1:])
+                nxt += res.ys.shape[0] - 1
+            if segments is not None and res.segments:
+                segments.extend(res.segments)
+            end = res.stop[0] if res.stop is not None else (res.t_fail if res.t_fail is not None else horizon)
+            if res.event_t is not None:
+                end = res.event_t
+            intervals.append(("rodas4" if stiff else nonstiff.name, t, end))
+            if res.stop is None:
+                break
+            t, y = res.stop
+            # the new method starts from the step the old one proposed, grown on entering the stiff phase and
+            # shrunk on leaving it (DifferentialEquations.jl's AutoSwitch: dtfac = 2)
+            first = abs(res.next_step) * (0.5 if stiff else 2.0)
+            stiff = not stiff
+        ys = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+        message = res.message
+        if res.status == Status.MAX_STEPS:  # (the phase's message counts its own steps: give the whole solve's)
+            message = _max_steps_message(max_num_steps(opts), res.t_fail, t_out[0], horizon, n_steps, n_rej)
+        out = IntegrationResult(ys, res.status, message, res.t_fail, n_steps, n_rej, segments)
+        out.event_t, out.event_y, out.next_step = res.event_t, res.event_y, res.next_step
+        out.method, out.intervals = schedule.finish(), intervals
+        return out
+
+
+def _trace_len(trace) -> int:
+    if trace is None:
+        return 0
+    return len(trace.records) if hasattr(trace, "records") else len(trace)
+
+
+_BOUNDARIES: dict = {}
+
+
+def _boundary(tableau: ButcherTableau, compute) -> float:
+    if tableau not in _BOUNDARIES:
+        _BOUNDARIES[tableau] = compute(tableau)
+    return _BOUNDARIES[tableau]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the registry
 
@@ -438,6 +586,7 @@ _add(Adams("implicit_adams", implicit=True, order=12))
 _add(Adams("fixed_adams", implicit=True, order=12))
 _add(ReversibleMethod("reversible_heun", 2, coupled=False))
 _add(ReversibleMethod("reversible_rk", 5, coupled=True))
+_add(AutoMethod())
 _add(Scipy())
 _BUILTIN.update(_REGISTRY)
 
@@ -544,9 +693,10 @@ class _Names(Sequence):
 METHODS = _Names()
 """The names ``method=`` accepts (a read-only sequence of str that includes methods added by
 :func:`register_method`): adaptive explicit (``dopri5`` the default, ``tsit5``, ...), adaptive stiff
-(``rodas4``, ``rosenbrock23``, ``adaptive_trbdf2``), fixed-step explicit (``euler``, ``rk4``, ...), fixed-step
-implicit (``implicit_euler``, ``radauIIA5``, ...), multistep (``explicit_adams``, ``implicit_adams``,
-``fixed_adams``), algebraically reversible (``reversible_heun``, ``reversible_rk``) and ``scipy_solver``."""
+(``rodas4``, ``rosenbrock23``, ``adaptive_trbdf2``), automatic stiffness switching (``auto``), fixed-step
+explicit (``euler``, ``rk4``, ...), fixed-step implicit (``implicit_euler``, ``radauIIA5``, ...), multistep
+(``explicit_adams``, ``implicit_adams``, ``fixed_adams``), algebraically reversible (``reversible_heun``,
+``reversible_rk``) and ``scipy_solver``."""
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -186,3 +186,129 @@ def test_max_events_is_the_most_events_allowed():
     assert len(sol.event_times) == 3
     with pytest.raises(neuralode.SolverError, match="more than max_events=2"):
         neuralode.solve(osc, y0, t, events=[cross], max_events=2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# per_sample=True: every sample its own events
+
+
+def ball_batch(es, g, h0s, t, events_extra=(), **kw):
+    """Balls dropped from heights ``h0s`` with restitutions ``es`` (one per sample), state (batch, 2)."""
+
+    def f(t, y):
+        return torch.stack([y[:, 1], -g * torch.ones_like(y[:, 1])], 1)
+
+    bounce = neuralode.Event(
+        lambda t, y: y[:, 0], reset=lambda t, y: torch.stack([y[:, 0], -es * y[:, 1]], 1), direction=-1
+    )
+    y0 = torch.stack([torch.as_tensor(h0s, dtype=D), torch.zeros(len(h0s), dtype=D)], 1)
+    return neuralode.solve(f, y0, t, events=[bounce, *events_extra], per_sample=True, rtol=1e-10, atol=1e-12, **kw)
+
+
+def analytic_from(t: float, e: float, g: float, h0: float) -> tuple[list[float], float]:
+    """Bounce times up to t and the height at t of a ball dropped from h0."""
+    v = math.sqrt(2 * g * h0)
+    times = [math.sqrt(2 * h0 / g)]
+    if t < times[0]:
+        return [], h0 - 0.5 * g * t * t
+    while True:
+        v_k = e ** len(times) * v
+        nxt = times[-1] + 2 * v_k / g
+        if nxt > t:
+            s = t - times[-1]
+            return times, v_k * s - 0.5 * g * s * s
+        times.append(nxt)
+
+
+ES, H0S = (0.8, 0.7, 0.9), (1.0, 1.0, 0.5)
+
+
+def test_per_sample_events_match_the_analytic_balls():
+    t = torch.linspace(0, 2.0, 9, dtype=D)
+    sol = ball_batch(torch.tensor(ES, dtype=D), G0, H0S, t)
+    assert sol.ys.shape == (9, 3, 2)
+    for b, (e, h0) in enumerate(zip(ES, H0S)):
+        times, h = analytic_from(2.0, e, G0, h0)
+        assert sol.event_times[b].tolist() == pytest.approx(times, abs=1e-9)  # each sample its own bounces
+        assert sol.event_index[b] == [0] * len(times)
+        assert float(sol.ys[-1, b, 0]) == pytest.approx(h, abs=1e-9)
+        for j, tj in enumerate(t.tolist()[1:-1], start=1):
+            assert float(sol.ys[j, b, 0]) == pytest.approx(analytic_from(tj, e, G0, h0)[1], abs=1e-9)
+
+
+@pytest.mark.parametrize("gradient", ["backprop", "adjoint", "checkpoint"])
+def test_per_sample_event_gradients_match_central_differences(gradient):
+    t = torch.linspace(0, 1.5, 4, dtype=D)
+    es = torch.tensor(ES, dtype=D, requires_grad=True)
+    g = torch.tensor(G0, dtype=D, requires_grad=True)
+    sol = ball_batch(es, g, H0S, t, gradient=gradient, **({} if gradient == "backprop" else {"params": (g,)}))
+    L = sol.ys[1:, :, 0].sum() + sum(x.sum() for x in sol.event_times)
+    L.backward()
+
+    def L_of(e_vals, g0):
+        total = 0.0
+        for e, h0 in zip(e_vals, H0S):
+            for tj in t.tolist()[1:]:
+                total += analytic_from(tj, e, g0, h0)[1]
+            total += sum(analytic_from(1.5, e, g0, h0)[0])
+        return total
+
+    eps = 1e-6
+    for b in range(3):
+        up, down = list(ES), list(ES)
+        up[b] += eps
+        down[b] -= eps
+        fd = (L_of(up, G0) - L_of(down, G0)) / (2 * eps)
+        assert float(es.grad[b]) == pytest.approx(fd, rel=1e-5, abs=1e-7), (gradient, b)
+    fd_g = (L_of(ES, G0 + eps) - L_of(ES, G0 - eps)) / (2 * eps)
+    assert float(g.grad) == pytest.approx(fd_g, rel=1e-5, abs=1e-7)
+
+
+def test_per_sample_events_equal_each_sample_solved_alone_and_event_parameters_get_gradients():
+    # a floor per sample, a tensor the event function uses: its gradient comes through the event times only
+    floors = torch.tensor([0.0, 0.2], dtype=D, requires_grad=True)
+    t = torch.linspace(0, 1.2, 5, dtype=D)
+
+    def f(t, y):
+        return torch.stack([y[..., 1], -G0 * torch.ones_like(y[..., 1])], -1)
+
+    def event(floor):
+        return neuralode.Event(
+            lambda t, y: y[..., 0] - floor,
+            reset=lambda t, y: torch.stack([y[..., 0], -0.8 * y[..., 1]], -1),
+            direction=-1,
+        )
+
+    y0 = torch.tensor([[1.0, 0.0], [1.5, 0.5]], dtype=D)
+    sol = neuralode.solve(f, y0, t, events=[event(floors)], per_sample=True, rtol=1e-10, atol=1e-12)
+    (dfloor,) = torch.autograd.grad(sum(x.sum() for x in sol.event_times), floors)
+    for b in range(2):
+        fl = floors[b].detach().clone().requires_grad_(True)
+        alone = neuralode.solve(f, y0[b], t, events=[event(fl)], rtol=1e-10, atol=1e-12)
+        assert torch.allclose(sol.ys[:, b], alone.ys, atol=1e-10)
+        assert torch.allclose(sol.event_times[b], alone.event_times, atol=1e-10)
+        (d_alone,) = torch.autograd.grad(alone.event_times.sum(), fl)
+        assert float(dfloor[b]) == pytest.approx(float(d_alone), rel=1e-7)
+
+
+def test_per_sample_terminal_event_freezes_that_sample_only():
+    t = torch.linspace(0, 1.0, 5, dtype=D)
+    # terminal when a ball falls below 0.3 (first crossing): the second ball, dropped from 0.5, reaches it
+    # at t = sqrt(2 · 0.2 / g); the first, dropped from 0.2, is below from the start and bounces on
+    low = neuralode.Event(lambda t, y: y[:, 0] - 0.3 * torch.tensor([0.0, 1.0], dtype=D), terminal=True, direction=-1)
+    sol = ball_batch(torch.tensor([0.8, 0.8], dtype=D), G0, (0.2, 0.5), t, events_extra=(low,))
+    t_stop = math.sqrt(2 * 0.2 / G0)
+    assert sol.event_index[1] == [1] and sol.event_times[1].tolist() == pytest.approx([t_stop], abs=1e-9)
+    later = t > t_stop
+    assert torch.allclose(sol.ys[later, 1, 0], torch.full((int(later.sum()),), 0.3, dtype=D), atol=1e-9)
+    times, h = analytic_from(1.0, 0.8, G0, 0.2)
+    assert sol.event_times[0].tolist() == pytest.approx(times, abs=1e-9)
+
+
+def test_per_sample_events_refuse_what_they_do_not_do():
+    t = torch.linspace(0, 1.0, 3, dtype=D)
+    with pytest.raises(ValueError, match="adaptive explicit method"):
+        ball_batch(torch.tensor([0.8], dtype=D), G0, (1.0,), t, method="rodas4")
+    bad = neuralode.Event(lambda t, y: y[0, 0])  # one value for the whole batch
+    with pytest.raises(ValueError, match="one row per sample"):
+        ball_batch(torch.tensor([0.8, 0.8], dtype=D), G0, (1.0, 1.0), t, events_extra=(bad,))

@@ -17,6 +17,7 @@ from .._amp import full_precision
 from .._methods import get_method
 from .._problem import Problem, run
 from ..compiled.cache import backend_of
+from ..solvers.auto import stepper_of
 from ..solvers.runge_kutta import Segment
 from .budget import BudgetTrace, reverse_steps
 from .common import SolveRecord, direct_gradients, recomputed_backward, vjp
@@ -42,7 +43,7 @@ class _CheckpointSolve(torch.autograd.Function):
     @staticmethod
     @full_precision
     def backward(ctx, grad_ys: torch.Tensor):
-        prob, trace, method = ctx.prob, ctx.trace, ctx.method
+        prob, trace, methods = ctx.prob, ctx.trace, ctx.method
         y_start, *params = ctx.saved_tensors
         if torch.is_grad_enabled():  # (create_graph=True: a derivative of the gradient)
 
@@ -59,7 +60,7 @@ class _CheckpointSolve(torch.autograd.Function):
         t_out = prob.t_out[: ctx.m]
         direction = 1.0 if t_out[-1] >= t_out[0] else -1.0
         rhs = prob.rhs()
-        step = _compiled_replay(prob, rhs, method)
+        step = _compiled_replay(prob, rhs, methods)
         tt = lambda s: torch.scalar_tensor(s, dtype=rhs.dtype, device=rhs.device)  # noqa: E731
         steps = trace.records
         # the outputs each step reaches (after its start, up to its end)
@@ -73,6 +74,7 @@ class _CheckpointSolve(torch.autograd.Function):
         def step_at(i: int, y: torch.Tensor, with_k: bool) -> tuple:
             """Step ``i`` from ``y``: its end value and, where ``with_k``, its stages for the output interpolant."""
             t0, t1, _, perturb_first, perturb_last = steps[i]
+            method = stepper_of(methods, i)
             if step is not None and not (perturb_first or perturb_last):  # all stages in one compiled call
                 y1, K, _ = step(tt(t0), tt(t1 - t0), y, rhs.at(t0, y), prob.atol / prob.rtol, 1.0 / prob.rtol)
                 rhs.nfe += method.stages - 1
@@ -103,7 +105,7 @@ class _CheckpointSolve(torch.autograd.Function):
                 y1, K = step_at(i, y, bool(inner))
                 targets, grads = [y1], [a]
                 if inner:
-                    targets.append(Segment(t0, t1, y, y1, K, method)([t_out[k] for k in inner]))
+                    targets.append(Segment(t0, t1, y, y1, K, stepper_of(methods, i))([t_out[k] for k in inner]))
                     grads.append(grad_ys[inner])
                 for k in outs:
                     if t_out[k] == t1:

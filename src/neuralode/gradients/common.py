@@ -100,6 +100,8 @@ class SolveStats:
         n_steps_backward, n_rejected_backward: the adjoint's backward solve (zero for other modes).
         checkpoint_bytes: what ``gradient="checkpoint"`` keeps between the forward and the backward pass (the
             saved states and step data; zero for other modes).
+        methods: with ``method="auto"``, which method ran over which interval of the forward solve: a list of
+            ``(name, t_start, t_end)``; empty for other methods.
     """
 
     nfe: int = 0
@@ -109,6 +111,7 @@ class SolveStats:
     n_steps_backward: int = 0
     n_rejected_backward: int = 0
     checkpoint_bytes: int = 0
+    methods: list = dataclasses.field(default_factory=list)
 
     def __getitem__(self, key: str) -> int:
         return getattr(self, key)

@@ -69,7 +69,12 @@ class _PerSampleCheckpoint(torch.autograd.Function):
         g = grad_ys.reshape(grad_ys.shape[0], B, -1)
         m = g.shape[0]
         func, method, t_out = ctx.func, ctx.method, ctx.t_out
-        replay = Replay(func, shape, method, t_out, trace, backend=ctx.backend) if trace else None
+        if not trace:
+            replay = None
+        elif callable(method) and not hasattr(method, "tableau"):  # a factory of the replay (method="auto")
+            replay = method(func, shape, t_out, trace)
+        else:
+            replay = Replay(func, shape, method, t_out, trace, backend=ctx.backend)
         a = torch.zeros_like(g[0])
         p_grads = [torch.zeros_like(p) for p in wrt]
         rows = torch.arange(B, device=g.device)[:, None]
@@ -122,7 +127,8 @@ def per_sample_checkpoint_solve(
 ) -> torch.Tensor:
     """``ys (m, batch, ...)`` from ``forward(y0, trace) -> (result, per-sample statistics)`` (the per-sample loop
     without a graph, filling ``trace``), differentiated by replaying its attempts with ``method`` (a
-    ``RungeKutta``) at the output times ``t_out`` (compiled with ``backend``, where given). The forward's result
+    ``RungeKutta``, or ``method(func, shape, t_out, trace)`` making the replay) at the output times ``t_out``
+    (compiled with ``backend``, where given). The forward's result
     and statistics are left in ``record.result`` and ``record.sample_stats``; the backward adds its cost to
     ``record.stats``."""
     return _PerSampleCheckpoint.apply(func, forward, method, t_out, backend, record, y0, *params)

@@ -163,6 +163,8 @@ class IntegrationResult:
     event_y: torch.Tensor | None = None
     method: Any = None  # the bound stepper (RungeKutta) that produced this result
     next_step: float | None = None  # adaptive: the controller's proposal after the last accepted step
+    stop: tuple | None = None  # (t, y) where a ``switch`` hook ended the solve early (``method="auto"``)
+    intervals: list | None = None  # method="auto": (method name, t_start, t_end) of each phase
 
 
 def block_rms_max(sizes: Sequence[int], device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -413,10 +415,13 @@ def integrate_adaptive(
     event: EventLocator | None = None,
     t_end: float | None = None,
     trace: list | None = None,
+    switch: Callable | None = None,
 ) -> IntegrationResult:
     """Adaptive Runge–Kutta integration from ``t_out[0]`` through every time in ``t_out``.
 
     ``t_end`` (events) replaces ``t_out[-1]`` as the horizon; with an event the loop stops at the event.
+    ``switch(K, dt_taken, dt_next)`` (``method="auto"``) is asked after each accepted step that does not end
+    the solve; when it returns True the loop stops there and the result's ``stop`` holds ``(t, y)``.
     """
     t = float(t_out[0])
     t_end = float(t_out[-1]) if t_end is None else float(t_end)
@@ -506,6 +511,7 @@ def integrate_adaptive(
         return ratio_of(e.div_(scale)) * norm_scale * inv_rtol, y1_abs
 
     status, message, t_fail = Status.SUCCESS, "", None
+    stop = None
     while True:
         if n_steps + n_rej >= max_num_steps:
             status, t_fail = Status.MAX_STEPS, t
@@ -560,6 +566,9 @@ def integrate_adaptive(
                 if event is not None and not done:
                     message = "no event before the end of the interval"
                 break
+            if switch is not None and switch(buf.K, dt_try, dt):
+                stop = (t1, y1)
+                break
             # first stage of the next step
             perturbed_start = lands and is_jump
             if perturbed_start:
@@ -594,7 +603,7 @@ def integrate_adaptive(
         if checked.status != Status.SUCCESS:
             status, message, t_fail, ys = checked.status, checked.message, checked.t_fail, checked.ys
     res = IntegrationResult(ys, status, message, t_fail, n_steps, n_rej, out.segments)
-    res.next_step = dt
+    res.next_step, res.stop = dt, stop
     if event is not None:
         res.event_t, res.event_y = event.t_event, event.y_event
     return res

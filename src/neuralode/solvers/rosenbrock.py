@@ -79,6 +79,9 @@ class _RosenbrockBase(FlatBuffers):
 
     batch: int
     d: int
+    #: keep ``jac_norm`` = max over blocks of ‖J‖_∞ at each step's start (``method="auto"`` reads it)
+    track_norm = False
+    jac_norm: torch.Tensor | None = None
 
     def _solve(self, lu, v: torch.Tensor) -> torch.Tensor:
         B, d = self.batch, self.d
@@ -91,6 +94,8 @@ class _RosenbrockBase(FlatBuffers):
         J = user_jacobian(rhs, t0, y, self.batch)
         if J is None:
             J = batched_jacobian(lambda v: rhs(t0, v), y, self.batch, create_graph=grad)
+        if self.track_norm:
+            self.jac_norm = J.detach().abs().sum(-1).amax()
         G = -J
         G.diagonal(dim1=1, dim2=2).add_(1.0 / (h * gamma))
         lu = torch.linalg.lu_factor(G)
