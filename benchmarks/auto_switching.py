@@ -5,11 +5,11 @@
 For each μ in 1, 10, 100, 1000: a batch of 16 oscillators (x0 from 0.5 to 2.0, v0 = 0), solved together over
 two periods (T = max(20, 2 (3 − 2 ln 2) μ), the relaxation period for large μ), 50 output times, rtol = atol =
 1e-6, float64, one thread. Then one batch mixing μ = 1 … 1000 (16 values, log-spaced) on [0, 1000], solved
-together and with per-sample stepping (dopri5 and auto). Each method's wall time
-is the minimum over interleaved rounds (one round for the mixed batch); a method that fails (too many steps: the default max_num_steps of
-100,000 attempts) is run once and marked failed. Reported: evaluations of f (NFE), accepted and rejected
-steps, time, the largest deviation from scipy's Radau at rtol 1e-10 (one oscillator per batch), and auto's
-NFE and time relative to the better of dopri5 and rodas4.
+together and with per-sample stepping (dopri5 and auto). Each method's wall time is the minimum over
+interleaved rounds (one round for the mixed batch); a method that fails (too many steps: the default
+max_num_steps of 100,000 attempts) is run once and marked failed. Reported: evaluations of f (NFE), accepted
+and rejected steps, time, the largest deviation from scipy's Radau at rtol 1e-10 (one oscillator per batch),
+and auto's NFE and time relative to the better of dopri5 and rodas4.
 """
 
 from __future__ import annotations
