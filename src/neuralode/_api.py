@@ -225,6 +225,13 @@ def solve(
     # the adjoint's memory must not grow with the steps: it keeps no dense output unless asked to
     # (nor the checkpoint's, in a budget of states)
     bounded = isinstance(mode, (Adjoint, Reversible)) or isinstance(mode, Checkpoint) and mode.checkpoints is not None
+    if per_sample and method == "auto":  # (its per-sample loop keeps no continuous extensions)
+        if dense:
+            raise ValueError(
+                "per_sample=True with method='auto' keeps no dense output: leave dense unset and ask for the times "
+                "you need in `t`, or solve without per_sample=True"
+            )
+        dense = False
     dense = (not compile and not bounded) if dense is None else bool(dense)
     if on_failure not in ("raise", "return"):
         raise ValueError(f"`on_failure` must be 'raise' or 'return', got {on_failure!r}")

@@ -387,24 +387,37 @@ def solve_with_events_per_sample(
             [] if done[b] else [j for j in range(k[b], m) if direction * (times[j] - t_ev[b]) < 0] for b in range(B)
         ]
         width = max(len(x) for x in inside) + 2
-        rows = []
+        rows, where = [], []
         for b in range(B):
-            # the sample's start (differentiable), its outputs (differentiable), then filler times, then its end:
-            # the event time (its gradient comes below) or the last output time
-            row = [t_c[b]] + [t[j] for j in inside[b]]
-            last = float(row[-1].detach()) if len(row) > 1 else tc[b]
-            fill = width - 1 - len(row)
-            row += [torch.tensor(last + (t_ev[b] - last) * (i + 1) / (fill + 1), dtype=t.dtype) for i in range(fill)]
+            # the sample's start (differentiable), its outputs (differentiable) and its end: the event time (its
+            # gradient comes below) or the last output time; then filler times, whose values are dropped, spread
+            # over the row's widest gap
             end_is_output = not done[b] and not bool(hit[b])
+            row = [t_c[b]] + [t[j] for j in inside[b]]
             row.append(t[m - 1] if end_is_output else torch.tensor(t_ev[b], dtype=t.dtype))
-            rows.append(torch.stack([x.to(device=t.device, dtype=t.dtype).reshape(()) for x in row]))
+            at = [float(x.detach()) for x in row]
+            fill = width - len(row)
+            g = max(range(len(at) - 1), key=lambda i: abs(at[i + 1] - at[i]))
+            extra = [
+                torch.tensor(at[g] + (at[g + 1] - at[g]) * (i + 1) / (fill + 1), dtype=t.dtype) for i in range(fill)
+            ]
+            row = row[: g + 1] + extra + row[g + 1 :]
+            where.append([1 + i + (fill if i >= g else 0) for i in range(len(inside[b]))])
+            row_t = torch.stack([x.to(device=t.device, dtype=t.dtype).reshape(()) for x in row])
+            if not bool((direction * row_t.diff() > 0).all()):
+                raise SolverError(
+                    f"events of sample {b} come too close together near t={tc[b]:.10g} to be told apart in "
+                    f"{t.dtype} (accumulating events?); stop the solve before that time or change the reset",
+                    tc[b],
+                )
+            rows.append(row_t)
         sol = solve(func, y_c, torch.stack(rows), per_sample=True, **kw)
         _add(stats, sol.stats)
         ys = sol.ys
         for b in range(B):
             if done[b]:
                 continue
-            outputs[b] += [ys[1 + i, b] for i in range(len(inside[b]))]
+            outputs[b] += [ys[r, b] for r in where[b]]
             k[b] += len(inside[b])
             if not bool(hit[b]):  # reached the end without an event
                 outputs[b].append(ys[-1, b])

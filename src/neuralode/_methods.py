@@ -489,6 +489,10 @@ class AutoMethod(Method):
         schedule, intervals = StepperSchedule(), []
         n_steps = n_rej = 0
         while True:
+            budget = max_num_steps(opts) - n_steps - n_rej
+            if budget <= 0:  # (a phase used up the attempts exactly: the next one may not start)
+                res = IntegrationResult(y[None], Status.MAX_STEPS, "", t, 0, 0)
+                break
             rule.reset()
             seg_out = [t] + t_out[nxt:] if ctx.event is None else [t]
             schedule.add(_trace_len(ctx.trace), ros if stiff else rk)
@@ -500,7 +504,7 @@ class AutoMethod(Method):
 
                 res = integrate_adaptive(
                     rhs, y, seg_out, ros, ctrl_s, rtol=ctx.rtol, atol=ctx.atol, norm=ctx.norm, first_step=first,
-                    step_t=step_t + seg_out, jump_t=jump_t, max_num_steps=max(1, max_num_steps(opts) - n_steps - n_rej),
+                    step_t=step_t + seg_out, jump_t=jump_t, max_num_steps=budget,
                     callbacks=ctx.callbacks, keep_segments=ctx.keep_segments, event=ctx.event, t_end=horizon,
                     trace=ctx.trace, switch=switch,
                 )  # fmt: skip
@@ -512,7 +516,7 @@ class AutoMethod(Method):
 
                 res = integrate_adaptive(
                     rhs, y, seg_out, rk, ctrl_e, rtol=ctx.rtol, atol=ctx.atol, norm=ctx.norm, first_step=first,
-                    step_t=step_t, jump_t=jump_t, max_num_steps=max(1, max_num_steps(opts) - n_steps - n_rej),
+                    step_t=step_t, jump_t=jump_t, max_num_steps=budget,
                     callbacks=ctx.callbacks, keep_segments=ctx.keep_segments, event=ctx.event, t_end=horizon,
                     trace=ctx.trace, switch=switch,
                 )  # fmt: skip

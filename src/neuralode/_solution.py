@@ -51,6 +51,10 @@ class Solution:
         per-sample solve ``t_new`` may also be ``(batch, K)``, each sample's own times inside its own interval.
         """
         if self._segments is None:
+            if self._prob is not None and self._prob.method == "auto" and hasattr(self, "sample_stats"):
+                raise RuntimeError(
+                    "per-sample solves with method='auto' keep no dense output; ask for the times you need in `t`"
+                )
             if self._prob is not None and self._prob.options.get("compile"):
                 raise RuntimeError(
                     "this solution keeps no dense output: the compiled solver (compile=True) does not keep its "

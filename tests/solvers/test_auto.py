@@ -291,3 +291,44 @@ def test_per_sample_auto_refuses_events():
     t = torch.linspace(0, 1, 2, dtype=D)
     with pytest.raises(ValueError, match="per_sample=True with method='auto' does not locate events"):
         neuralode.solve(f, y0, t, method="auto", per_sample=True, event_fn=lambda t, y: y[:, 0])
+
+
+def test_moderately_stiff_linear_problem_switches():
+    # y' = -λ (y - sin t) + cos t, solution sin t + exp(-λ t): stiff once the transient is over. tsit5's
+    # controller holds λh near 2.5-3 on such problems, under 0.9 of its stability boundary: detection must fire
+    def f(t, y):
+        return -200.0 * (y - torch.sin(t)) + torch.cos(t)
+
+    t = torch.tensor([0.0, 10.0], dtype=D)
+    y0 = torch.ones(1, dtype=D)
+    auto = neuralode.solve(f, y0, t, method="auto", rtol=1e-6, atol=1e-6)
+    rodas = neuralode.solve(f, y0, t, method="rodas4", rtol=1e-6, atol=1e-6)
+    tsit = neuralode.solve(f, y0, t, method="tsit5", rtol=1e-6, atol=1e-6)
+    assert [m for m, _, _ in auto.stats.methods] == ["tsit5", "rodas4"]
+    assert auto.stats.nfe <= 1.2 * rodas.stats.nfe < tsit.stats.nfe
+    assert float(auto.ys[-1, 0]) == pytest.approx(math.sin(10.0), abs=1e-4)
+
+
+def test_max_num_steps_counts_every_phase():
+    f = VdP(1000.0)
+    y0 = torch.tensor([2.0, 0.0], dtype=D)
+    t = torch.tensor([0.0, 1000.0], dtype=D)  # (about 300 attempts)
+    with torch.no_grad():
+        for budget in range(10, 60):  # (the first phase ends within these: every budget holds exactly)
+            sol = neuralode.solve(
+                f, y0, t, method="auto", rtol=1e-6, atol=1e-6, options=dict(max_num_steps=budget), on_failure="return"
+            )
+            assert sol.status == neuralode.Status.MAX_STEPS
+            assert sol.stats.n_steps + sol.stats.n_rejected == budget, budget
+            assert f"max_num_steps={budget} exceeded" in sol.message
+
+
+def test_per_sample_auto_keeps_no_dense_output_and_says_so():
+    f = VdPBatch([1.0, 2.0])
+    y0 = torch.tensor([[2.0, 0.0], [1.0, 0.0]], dtype=D)
+    t = torch.linspace(0, 1, 3, dtype=D)
+    with pytest.raises(ValueError, match="keeps no dense output"):
+        neuralode.solve(f, y0, t, method="auto", per_sample=True, dense=True)
+    sol = neuralode.solve(f, y0, t, method="auto", per_sample=True)
+    with pytest.raises(RuntimeError, match="method='auto' keep no dense output"):
+        sol.interpolate(torch.tensor([0.5], dtype=D))

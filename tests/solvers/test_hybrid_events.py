@@ -312,3 +312,14 @@ def test_per_sample_events_refuse_what_they_do_not_do():
     bad = neuralode.Event(lambda t, y: y[0, 0])  # one value for the whole batch
     with pytest.raises(ValueError, match="one row per sample"):
         ball_batch(torch.tensor([0.8, 0.8], dtype=D), G0, (1.0, 1.0), t, events_extra=(bad,))
+
+
+def test_per_sample_output_an_ulp_before_an_event():
+    # one sample's output lies an ulp before its first bounce while the other sample has more outputs in that
+    # round: the filler times of the shorter row must not collide
+    t_bounce = math.sqrt(2 * 0.5 / G0)
+    t = torch.tensor([0.0, 0.1, 0.2, 0.25, math.nextafter(t_bounce, 0.0), 0.6], dtype=D)
+    sol = ball_batch(torch.tensor([0.8, 0.8], dtype=D), G0, (0.5, 3.0), t)
+    for b, h0 in enumerate((0.5, 3.0)):
+        for j, tj in enumerate(t.tolist()):
+            assert float(sol.ys[j, b, 0]) == pytest.approx(analytic_from(tj, 0.8, G0, h0)[1], abs=1e-9)

@@ -115,12 +115,7 @@ def integrate_per_sample(
     records: list | None = [] if keep_dense else None
     while bool(active.any()):
         if attempts >= max_num_steps:
-            worst = int(torch.argmin(torch.where(active, direction * t, torch.full_like(t, math.inf))))
-            status, t_fail = Status.MAX_STEPS, float(t[worst])
-            message = _max_steps_message(
-                max_num_steps, t_fail, float(T_t[worst, 0]), float(t_end[worst]), int(n_steps[worst]), int(n_rej[worst])
-            )
-            message += f" (sample {worst} of the batch)"
+            status, t_fail, message = max_steps_failure(active, t, direction, T_t, n_steps, n_rej, max_num_steps)
             break
         attempts += 1
         lands = direction * (t + dt - t_end) >= 0
@@ -164,16 +159,15 @@ def integrate_per_sample(
                 y1 = torch.where(hit[:, None], events.y_event, y1)
             else:
                 hit = None
-        # every output time passed by an accepted step, all samples at once: indices next_k .. upto − 1
-        upto = torch.searchsorted(T_sorted, (direction * t1)[:, None], right=True)[:, 0]
-        count = torch.where(accept, upto - next_k, torch.zeros_like(upto)).clamp(min=0)
-        M = int(count.max())
-        if M:
-            ks = next_k[:, None] + torch.arange(M, device=device)
-            valid = torch.arange(M, device=device) < count[:, None]
-            vals = _dense_values(co, T_t, t, dt_try, y, h, K, ks)
-            out[torch.where(valid, ks, m), torch.arange(B, device=device)[:, None].expand(B, M)] = vals
-            next_k = next_k + count
+        next_k = write_outputs(
+            out,
+            next_k,
+            accept,
+            t1,
+            T_sorted,
+            direction,
+            lambda ks, a=(t, dt_try, y, h, K): _dense_values(co, T_t, *a, ks),
+        )
         if trace is not None:  # (start times, steps, start values, accepted, end times): what a replay needs
             trace.append((t, dt_try, y, accept, t1))
         if records is not None:  # (start, step, start value, extension Q (B, degree, d), time after the attempt)
@@ -210,26 +204,11 @@ def integrate_per_sample(
         active = active & ~(accept & lands)
         if hit is not None:
             active = active & ~hit
-        tiny = active & ((t + dt == t) | (dt.abs() < 4 * np.finfo(np.float64).eps * t.abs()))
-        if bool(tiny.any()):
-            worst = int(tiny.nonzero()[0])
-            t_fail = float(t[worst])
-            if bool(nonfinite_last[worst]):  # its steps kept producing NaN/Inf until the step size vanished
-                status = Status.NONFINITE
-                message = (
-                    f"the state of sample {worst} of the batch became NaN or Inf just after t={t_fail:.10g}: every "
-                    "step from there produced non-finite values (func returned NaN/Inf, or the solution blows up "
-                    "there)"
-                )
-                if t_fail == float(T_t[worst, 0]):
-                    message += "; check that sample's y0 and func(t0, y0) for NaN/Inf"
-            else:
-                status = Status.DT_UNDERFLOW
-                message = (
-                    f"step size underflow at t={t_fail:.10g} for sample {worst} of the batch: its step fell to "
-                    f"{abs(float(dt[worst])):.3g} (rtol={rtol:g}, atol={atol:g}); the sample's solution may blow "
-                    "up there or its dynamics are stiff: then solve without per_sample=True and " + STIFF_HINT
-                )
+        stalled = stall_failure(
+            active, t, dt, nonfinite_last, T_t, rtol, atol, "then solve without per_sample=True and " + STIFF_HINT
+        )
+        if stalled is not None:
+            status, t_fail, message = stalled
             break
     reached = int(next_k.min()) if status != Status.SUCCESS else m
     res = IntegrationResult(
@@ -239,6 +218,56 @@ def integrate_per_sample(
         res.segments = PerSampleDense(records, direction, T_t[:, 0], t) if records else []
     stats = {"n_steps": n_steps, "n_rejected": n_rej, "nfe": nfe, "calls": calls}
     return res, stats
+
+
+def max_steps_failure(active, t, direction: float, T_t, n_steps, n_rej, max_num_steps: int) -> tuple:
+    """``(Status.MAX_STEPS, t_fail, message)`` naming the active sample that got least far."""
+    worst = int(torch.argmin(torch.where(active, direction * t, torch.full_like(t, math.inf))))
+    t_fail = float(t[worst])
+    message = _max_steps_message(
+        max_num_steps, t_fail, float(T_t[worst, 0]), float(T_t[worst, -1]), int(n_steps[worst]), int(n_rej[worst])
+    )
+    return Status.MAX_STEPS, t_fail, message + f" (sample {worst} of the batch)"
+
+
+def stall_failure(active, t, dt, nonfinite_last, T_t, rtol: float, atol: float, stiff_hint: str) -> tuple | None:
+    """``(status, t_fail, message)`` where an active sample's step no longer moves its time (its steps kept
+    producing NaN/Inf, or an underflow), else None."""
+    tiny = active & ((t + dt == t) | (dt.abs() < 4 * np.finfo(np.float64).eps * t.abs()))
+    if not bool(tiny.any()):
+        return None
+    worst = int(tiny.nonzero()[0])
+    t_fail = float(t[worst])
+    if bool(nonfinite_last[worst]):  # its steps kept producing NaN/Inf until the step size vanished
+        message = (
+            f"the state of sample {worst} of the batch became NaN or Inf just after t={t_fail:.10g}: every "
+            "step from there produced non-finite values (func returned NaN/Inf, or the solution blows up there)"
+        )
+        if t_fail == float(T_t[worst, 0]):
+            message += "; check that sample's y0 and func(t0, y0) for NaN/Inf"
+        return Status.NONFINITE, t_fail, message
+    message = (
+        f"step size underflow at t={t_fail:.10g} for sample {worst} of the batch: its step fell to "
+        f"{abs(float(dt[worst])):.3g} (rtol={rtol:g}, atol={atol:g}); the sample's solution may blow up there or its "
+        "dynamics are stiff: " + stiff_hint
+    )
+    return Status.DT_UNDERFLOW, t_fail, message
+
+
+def write_outputs(out, next_k, accept, t1, T_sorted, direction: float, values_of) -> torch.Tensor:
+    """Write every output time an accepted attempt passed, all samples at once: indices ``next_k`` … up to
+    ``t1``, values ``values_of(ks)`` (``(batch, M, d)``) into ``out`` (a spare last row takes the writes with
+    nowhere to go); returns the new ``next_k``."""
+    B, m = next_k.shape[0], out.shape[0] - 1
+    upto = torch.searchsorted(T_sorted, (direction * t1)[:, None], right=True)[:, 0]
+    count = torch.where(accept, upto - next_k, torch.zeros_like(upto)).clamp(min=0)
+    M = int(count.max())
+    if not M:
+        return next_k
+    ks = next_k[:, None] + torch.arange(M, device=next_k.device)
+    valid = torch.arange(M, device=next_k.device) < count[:, None]
+    out[torch.where(valid, ks, m), torch.arange(B, device=next_k.device)[:, None].expand(B, M)] = values_of(ks)
+    return next_k + count
 
 
 class _Coefficients:

@@ -21,9 +21,18 @@ from .._errors import Status
 from .auto import SwitchRule, _Rows
 from .control import _MIN_RATIO, StepController, initial_steps, rms_rows
 from .implicit import batched_jacobian
-from .integrate import IntegrationResult, _max_steps_message
-from .per_sample import Replay, _Coefficients, _dense_values, _stage_list, _stages
-from .rosenbrock import RODAS4, RosenbrockTableau
+from .integrate import IntegrationResult
+from .per_sample import (
+    Replay,
+    _Coefficients,
+    _dense_values,
+    _stage_list,
+    _stages,
+    max_steps_failure,
+    stall_failure,
+    write_outputs,
+)
+from .rosenbrock import RODAS4, RosenbrockTableau, rosenbrock_stages
 from .runge_kutta import RungeKutta, combo, tableau_floats
 
 __all__ = ["integrate_per_sample_auto", "AutoReplay"]
@@ -106,12 +115,7 @@ def integrate_per_sample_auto(
     K = torch.empty(max(explicit.rows, S), B, d, dtype=dtype, device=device)
     while bool(active.any()):
         if attempts >= max_num_steps:
-            worst = int(torch.argmin(torch.where(active, direction * t, torch.full_like(t, math.inf))))
-            status, t_fail = Status.MAX_STEPS, float(t[worst])
-            message = _max_steps_message(
-                max_num_steps, t_fail, float(T_t[worst, 0]), float(t_end[worst]), int(n_steps[worst]), int(n_rej[worst])
-            )
-            message += f" (sample {worst} of the batch)"
+            status, t_fail, message = max_steps_failure(active, t, direction, T_t, n_steps, n_rej, max_num_steps)
             break
         attempts += 1
         E_, S_ = active & ~stiff, active & stiff
@@ -152,18 +156,14 @@ def integrate_per_sample_auto(
             accept = accept | (active & finite & (dt_try.abs() <= ctrl_e.min_step))
         reject = active & ~accept
         t1 = torch.where(lands, target, t + dt_try)
-        upto = torch.searchsorted(T_sorted, (direction * t1)[:, None], right=True)[:, 0]
-        count = torch.where(accept, upto - next_k, torch.zeros_like(upto)).clamp(min=0)
-        M = int(count.max())
-        if M:
-            ks = next_k[:, None] + torch.arange(M, device=device)
-            valid = torch.arange(M, device=device) < count[:, None]
-            vals = y1[:, None].expand(B, M, d)  # (a stiff-phase step ends on its one output time)
-            if any_e:
-                dense = _dense_values(co, T_t, t, dt_e, y, h_e, K, ks)
-                vals = torch.where(stiff[:, None, None], vals, dense)
-            out[torch.where(valid, ks, m), torch.arange(B, device=device)[:, None].expand(B, M)] = vals
-            next_k = next_k + count
+
+        def values_of(ks, y1=y1, stiff=stiff, dense=(t, dt_e, y, h_e, K) if any_e else None):
+            vals = y1[:, None].expand(B, ks.shape[1], d)  # (a stiff-phase step ends on its one output time)
+            if dense is not None:
+                vals = torch.where(stiff[:, None, None], vals, _dense_values(co, T_t, *dense, ks))
+            return vals
+
+        next_k = write_outputs(out, next_k, accept, t1, T_sorted, direction, values_of)
         if trace is not None:
             trace.append((t, dt_try, y, accept, t1, stiff))
         y = torch.where(accept[:, None], y1, y)
@@ -214,22 +214,11 @@ def integrate_per_sample_auto(
         n_steps += accept.long()
         n_rej += reject.long()
         active = active & ~done
-        tiny = active & ((t + dt == t) | (dt.abs() < 4 * eps * t.abs()))
-        if bool(tiny.any()):
-            worst = int(tiny.nonzero()[0])
-            t_fail = float(t[worst])
-            if bool(nonfinite_last[worst]):
-                status = Status.NONFINITE
-                message = (
-                    f"the state of sample {worst} of the batch became NaN or Inf just after t={t_fail:.10g}: every "
-                    "step from there produced non-finite values"
-                )
-            else:
-                status = Status.DT_UNDERFLOW
-                message = (
-                    f"step size underflow at t={t_fail:.10g} for sample {worst} of the batch: its step fell to "
-                    f"{abs(float(dt[worst])):.3g} (rtol={rtol:g}, atol={atol:g})"
-                )
+        stalled = stall_failure(
+            active, t, dt, nonfinite_last, T_t, rtol, atol, "a tighter tolerance or a smaller max_step may help"
+        )
+        if stalled is not None:
+            status, t_fail, message = stalled
             break
     reached = int(next_k.min()) if status != Status.SUCCESS else m
     res = IntegrationResult(
@@ -263,21 +252,15 @@ def _rosenbrock(f, tab: RosenbrockTableau, t, y, f0, h64, stiff, rtol, tol_shift
     lu = torch.linalg.lu_factor(G)
     delta = torch.copysign(math.sqrt(torch.finfo(dtype).eps) * t.abs().clamp(min=1.0), h64)
     T = (f(t + delta, y, stiff) - f0) / delta.to(dtype)[:, None]
-    Ks: list[torch.Tensor] = []
-    for i in range(len(alpha)):
-        if i == 0:
-            fi = f0
-        else:
-            yi = y
-            for j, aij in enumerate(tab.a[i]):
-                if aij:
-                    yi = yi + aij * Ks[j]
-            fi = f(t + alpha[i] * h64, yi, stiff)
-        rhs_i = fi + (h * tab.gammas[i])[:, None] * T if tab.gammas[i] else fi
-        for j, cij in enumerate(tab.c[i]):
-            if cij:
-                rhs_i = rhs_i + (cij / h)[:, None] * Ks[j]
-        Ks.append(torch.linalg.lu_solve(*lu, rhs_i[..., None])[..., 0])
+    Ks = rosenbrock_stages(
+        tab,
+        y,
+        f0,
+        T,
+        h[:, None],
+        lambda i, yi: f(t + alpha[i] * h64, yi, stiff),
+        lambda v: torch.linalg.lu_solve(*lu, v[..., None])[..., 0],
+    )
     y1 = y
     for mj, kj in zip(tab.m, Ks):
         if mj:

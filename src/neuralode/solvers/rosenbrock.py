@@ -142,6 +142,28 @@ RODAS4 = RosenbrockTableau(
 )
 
 
+def rosenbrock_stages(tab: RosenbrockTableau, y, f0, T, h, stage_f, solve) -> list[torch.Tensor]:
+    """The stages K_i of one step of ``tab`` (the transformed form above): ``h`` the step, a float or a
+    ``(batch, 1)`` tensor of per-sample steps; ``f0 = f(t, y)``; ``T = ∂f/∂t``; ``stage_f(i, y_i)`` evaluates f at
+    stage i's time; ``solve(v)`` applies G⁻¹."""
+    K: list[torch.Tensor] = []
+    for i in range(len(tab.alpha)):
+        if i == 0:
+            fi = f0
+        else:
+            yi = y
+            for j, aij in enumerate(tab.a[i]):
+                if aij:
+                    yi = yi + aij * K[j]
+            fi = stage_f(i, yi)
+        rhs_i = fi + (h * tab.gammas[i]) * T if tab.gammas[i] else fi
+        for j, cij in enumerate(tab.c[i]):
+            if cij:
+                rhs_i = rhs_i + (cij / h) * K[j]
+        K.append(solve(rhs_i))
+    return K
+
+
 class Rosenbrock(_RosenbrockBase):
     """A ``RosenbrockTableau`` bound to a state size, dtype and device (the adaptive loop's stepper).
 
@@ -169,25 +191,14 @@ class Rosenbrock(_RosenbrockBase):
     def step(self, rhs, t: float, dt: float, y: torch.Tensor, buf: StageBuffer, perturb_last: bool = False):
         tab, h, tt = self.tab, dt, self._time
         f0, t0, lu, T = self._linearise(rhs, t, h, y, buf, tab.gamma)
-        K: list[torch.Tensor] = []
-        for i in range(len(tab.alpha)):
-            if i == 0:
-                fi = f0
-                yi = y
-            else:
-                yi = y
-                for j, aij in enumerate(tab.a[i]):
-                    if aij:
-                        yi = yi + aij * K[j]
-                ti = tt(t + tab.alpha[i] * h)
-                if perturb_last and tab.alpha[i] == 1.0:
-                    ti = torch.nextafter(ti, t0)
-                fi = rhs(ti, yi)
-            rhs_i = fi + (h * tab.gammas[i]) * T if tab.gammas[i] else fi
-            for j, cij in enumerate(tab.c[i]):
-                if cij:
-                    rhs_i = rhs_i + (cij / h) * K[j]
-            K.append(self._solve(lu, rhs_i))
+
+        def stage_f(i: int, yi: torch.Tensor) -> torch.Tensor:
+            ti = tt(t + tab.alpha[i] * h)
+            if perturb_last and tab.alpha[i] == 1.0:
+                ti = torch.nextafter(ti, t0)
+            return rhs(ti, yi)
+
+        K = rosenbrock_stages(tab, y, f0, T, h, stage_f, lambda v: self._solve(lu, v))
         y1 = y
         for mj, kj in zip(tab.m, K):
             if mj:
