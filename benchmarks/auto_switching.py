@@ -1,6 +1,6 @@
 """``method="auto"`` against dopri5 and rodas4 on van der Pol oscillators from non-stiff to very stiff.
 
-    python benchmarks/auto_switching.py [--out docs/data/auto_switching.json] [--rounds 3]
+    python benchmarks/auto_switching.py [--out docs/data/auto_switching.json] [--rounds 3] [--plot-only]
 
 For each μ in 1, 10, 100, 1000: a batch of 16 oscillators (x0 from 0.5 to 2.0, v0 = 0), solved together over
 two periods (T = max(20, 2 (3 − 2 ln 2) μ), the relaxation period for large μ), 50 output times, rtol = atol =
@@ -15,6 +15,7 @@ and auto's NFE and time relative to the better of dopri5 and rodas4.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -113,11 +114,53 @@ def _table(rows: list, labels: list) -> None:
         print(f"{r['case']:<18}{cells}")
 
 
+def plot(result: dict, path: str) -> None:
+    """Evaluations and time per μ for each method (failed runs drawn as missing bars), log scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if r["case"].startswith("mu=")]
+    labels = [r["case"][3:] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    width = 0.27
+    for ax, key, title in ((axes[0], "nfe", "evaluations of f"), (axes[1], "time_s", "seconds")):
+        for i, (label, _, _) in enumerate(JOINT):
+            vals = [math.nan if r[label].get("failed") else r[label][key] for r in rows]
+            ax.bar([x + (i - 1) * width for x in range(len(rows))], vals, width, label=label)
+        ax.set_yscale("log")
+        for x, r in enumerate(rows):
+            for i, (label, _, _) in enumerate(JOINT):
+                if r[label].get("failed"):
+                    ax.annotate(
+                        f"{label} failed",
+                        (x + (i - 1) * width, 0.03),
+                        xycoords=("data", "axes fraction"),
+                        rotation=90,
+                        ha="center",
+                        va="bottom",
+                        fontsize=8,
+                    )
+        ax.set_xticks(range(len(rows)), [f"μ = {lb}" for lb in labels])
+        ax.set_title(title)
+    axes[0].legend()
+    fig.suptitle("van der Pol, batch of 16, rtol = atol = 1e-6")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="docs/data/auto_switching.json")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--plot-only", action="store_true", help="redraw the figure from --out's JSON")
     args = p.parse_args(argv)
+    png = os.path.splitext(args.out)[0] + ".png"
+    if args.plot_only:
+        with open(args.out) as fh:
+            plot(json.load(fh), png)
+        return
     torch.set_num_threads(1)
     rows = []
     cases = [(f"mu={mu:g}", torch.full((16,), mu, dtype=torch.float64), horizon(mu), 15, JOINT) for mu in MUS]
@@ -145,6 +188,8 @@ def main(argv=None) -> None:
         },
         args.out,
     )
+    with open(args.out) as fh:
+        plot(json.load(fh), png)
 
 
 if __name__ == "__main__":
