@@ -12,9 +12,9 @@ import torch
 from ._amp import entry_point
 from ._convert import ConvertedSolution, needs_conversion, solver_problem
 from ._errors import SolverError, Status, caller_stacklevel, exception_for
-from ._events import EventTime as _EventTime
-from ._events import PerSampleEventTime as _PerSampleEventTime
+from ._events import event_time as _event_time
 from ._events import guard_value as _guard_value
+from ._events import per_sample_event_time as _per_sample_event_time
 from ._methods import DEFAULT_MAX_NUM_STEPS, METHODS, get_method, make_controller, method_names, stepper
 from ._problem import Problem, prepare, run
 from ._solution import Solution
@@ -563,7 +563,7 @@ def _solve_per_sample_event(
     guard = _guard_value(
         lambda t_, y_: (events._raw(t_, y_) * events.sign0).gather(1, comp[:, None])[:, 0], t_ev, ys[-1]
     )
-    t_event, y_event = _PerSampleEventTime.apply(prob, events.sign0, comp, t_event, ys[-1], guard)
+    t_event, y_event = _per_sample_event_time(prob, events.sign0, comp, t_event, ys[-1], guard)
     ys = torch.cat([ys[:1], y_event[None]])
     out = Solution(sol.ts, ys.view(2, *y0.shape), stats, Status.SUCCESS, "", None, sol._segments, prob, event_t=t_event)
     out.sample_stats = sol.sample_stats
@@ -804,7 +804,7 @@ def _solve_event(prob: Problem, stats: SolveStats, mode: GradientMode, on_failur
         torch.tensor(t_ev, dtype=prob.y0.dtype, device=prob.y0.device),
         ys[-1],
     )
-    t_event, y_event = _EventTime.apply(prob, comp, s0, t_event, ys[-1], guard)
+    t_event, y_event = _event_time(prob, comp, s0, t_event, ys[-1], guard)
     ys = torch.cat([ys[:-1], y_event[None]])
     return Solution(
         sol.ts,

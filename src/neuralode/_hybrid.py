@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ._errors import SolverError, Status, exception_for
-from ._events import EventTime, guard_value
+from ._events import event_time, guard_value, per_sample_event_time
 from ._problem import prepare, run
 from ._solution import Solution
 from .gradients.common import SolveStats
@@ -207,9 +207,7 @@ def solve_with_events(
         g = guard_value(
             lambda a, b, s=float(signs[comp]), c=comp, p=prob: s * guards(a, p.unflatten(b))[0][c], tq, y_flat
         )
-        t_event, y_flat = EventTime.apply(
-            prob, comp, 1.0, torch.tensor(t_ev, dtype=t.dtype, device=t.device), y_flat, g
-        )
+        t_event, y_flat = event_time(prob, comp, 1.0, torch.tensor(t_ev, dtype=t.dtype, device=t.device), y_flat, g)
         y_minus = prob.unflatten(y_flat)
         event_times.append(t_event)
         event_index.append(owner[comp])
@@ -279,7 +277,6 @@ def solve_with_events_per_sample(
     implicit function theorem per sample, and applies each sample's reset. Rows of per-sample times must have
     one length: a sample with fewer outputs in the round gets extra times between its last output and its
     event, whose values are dropped; a sample that is finished takes a negligible step."""
-    from ._events import PerSampleEventTime as _PerSampleEventTime
     from ._methods import get_method, make_controller, method_names, stepper
     from .solvers.per_sample import PerSampleEvents, integrate_per_sample
 
@@ -457,7 +454,7 @@ def solve_with_events_per_sample(
                 y_flat,
             )
             ones = torch.ones_like(signs)
-            t_event, y_flat = _PerSampleEventTime.apply(prob, ones, comp, t_plain, y_flat, guard, mask)
+            t_event, y_flat = per_sample_event_time(prob, ones, comp, t_plain, y_flat, guard, mask)
             y_minus = y_flat.view(shape)
             t_next = torch.where(mask.to(t.device), t_event, t_plain)
         y_next = y_minus
