@@ -239,3 +239,25 @@ def test_step_controller_is_the_integral_controller(order):
     # inside the clip, the exponent alone decides the size
     assert ctrl.next_step(1.0, 0.01, True) == pytest.approx(0.9 * 100 ** (1 / order), rel=1e-14)
     assert ctrl.next_step(1.0, 1.1, False) == pytest.approx(0.9 * 1.1 ** (-1 / order), rel=1e-14)
+
+
+def test_float32_steps_round_the_state_once_per_step():
+    # y' = 0.2 from y = 3: the exact solution is linear, so every digit lost is rounding of the state. Summing
+    # a step's increment before adding it to y rounds y once per step instead of once per stage.
+    from neuralode._methods import stepper
+
+    t = torch.tensor([1.0, 8.0])
+    exact = 3.0 + 0.2 * 7.0
+
+    def err(wide: bool) -> float:
+        rk = stepper("rk4", 1, torch.float32, torch.device("cpu"), "linear")
+        rk.wide = wide
+        try:
+            ys = nd.odeint(
+                lambda t, y: torch.full_like(y, 0.2), torch.tensor([3.0]), t, method="rk4", options={"step_size": 0.01}
+            )
+        finally:
+            rk.wide = False
+        return abs(float(ys[-1, 0]) - exact)
+
+    assert err(False) < 0.5 * err(True)

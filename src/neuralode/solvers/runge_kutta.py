@@ -96,6 +96,7 @@ class RungeKutta:
     ) -> None:
         self.tableau = tableau
         self.n, self.dtype, self.device = n, dtype, device
+        self.wide = dtype in (torch.float64, torch.complex128)  # (where summing the increment first gains nothing)
         self.stages = tableau.stages
         self.fsal = tableau.fsal
         as_t = lambda v: torch.tensor(v, dtype=dtype, device=device)  # noqa: E731
@@ -161,13 +162,17 @@ class RungeKutta:
                     ti = torch.nextafter(ti, time(t))
             if shaped is not None:  # no graph, tensor state: stage input in scratch, output straight into K
                 if i == S - 1 and self.fsal:
-                    yi = torch.addmv(y, pre[i], a[i], alpha=dt)
+                    yi = self._advance(y, pre[i], a[i], dt)
                     rhs.shaped_into(ti, yi.view(*buf.dims), shaped[i])
                 else:
                     torch.addmv(y, pre[i], a[i], alpha=dt, out=buf.scratch)
                     rhs.shaped_into(ti, buf.scratch_shaped, shaped[i])
             else:
-                yi = torch.addmv(y, pre[i], a[i], alpha=dt)
+                yi = (
+                    self._advance(y, pre[i], a[i], dt)
+                    if i == S - 1 and self.fsal
+                    else torch.addmv(y, pre[i], a[i], alpha=dt)
+                )
                 if grad:
                     buf.K[i] = rhs(ti, yi)
                 else:
@@ -175,9 +180,17 @@ class RungeKutta:
         if self.fsal:
             y1 = yi
         else:
-            y1 = torch.addmv(y, pre[S], self.b, alpha=dt)
+            y1 = self._advance(y, pre[S], self.b, dt)
         e = torch.mv(pre[S], self.b_err) if self.b_err is not None else None
         return y1, e
+
+    def _advance(self, y: torch.Tensor, Kt: torch.Tensor, w: torch.Tensor, dt: float) -> torch.Tensor:
+        """``y + dt Σⱼ wⱼ Kⱼ``, the step's new state. Below float64 the increment is summed first and added to y
+        once: ``addmv`` over the transposed stage rows adds each stage to y in turn, a rounding of y per stage
+        (measured: float32 rk4 on a linear solution drifts by about one ulp of y per stage)."""
+        if self.wide:
+            return torch.addmv(y, Kt, w, alpha=dt)
+        return torch.add(y, torch.mv(Kt, w), alpha=dt)
 
     def interpolate(self, y0: torch.Tensor, dt: float, K: torch.Tensor, thetas) -> torch.Tensor:
         """``y(t0 + θ dt)`` for each θ in ``thetas``, as a ``(len(thetas), N)`` tensor."""
