@@ -127,23 +127,23 @@ def test_gradients_through_switches():
     g_bp, sol = _loss("backprop", f, y0, t)
     assert [m for m, _, _ in sol.stats.methods][:3] == ["tsit5", "rodas4", "tsit5"]
     # checkpointed gradients replay every step with the method that took it: those of the same discrete solve
-    for mode in ("checkpoint", neuralode.Checkpoint(checkpoints=3)):
+    for mode in ("checkpoint", neuralode.Checkpoint(checkpoints=6)):
         g_ck, _ = _loss(mode, f, y0, t)
         assert torch.allclose(g_ck, g_bp, rtol=1e-8, atol=0), mode
-    # and the discrete solve's gradient is the true one to the tolerance: central differences of tight solves
+    # and the discrete solve's gradient is the true one to the tolerance: central differences of tight dopri8 solves
 
     def L(mu: float, y0_: torch.Tensor) -> float:
         with torch.no_grad():
-            s = neuralode.solve(VdP(mu), y0_, t, method="auto", rtol=1e-11, atol=1e-11)
+            s = neuralode.solve(VdP(mu), y0_, t, method="dopri8", rtol=1e-12, atol=1e-12)
             return float((s.ys**2).sum())
 
     eps = 1e-5
     fd = [(L(30.0 + eps, y0) - L(30.0 - eps, y0)) / (2 * eps)]
-    for i in range(4):
+    for i in (0, 3):  # (one position and one velocity, of different samples)
         dy = torch.zeros(4, dtype=D)
         dy[i] = eps
         fd.append((L(30.0, y0 + dy.view(2, 2)) - L(30.0, y0 - dy.view(2, 2))) / (2 * eps))
-    assert torch.allclose(g_bp, torch.tensor(fd, dtype=D), rtol=1e-4, atol=1e-6)
+    assert torch.allclose(g_bp[[0, 1, 4]], torch.tensor(fd, dtype=D), rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.slow
