@@ -115,7 +115,9 @@ def solve(
             counts and evaluations are in ``Solution.sample_stats`` (all three gradient modes, ``t``
             included; ``Solution.interpolate`` evaluates each sample's own continuous extension). The adjoint
             steps each sample's backward solve on its own too (``gradients.per_sample_adjoint``); the checkpoint
-            replays the forward's attempts one at a time (``gradients.per_sample_checkpoint``).
+            replays the forward's attempts one at a time (``gradients.per_sample_checkpoint``). With
+            ``method="auto"`` each sample also switches between the explicit method and rodas4 on its own
+            (``sample_stats["methods"]``; no dense output, no events).
         compile: ``torch.compile`` the solver (True: inductor, or a backend name). Without gradients the whole
             adaptive loop runs compiled (joint or per-sample); with backprop each step is compiled; with
             checkpointed gradients the forward loop runs compiled and the backward rebuilds each step through
