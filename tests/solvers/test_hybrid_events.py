@@ -28,16 +28,8 @@ def ball(e, g, floor=0.0, **kw):
 
 
 def analytic(t: float, e=E0, g=G0) -> tuple[list[float], float]:
-    """Bounce times up to t, and the height at t."""
-    v = math.sqrt(2 * g * H0)
-    times = [math.sqrt(2 * H0 / g)]
-    while True:
-        v_k = e ** len(times) * v
-        nxt = times[-1] + 2 * v_k / g
-        if nxt > t:
-            s = t - times[-1]
-            return times, v_k * s - 0.5 * g * s * s
-        times.append(nxt)
+    """Bounce times up to t, and the height at t, of the ball dropped from H0."""
+    return analytic_from(t, e, g, H0)
 
 
 def test_bounce_times_and_heights_equal_the_analytic_ones():
